@@ -1,0 +1,315 @@
+"""api: `raijac.plan` and `raijac.compute`, wiring problem -> probe -> plan -> executor -> store -> reader.
+
+Everything that can be checked before work starts is checked first (spec, mode, budget,
+output location, fingerprint), so bad input never touches an existing store.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raijac import store
+from raijac.errors import ProblemError, RaijacError, StoreError
+from raijac.executor import RayExecutor, default_workers
+from raijac.kernels import check_mode, make_target, seed_axis
+from raijac.plan import Plan, WorkerCost, make_plan, parse_size
+from raijac.probe import default_budget, measure_cost, resolve_mode
+from raijac.problem import Problem, load_problem
+from raijac.reader import Jacobian
+from raijac.reader import open as open_store
+
+STORE_DTYPES = ("float16", "float32", "float64")
+
+
+def _problem(problem_or_spec: Problem | str) -> Problem:
+    if isinstance(problem_or_spec, Problem):
+        return problem_or_spec
+    if isinstance(problem_or_spec, str | os.PathLike):
+        return load_problem(os.fspath(problem_or_spec))
+    raise ProblemError(f"expected a raijac.Problem or a spec string, but got {type(problem_or_spec).__name__}.")
+
+
+def _store_dtype(problem: Problem, dtype: str | torch.dtype | None) -> str:
+    name = str(problem.dtype if dtype is None else dtype).replace("torch.", "")
+    if name not in STORE_DTYPES:
+        raise ProblemError(f"cannot store the Jacobian as {name}; choose --dtype from {', '.join(STORE_DTYPES)}.")
+    return name
+
+
+def _check_block_size(block_size: int | None) -> None:
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise RaijacError(f"--block-size must be a positive number of seeds, but got {block_size!r}.")
+
+
+def _triage_rows(reports: list) -> tuple:
+    return tuple((r.mode, r.status, r.note) for r in reports)
+
+
+def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[WorkerCost], **kw: Any) -> Plan:
+    return make_plan(
+        mode=mode,
+        reason=reason,
+        batch_size=problem.batch_size,
+        n_out=problem.n_out,
+        n_in=problem.n_in,
+        seed_axis=seed_axis(mode),
+        dtype=dtype,
+        itemsize=np.dtype(dtype).itemsize,
+        workers=costs,
+        **kw,
+    )
+
+
+def plan(
+    problem_or_spec: Problem | str,
+    *,
+    mode: str = "auto",
+    workers: int | None = None,
+    memory_budget: str | int | None = None,
+    block_size: int | None = None,
+    dtype: str | None = None,
+) -> Plan:
+    """The plan a run would follow on this machine, computing nothing but small probes.
+
+    Every candidate mode runs one small block (the pre-flight triage shown in the plan), and
+    the chosen mode's memory per seed is measured here, on this machine's CPU or first GPU.
+    """
+    problem = _problem(problem_or_spec)
+    check_mode(mode, allow_auto=True)
+    budget = parse_size(memory_budget)
+    _check_block_size(block_size)
+    store_dtype = _store_dtype(problem, dtype)
+    chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = torch.cuda.device_count() if device.type == "cuda" else (workers or default_workers(os.cpu_count() or 1))
+    from raijac.kernels import Kernel
+
+    cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
+    other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
+    per_seed = cost.per_seed + 2 * other * np.dtype(store_dtype).itemsize
+    budget = budget or default_budget(device, n)
+    costs = [WorkerCost(f"{device.type}{i}", device.type, budget, cost.base, per_seed) for i in range(n)]
+    return _plan_for(
+        problem, chosen, reason, store_dtype, costs, requested_mode=mode, block_size=block_size, triage=_triage_rows(reports)
+    )
+
+
+def compute(
+    problem_or_spec: Problem | str,
+    out: str | os.PathLike,
+    *,
+    mode: str = "auto",
+    workers: int | None = None,
+    memory_budget: str | int | None = None,
+    block_size: int | None = None,
+    address: str | None = None,
+    dtype: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    compressor: str | None = None,
+) -> Jacobian:
+    """Compute the Jacobian on Ray workers into a Zarr store at `out` and open it.
+
+    Arguments:
+        problem_or_spec: a `Problem`, or a spec `path/to/file.py:NAME` / `package.module:NAME`.
+        out: the Zarr v3 group to write; an existing one needs `resume` or `overwrite`.
+        mode: `auto`, `rev`, `fwd`, `rev-repeat`, `fwd-repeat` or `loop`.
+        workers: CPU actors (default: one per core, at most 8); one actor per GPU when the
+            cluster has GPUs.
+        memory_budget: bytes per worker (`"512MB"`, `"2GiB"`); default: a share of free RAM,
+            or 80% of each GPU's free memory.
+        block_size: force this many seeds per block (rounded to whole chunks).
+        address: a Ray cluster to join; default `RAY_ADDRESS`, else an embedded local Ray.
+            A Ray the caller already initialised is used as is and left running.
+        dtype: storage dtype (float16/32/64); default: the output's dtype.
+        resume: finish an interrupted run, computing only tiles not recorded as done.
+        overwrite: replace an existing raijac store at `out`.
+        progress: show a progress bar (default: when stderr is a terminal).
+        compressor: `zstd` (default), `blosc` or `none`.
+
+    Returns:
+        The opened `Jacobian`; its `summary` holds the run's figures.
+    """
+    started = time.time()
+    out = os.fspath(out)
+    problem = _problem(problem_or_spec)
+    check_mode(mode, allow_auto=True)
+    budget = parse_size(memory_budget)
+    _check_block_size(block_size)
+    store.compressor_codec(compressor)
+    store_dtype = _store_dtype(problem, dtype)
+    fp_args = {"mode": mode, "dtype": store_dtype}
+    fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
+    existing = store.check_out(out, resume=resume, overwrite=overwrite)
+    if existing is not None:
+        _check_resumable(existing, out, fingerprint, problem)
+        chosen, reason, reports = existing["mode"], existing["mode_reason"], []
+    else:
+        chosen, reason, reports = resolve_mode(problem, mode)
+    if progress is None:
+        progress = _is_terminal()
+    source: str | Problem = problem.spec if problem.spec else problem
+
+    with RayExecutor(address=address, workers=workers) as executor:
+        costs = executor.start(
+            source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budget=budget
+        )
+        the_plan = _plan_for(
+            problem,
+            chosen,
+            reason,
+            store_dtype,
+            costs,
+            requested_mode=mode,
+            block_size=block_size,
+            grid=existing.get("layout") if existing else None,
+            triage=_triage_rows(reports),
+        )
+        if existing is not None:
+            group = store.open_group(out, "r+")
+            pending = store.pending_tiles(group)
+        else:
+            if os.path.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
+                store.remove(out)
+            group = _create(out, problem, the_plan, fingerprint, compressor, started)
+            pending = list(range(the_plan.n_tiles))
+        skipped = the_plan.n_tiles - len(pending)
+        stats = executor.run(the_plan, out, pending, lambda tiles, record: store.mark_done(group, tiles), progress=bool(progress))
+    seconds = time.time() - started
+    done = not store.pending_tiles(group)
+    meta = store.update_meta(
+        group,
+        complete=done,
+        finished=_now(),
+        seconds=round(seconds, 3),
+        workers=[w.__dict__ for w in the_plan.workers],
+        runs=[*group.attrs[store.ATTR].get("runs", []), _run_record(stats, skipped, seconds)],
+    )
+    result = open_store(out, allow_partial=not done)
+    result.summary = {
+        "out": out,
+        "mode": meta["mode"],
+        "requested_mode": mode,
+        "reason": meta["mode_reason"],
+        "shape": list(the_plan.shape),
+        "dtype": store_dtype,
+        "complete": done,
+        "tiles_total": the_plan.n_tiles,
+        "tiles_skipped": skipped,
+        "tiles_computed": stats["tiles_computed"],
+        "workers": len(the_plan.workers),
+        "seconds": round(seconds, 3),
+        "bytes": stats["bytes"],
+        "compute_seconds": round(stats["compute_s"], 3),
+        "write_seconds": round(stats["write_s"], 3),
+        "all_finite": stats["finite"],
+    }
+    return result
+
+
+def _check_resumable(meta: dict, out: str, fingerprint: str, problem: Problem) -> None:
+    if meta.get("fingerprint") != fingerprint:
+        raise StoreError(
+            f"--resume refused: {out} was computed for another problem or options (fingerprint {meta.get('fingerprint')} "
+            f"!= {fingerprint}); use the same spec, mode and dtype, or --overwrite / a new --out."
+        )
+    stored_y = store.open_group(out)["y"][...]
+    y = problem.y.detach().cpu().numpy()
+    if stored_y.shape != y.shape or not np.allclose(stored_y, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+        raise StoreError(
+            f"--resume refused: f(x) differs from the y stored in {out}, so f changed since the run started; "
+            "use --overwrite or a new --out."
+        )
+
+
+def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, compressor: str | None, started: float):
+    arrays = {
+        "x": (problem.x.detach().cpu().numpy(), problem.batched),
+        "y": (problem.y.detach().cpu().numpy(), problem.batched),
+    }
+    if problem.params is not None:
+        arrays["params"] = (problem.params.detach().cpu().numpy(), False)
+    meta = {
+        "complete": False,
+        "mode": the_plan.mode,
+        "requested_mode": the_plan.requested_mode,
+        "mode_reason": the_plan.reason,
+        "triage": [list(t) for t in the_plan.triage],
+        "batched": problem.batched,
+        "batch_size": problem.batch_size,
+        "wrt": problem.wrt,
+        "input_shape": list(problem.input_shape),
+        "output_shape": list(problem.output_shape),
+        "x_shape": list(problem.x.shape),
+        "dtype": the_plan.dtype,
+        "compute_dtype": str(problem.dtype).replace("torch.", ""),
+        "spec": problem.spec,
+        "fingerprint": fingerprint,
+        "seed_axis": the_plan.seed_axis,
+        "n_tiles": the_plan.n_tiles,
+        "layout": {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds},
+        "compressor": compressor or "zstd",
+        "params": [{"name": i.name, "shape": list(i.shape), "offset": i.offset} for i in problem.param_info],
+        "versions": _versions(),
+        "created": _now(),
+        "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),
+    }
+    return store.create(
+        out,
+        shape=the_plan.shape,
+        chunks=the_plan.chunks,
+        dtype=the_plan.dtype,
+        n_tiles=the_plan.n_tiles,
+        arrays=arrays,
+        meta=meta,
+        compressor=compressor,
+    )
+
+
+def _run_record(stats: dict, skipped: int, seconds: float) -> dict:
+    return {
+        "finished": _now(),
+        "seconds": round(seconds, 3),
+        "tiles_computed": stats["tiles_computed"],
+        "tiles_skipped": skipped,
+        "compute_seconds": round(stats["compute_s"], 3),
+        "write_seconds": round(stats["write_s"], 3),
+        "tiles_by_worker": stats["by_worker"],
+        "nodes": stats["nodes"],
+    }
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import ray
+    import zarr
+
+    from raijac import __version__
+
+    return {
+        "raijac": __version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,0 +1,47 @@
+"""errors: the few exceptions raijac raises, each also a builtin so callers can catch either.
+
+    RaijacError                      base; the CLI prints its message alone and exits 1
+    ├── ProblemError(ValueError)     the spec, f, x or its outputs are unusable
+    ├── ModeError(ValueError)        an unknown mode, or one that cannot run this problem
+    ├── BudgetError(ValueError)      a memory budget too small for one seed
+    ├── StoreError(OSError)          --out exists, is not a raijac store, or does not match
+    └── WorkerError(RuntimeError)    a tile failed on a worker; finished tiles are kept
+
+Messages are one or two sentences: what is wrong, the value seen, and the fix.
+"""
+
+from __future__ import annotations
+
+
+class RaijacError(Exception):
+    """Base of every error raijac raises on purpose."""
+
+
+class ProblemError(RaijacError, ValueError):
+    """The problem cannot be built or differentiated as given."""
+
+
+class ModeError(RaijacError, ValueError):
+    """An unknown mode, or a mode that cannot run this problem."""
+
+
+class BudgetError(RaijacError, ValueError):
+    """A memory budget is too small for one seed."""
+
+
+class StoreError(RaijacError, OSError):
+    """The output location cannot be used (exists, wrong kind, other problem)."""
+
+
+class WorkerError(RaijacError, RuntimeError):
+    """A tile failed on a worker."""
+
+
+__all__ = [
+    "BudgetError",
+    "ModeError",
+    "ProblemError",
+    "RaijacError",
+    "StoreError",
+    "WorkerError",
+]

@@ -1,0 +1,261 @@
+"""executor: runs a Plan's tiles on Ray actors (after plan and worker; the only module besides worker that imports ray).
+
+Embedded local Ray when no address is given, an existing cluster with `--address` or
+`RAY_ADDRESS`, and the caller's own Ray when it already called `ray.init` (left running).
+The driver keeps a queue of pending tiles and a shallow queue (two calls) per actor over
+`ray.wait`, so faster actors take more tiles; a tile is recorded done only after its
+worker returned from writing it. A dead actor's tiles go back on the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from raijac.errors import RaijacError, WorkerError
+from raijac.plan import Plan, WorkerCost
+from raijac.problem import Problem
+
+IN_FLIGHT = 2  # calls queued per actor: one running, one waiting
+MAX_TILE_FAILURES = 3
+
+
+def default_workers(cpus: int) -> int:
+    """CPU actors when none are asked for: one per core, at most 8."""
+    return max(1, min(int(cpus), 8))
+
+
+class RayExecutor:
+    """A Ray session plus a set of worker actors; use as a context manager."""
+
+    def __init__(self, *, address: str | None = None, workers: int | None = None) -> None:
+        if workers is not None and workers < 1:
+            raise RaijacError(f"--workers must be at least 1, but got {workers}.")
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.requested_workers = workers
+        self.owns_ray = False
+        self.actors: list[Any] = []
+        self.names: list[str] = []
+
+    # ------------------------------------------------------------------ Ray session
+    def __enter__(self) -> RayExecutor:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        if ray.is_initialized():
+            return self
+        kwargs = dict(logging_level="ERROR", log_to_driver=True)
+        try:
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        except Exception as exc:
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RaijacError(f"cannot start or reach {where}: {msg}; check --address / RAY_ADDRESS.") from exc
+        self.owns_ray = True
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        import ray
+
+        if exc_type is not None:
+            self.discard()
+        if self.owns_ray:
+            _POOLS.pop(_session_key(), None)
+            ray.shutdown()
+
+    # ------------------------------------------------------------------ actors
+    def start(self, source: str | Problem, **worker_kwargs: Any) -> list[WorkerCost]:
+        """Get the actors (one per GPU, else CPU actors), let each build the problem and
+        measure its own memory cost."""
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(float(resources.get("CPU", 1)), 1.0)
+        if gpus:
+            n, device = gpus, "cuda"
+            options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / gpus)}
+            threads = None
+        else:
+            n, device = self.requested_workers or default_workers(int(cpus)), "cpu"
+            options = {"num_cpus": cpus / n}
+            threads = max(1, int(cpus / n))
+        if not isinstance(source, str):
+            source = ray.put(source)
+        self.actors = _hosts(n, options)
+        self.names = [f"{device}{i}" for i in range(n)]
+        self._setup = [dict(name=name, device=device, threads=threads, local_workers=n, **worker_kwargs) for name in self.names]
+        self._source = source
+        for actor, kwargs in zip(self.actors, self._setup, strict=True):
+            actor.setup.remote(source, **kwargs)
+        try:
+            return [self._get(a.probe.remote(), self.names[i]) for i, a in enumerate(self.actors)]
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Kill this run's actors and forget them (after an error, their state is unknown)."""
+        import ray
+
+        _POOLS.pop(_session_key(), None)
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        self.actors = []
+
+    def _get(self, ref: Any, name: str) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, RaijacError):
+                raise cause from None
+            raise WorkerError(f"worker {name} failed: {type(cause).__name__}: {_first(cause)}") from None
+
+    # ------------------------------------------------------------------ the run
+    def run(
+        self,
+        plan: Plan,
+        out: str,
+        pending: Iterable[int],
+        on_done: Callable[[list[int], dict], None],
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Compute the pending tiles; `on_done(tiles, record)` is called after each block is written."""
+        import ray
+
+        queue = deque(sorted(pending))
+        total = len(queue)
+        in_flight: dict[Any, tuple[int, list[int]]] = {}
+        load = [0] * len(self.actors)
+        failures: dict[int, int] = {}
+        done_count, seeds_done, started = 0, 0, time.perf_counter()
+        bar = _progress_bar(total, plan, progress)
+        records: list[dict] = []
+
+        def take(worker: int) -> list[int]:
+            tiles = [queue.popleft()]
+            while queue and len(tiles) < plan.blocks[worker] and plan.mergeable(tiles[-1], queue[0]):
+                tiles.append(queue.popleft())
+            return tiles
+
+        def submit() -> None:
+            for w, actor in enumerate(self.actors):
+                while queue and load[w] < IN_FLIGHT:
+                    tiles = take(w)
+                    first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+                    ref = actor.run.remote(out, first.b0, last.b1, first.s0, last.s1)
+                    in_flight[ref] = (w, tiles)
+                    load[w] += 1
+
+        try:
+            submit()
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                ref = ready[0]
+                w, tiles = in_flight.pop(ref)
+                load[w] -= 1
+                try:
+                    record = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    for t in tiles:
+                        failures[t] = failures.get(t, 0) + 1
+                        if failures[t] > MAX_TILE_FAILURES:
+                            raise self._tile_error(plan, tiles, w, exc, done_count) from None
+                    queue.extendleft(reversed(tiles))  # idempotent writes: recompute the whole block
+                    # A restarted actor lost its problem; calls run in order, so set it up first.
+                    self.actors[w].setup.remote(self._source, **self._setup[w])
+                    submit()
+                    continue
+                on_done(tiles, record)
+                records.append(record)
+                done_count += len(tiles)
+                first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+                seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
+                if bar is not None:
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix_str(f"{seeds_done / max(elapsed, 1e-9):,.0f} seeds/s", refresh=False)
+                    bar.update(len(tiles))
+                submit()
+        finally:
+            if bar is not None:
+                bar.close()
+        return {
+            "tiles_computed": done_count,
+            "blocks": len(records),
+            "compute_s": sum(r["compute_s"] for r in records),
+            "write_s": sum(r["write_s"] for r in records),
+            "bytes": sum(r["bytes"] for r in records),
+            "nodes": sorted({r["node"] for r in records}),
+            "by_worker": {n: sum(1 for r in records if r["worker"] == n) for n in self.names},
+            "finite": all(r["finite"] for r in records),
+        }
+
+    def _tile_error(self, plan: Plan, tiles: list[int], w: int, cause: BaseException, done: int) -> WorkerError:
+        first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+        span = plan.describe_tile(type(first)(first.index, first.b0, last.b1, first.s0, last.s1))
+        label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
+        hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
+        return WorkerError(
+            f"{label} ({span}) failed on worker {self.names[w]}: {type(cause).__name__}: {_first(cause)}. "
+            f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
+        )
+
+
+# Worker hosts kept between runs on a Ray the caller owns: session -> (resources, hosts).
+_POOLS: dict[tuple, tuple[tuple, list[Any]]] = {}
+
+
+def _session_key() -> tuple:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return (ctx.gcs_address, ctx.get_job_id())
+
+
+def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
+    """n worker hosts with these resources, reused from the last run in this Ray session.
+
+    Hosts of another resource shape are killed first: they would hold CPUs the new ones need.
+    """
+    import ray
+
+    from raijac.worker import WorkerHost
+
+    key = tuple(sorted(options.items()))
+    old_key, hosts = _POOLS.get(_session_key(), (key, []))
+    if old_key != key:
+        for host in hosts:
+            ray.kill(host)
+        hosts = []
+    remote = ray.remote(WorkerHost).options(max_restarts=MAX_TILE_FAILURES, max_task_retries=0, **options)
+    while len(hosts) < n:
+        hosts.append(remote.remote())
+    _POOLS[_session_key()] = (key, hosts)
+    return hosts[:n]
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _progress_bar(total: int, plan: Plan, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tile", desc=f"raijac {plan.mode}", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,262 @@
+"""kernels: a Problem's seed range -> one dense Jacobian block (torch only; after problem, before store).
+
+Every mode computes the block `J[b0:b1, s0:s1, :]` (row modes) or `J[b0:b1, :, s0:s1]`
+(column modes) of the per-sample Jacobians, always with a leading sample axis (plain
+problems have one "sample"). Modes:
+
+    rev         vmap(vjp_fn) over identity rows; the forward pass is kept across blocks
+    fwd         vmap(jvp) over identity columns
+    rev-repeat  stack k copies of the samples, one autograd.grad with an identity block
+    fwd-repeat  stacked copies + double backward: d(VJP)/d(cotangent) applied to identity columns
+    loop        one autograd.grad per row (last resort: needs nothing but backward formulas)
+
+NOTE: [Stacked form] Kernels see every problem as a stack `z` of shape `(B, *in)` with an
+optional per-sample context `ctx` (the module input for parameter problems, where `z` is
+the parameter vector expanded to one copy per sample). Because samples are independent,
+one cotangent row `e_r` broadcast over the stack yields row `r` of every sample's Jacobian.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from raijac.errors import ModeError
+from raijac.problem import Problem
+
+Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop"]
+MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop")
+ROW_MODES = frozenset({"rev", "rev-repeat", "loop"})
+REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
+
+StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def seed_axis(mode: str) -> Literal["rows", "cols"]:
+    """Which axis of J a mode's seeds run along."""
+    check_mode(mode)
+    return "rows" if mode in ROW_MODES else "cols"
+
+
+def check_mode(mode: str, *, allow_auto: bool = False) -> None:
+    valid = (("auto",) if allow_auto else ()) + MODES
+    if mode not in valid:
+        raise ModeError(f"unknown mode {mode!r}; choose one of: {', '.join(valid)}.")
+
+
+@dataclass
+class Target:
+    """A problem in stacked form on one device (see NOTE: [Stacked form])."""
+
+    z: torch.Tensor
+    ctx: torch.Tensor | None
+    block_fn: StackFn
+    stacked_fn: StackFn | None
+    loop_fn: StackFn
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    why_not_stacked: str = ""
+
+    @property
+    def n_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.z.shape[0])
+
+    def block(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.z[b0:b1], None if self.ctx is None else self.ctx[b0:b1]
+
+
+def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
+    """Put `problem` in stacked form on `device` (modules and tensors are moved there)."""
+    device = torch.device(device)
+    if problem.module is not None:
+        problem.module.to(device)
+    elif isinstance(problem.f, torch.nn.Module):
+        problem.f.to(device)
+    x = problem.x.to(device)
+    in_shape, out_shape = problem.input_shape, problem.output_shape
+    no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
+
+    if problem.wrt == "params":
+        p = problem.params.to(device)
+        if not problem.batched:
+
+            def one(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+                return problem.call(x, z[0])[None]
+
+            why = "an unbatched parameter Jacobian has no samples to stack; use rev, fwd or loop"
+            return Target(p[None], None, one, None, one, in_shape, out_shape, why)
+
+        def per_sample(pz: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+            return problem.call(xb[None], pz)[0]
+
+        def vmapped(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.func.vmap(per_sample)(z, c)
+
+        def looped(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.stack([per_sample(z[i], c[i]) for i in range(z.shape[0])])
+
+        z = p.expand(x.shape[0], p.numel())
+        return Target(z, x, vmapped, vmapped, looped, in_shape, out_shape)
+
+    f = problem.f
+    if problem.batched:
+
+        def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            return f(z)
+
+        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape)
+
+    def single(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return f(z[0])[None]
+
+    def stacked_plain(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return f(z)
+
+    stack_fn = stacked_plain if problem.batch_aware else None
+    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, "" if stack_fn else no_stack)
+
+
+# ---------------------------------------------------------------------- seeds
+def _seeds(k: int, nb: int, s0: int, n: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Identity rows s0..s0+k of size n, broadcast over nb samples: shape (k, nb, *shape)."""
+    e = torch.zeros(k, n, dtype=like.dtype, device=like.device)
+    idx = torch.arange(k, device=like.device)
+    e[idx, s0 + idx] = 1
+    return e[:, None, :].expand(k, nb, n).reshape(k, nb, *shape)
+
+
+def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """k stacked copies, copy-major: (k * n, ...)."""
+    if t is None:
+        return None
+    return t.detach().repeat(k, *([1] * (t.ndim - 1)))
+
+
+def _zeros_or(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+# ---------------------------------------------------------------------- kernels
+class Kernel:
+    """One mode's block function over a Target, keeping the forward pass of the last sample block.
+
+    `kernel(b0, b1, s0, s1)` returns the dense block as `(b1-b0, rows, cols)`.
+    """
+
+    def __init__(self, target: Target, mode: str) -> None:
+        check_mode(mode)
+        if mode in REPEAT_MODES and target.stacked_fn is None:
+            raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
+        self.target = target
+        self.mode = mode
+        self._key: tuple | None = None
+        self._saved: tuple = ()
+        self._run = {
+            "rev": self._rev,
+            "fwd": self._fwd,
+            "rev-repeat": self._rev_repeat,
+            "fwd-repeat": self._fwd_repeat,
+            "loop": self._loop,
+        }[mode]
+
+    def clear(self) -> None:
+        """Drop the kept forward pass (frees its activations)."""
+        self._key, self._saved = None, ()
+
+    def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        return self._run(b0, b1, s0, s1)
+
+    def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
+        if self._key != key:
+            self.clear()
+            self._saved = build()
+            self._key = key
+        return self._saved
+
+    # NOTE: [rev] vjp once per sample block; each block of rows is one vmapped vjp_fn call
+    # over identity rows broadcast across the samples.
+    def _rev(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        zb, cb = t.block(b0, b1)
+        nb, k = b1 - b0, s1 - s0
+        _, vjp_fn = self._kept(("rev", b0, b1), lambda: torch.func.vjp(lambda z: t.block_fn(z, cb), zb))
+        (g,) = torch.func.vmap(vjp_fn)(_seeds(k, nb, s0, t.n_out, t.out_shape, zb))
+        return g.reshape(k, nb, t.n_in).transpose(0, 1)
+
+    def _fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        zb, cb = t.block(b0, b1)
+        nb, k = b1 - b0, s1 - s0
+
+        def column(tangent: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda z: t.block_fn(z, cb), (zb,), (tangent,))[1]
+
+        out = torch.func.vmap(column)(_seeds(k, nb, s0, t.n_in, t.in_shape, zb))
+        return out.reshape(k, nb, t.n_out).permute(1, 2, 0)
+
+    def _stacked_forward(self, b0: int, b1: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.target
+        zb, cb = t.block(b0, b1)
+        z = _repeat(zb, k).requires_grad_(True)
+        with torch.enable_grad():
+            y = t.stacked_fn(z, _repeat(cb, k))
+        return z, y
+
+    def _rev_repeat(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        nb, k = b1 - b0, s1 - s0
+        z, y = self._stacked_forward(b0, b1, k)
+        if not y.requires_grad:
+            return torch.zeros(nb, k, t.n_in, dtype=z.dtype, device=z.device)
+        seeds = _seeds(k, nb, s0, t.n_out, t.out_shape, y).reshape(y.shape)
+        (g,) = torch.autograd.grad(y, z, seeds, allow_unused=True)
+        return _zeros_or(g, z).reshape(k, nb, t.n_in).transpose(0, 1)
+
+    # NOTE: [fwd-repeat] Townsend's trick: g(v) = J^T v is linear in v, so differentiating
+    # g w.r.t. v against a tangent u gives J u, using only backward formulas.
+    def _fwd_repeat(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        nb, k = b1 - b0, s1 - s0
+        z, y = self._stacked_forward(b0, b1, k)
+        if not y.requires_grad:
+            return torch.zeros(nb, t.n_out, k, dtype=y.dtype, device=y.device)
+        with torch.enable_grad():
+            v = torch.zeros_like(y, requires_grad=True)
+            (g,) = torch.autograd.grad(y, z, v, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:
+            return torch.zeros(nb, t.n_out, k, dtype=y.dtype, device=y.device)
+        tangents = _seeds(k, nb, s0, t.n_in, t.in_shape, z).reshape(z.shape)
+        (u,) = torch.autograd.grad(g, v, tangents, allow_unused=True)
+        return _zeros_or(u, y).reshape(k, nb, t.n_out).permute(1, 2, 0)
+
+    def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        nb = b1 - b0
+
+        def forward() -> tuple:
+            zb, cb = t.block(b0, b1)
+            z = zb.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = t.loop_fn(z, cb).reshape(nb, t.n_out)
+            return z, y
+
+        z, y = self._kept(("loop", b0, b1), forward)
+        rows = []
+        for r in range(s0, s1):
+            g = None
+            if y.requires_grad:
+                (g,) = torch.autograd.grad(y[:, r].sum(), z, retain_graph=True, allow_unused=True)
+            rows.append(_zeros_or(g, z).reshape(nb, t.n_in))
+        return torch.stack(rows, dim=1)

@@ -1,0 +1,304 @@
+"""plan: shapes + measured worker costs -> a Plan of tiles aligned to Zarr chunks (pure; no torch, Ray or Zarr).
+
+The seed axis (rows for row modes, columns for column modes) is cut into tiles of whole
+Zarr chunks, so no two workers ever write one chunk. A tile is the unit of the completion
+ledger and of resume; a worker whose budget holds several tiles takes that many adjacent
+tiles as one block, so heterogeneous workers take different numbers of chunk-rows per call.
+Batched problems also tile over samples: when one sample's whole seed axis fits a worker,
+tiles cover whole samples, several per tile when the budget allows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from raijac.errors import BudgetError
+
+CHUNK_BYTES = 8 * 2**20  # target chunk size: large enough for throughput, small for readers
+TILES_PER_WORKER = 4  # tiles per worker when the budget allows bigger ones: keeps every worker busy
+_SIZE_UNITS = {"": 1, "B": 1}
+for _i, _p in enumerate("KMGT", start=1):
+    _SIZE_UNITS |= {_p: 2 ** (10 * _i), _p + "IB": 2 ** (10 * _i), _p + "B": 10 ** (3 * _i)}
+
+
+def parse_size(text: str | int | float | None) -> int | None:
+    """`512MB` (10^6), `2GiB` or `2G` (2^30), `1e9` or a plain number of bytes -> bytes."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise BudgetError(f"memory budget {text!r} is not a size; write a positive number with a unit, like 512MB or 2GiB.")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string: 1.5 GiB, 38 KiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@dataclass(frozen=True)
+class WorkerCost:
+    """One worker's budget and measured cost: a block of `nb` samples and `k` seeds needs
+    about `nb * (base + k * per_seed)` bytes."""
+
+    name: str
+    device: str
+    budget: int
+    base: int
+    per_seed: int
+
+    def seeds_fitting(self, samples: int = 1) -> int:
+        """Most seeds per block for `samples` samples within the budget."""
+        return max((self.budget // samples - self.base) // self.per_seed, 0)
+
+    def samples_fitting(self, seeds: int) -> int:
+        """Most samples per block with `seeds` seeds each within the budget."""
+        return self.budget // (self.base + seeds * self.per_seed)
+
+    def peak(self, samples: int, seeds: int) -> int:
+        return samples * (self.base + seeds * self.per_seed)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One ledger entry: samples `b0:b1` (0:1 for unbatched problems) and seeds `s0:s1`."""
+
+    index: int
+    b0: int
+    b1: int
+    s0: int
+    s1: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs besides the problem itself; printable, and stored with the output."""
+
+    mode: str
+    requested_mode: str
+    reason: str
+    batch_size: int | None
+    n_out: int
+    n_in: int
+    seed_axis: str
+    dtype: str
+    itemsize: int
+    chunks: tuple[int, ...]
+    tile_samples: int
+    tile_seeds: int
+    workers: tuple[WorkerCost, ...] = ()
+    blocks: tuple[int, ...] = ()  # tiles per block, one entry per worker
+    triage: tuple[tuple[str, str, str], ...] = ()
+    forced_block: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def batched(self) -> bool:
+        return self.batch_size is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        mn = (self.n_out, self.n_in)
+        return (self.batch_size, *mn) if self.batched else mn
+
+    @property
+    def n_seed(self) -> int:
+        return self.n_out if self.seed_axis == "rows" else self.n_in
+
+    @property
+    def n_other(self) -> int:
+        return self.n_in if self.seed_axis == "rows" else self.n_out
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(tiles along samples, tiles along seeds)."""
+        samples = self.batch_size or 1
+        return math.ceil(samples / self.tile_samples), math.ceil(self.n_seed / self.tile_seeds)
+
+    @property
+    def n_tiles(self) -> int:
+        nb, ns = self.grid
+        return nb * ns
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    def tile(self, index: int) -> Tile:
+        nb, ns = self.grid
+        if not 0 <= index < nb * ns:
+            raise IndexError(f"tile {index} is outside 0..{nb * ns - 1}")
+        ib, js = divmod(index, ns)
+        samples = self.batch_size or 1
+        b0, s0 = ib * self.tile_samples, js * self.tile_seeds
+        return Tile(index, b0, min(b0 + self.tile_samples, samples), s0, min(s0 + self.tile_seeds, self.n_seed))
+
+    def tiles(self) -> list[Tile]:
+        return [self.tile(i) for i in range(self.n_tiles)]
+
+    def mergeable(self, a: int, b: int) -> bool:
+        """Whether tile b extends tile a's block (same samples and next seeds, or next samples over all seeds)."""
+        _, ns = self.grid
+        if ns == 1:
+            return b == a + 1
+        return b == a + 1 and a // ns == b // ns
+
+    def describe_tile(self, t: Tile) -> str:
+        axis = "rows" if self.seed_axis == "rows" else "columns"
+        where = f"{axis} {t.s0}:{t.s1}"
+        return f"samples {t.b0}:{t.b1}, {where}" if self.batched else where
+
+    # ------------------------------------------------------------------ storage
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["workers"] = [asdict(w) for w in self.workers]
+        return d
+
+    def __str__(self) -> str:
+        lines = []
+        shape = " x ".join(str(s) for s in self.shape)
+        lines.append(f"mode        {self.mode}  ({self.reason})")
+        lines.append(f"jacobian    {shape} {self.dtype}  ({format_size(self.nbytes)})")
+        seeds = "rows" if self.seed_axis == "rows" else "columns"
+        lines.append(
+            f"seeds       {self.n_seed} {seeds}; {self.n_tiles} tiles of {self.tile_seeds} {seeds}"
+            + (f" x {self.tile_samples} samples" if self.batched else "")
+        )
+        lines.append(f"chunks      {self.chunks}  (grid {self.grid[0]} x {self.grid[1]} tiles)")
+        if self.forced_block:
+            lines.append("block size  forced by --block-size")
+        if self.workers:
+            lines.append("workers")
+            head = f"  {'name':<10}{'device':<8}{'budget':>11}{'base':>11}{'per seed':>11}{'tiles/block':>13}{'est. peak':>12}"
+            lines.append(head)
+            for w, m in zip(self.workers, self.blocks, strict=False):
+                samples, seeds = self._block_extent(m)
+                lines.append(
+                    f"  {w.name:<10}{w.device:<8}{format_size(w.budget):>11}{format_size(w.base):>11}"
+                    f"{format_size(w.per_seed):>11}{m:>13}{format_size(w.peak(samples, seeds)):>12}"
+                )
+        if self.triage:
+            lines.append("triage")
+            for mode, status, note in self.triage:
+                lines.append(f"  {mode:<11}{status:<10}{note}")
+        for note in self.notes:
+            lines.append(f"note        {note}")
+        return "\n".join(lines)
+
+    def _block_extent(self, tiles_per_block: int) -> tuple[int, int]:
+        _, ns = self.grid
+        if ns == 1:
+            return min(self.tile_samples * tiles_per_block, self.batch_size or 1), self.n_seed
+        return self.tile_samples, min(self.tile_seeds * tiles_per_block, self.n_seed)
+
+
+def make_plan(
+    *,
+    mode: str,
+    requested_mode: str,
+    reason: str,
+    batch_size: int | None,
+    n_out: int,
+    n_in: int,
+    seed_axis: str,
+    dtype: str,
+    itemsize: int,
+    workers: list[WorkerCost],
+    block_size: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    grid: dict | None = None,
+    triage: tuple = (),
+) -> Plan:
+    """Size tiles and chunks so the smallest worker holds one tile; bigger workers merge tiles.
+
+    `grid` (chunks, tile_samples, tile_seeds) comes from an existing store when resuming:
+    the stored layout wins so finished tiles stay valid.
+    """
+    if not workers:
+        raise BudgetError("no workers to plan for; start at least one worker.")
+    n_seed = n_out if seed_axis == "rows" else n_in
+    n_other = n_in if seed_axis == "rows" else n_out
+    samples = batch_size or 1
+    for w in workers:
+        if w.seeds_fitting(1) < 1:
+            need = w.base + w.per_seed
+            raise BudgetError(
+                f"budget {format_size(w.budget)} on {w.name} is too small: one seed of this problem needs about "
+                f"{format_size(need)} (its output row plus activations). Raise --memory-budget to at least "
+                f"{_round_up(need)}."
+            )
+    row_bytes = n_other * itemsize
+    notes: list[str] = []
+    if grid is not None:
+        chunks = tuple(grid["chunks"])
+        tile_samples, tile_seeds = int(grid["tile_samples"]), int(grid["tile_seeds"])
+    else:
+        fit = min(w.seeds_fitting(1) for w in workers)
+        # Enough tiles for every worker to get several (load balance), no more than that.
+        balanced = math.ceil(n_seed * samples / (TILES_PER_WORKER * len(workers)))
+        seeds = min(block_size, n_seed) if block_size else min(fit, n_seed, max(balanced, 1))
+        if block_size and block_size > fit:
+            notes.append(f"--block-size {block_size} exceeds the {fit} seeds the smallest budget holds")
+        per_chunk = max(1, min(seeds, chunk_bytes // max(row_bytes, 1)))
+        tile_seeds = seeds if seeds == n_seed else (seeds // per_chunk) * per_chunk
+        other_chunk = n_other if per_chunk > 1 or row_bytes <= chunk_bytes else max(1, chunk_bytes // itemsize)
+        chunk_samples, tile_samples = 1, 1
+        if batch_size and tile_seeds == n_seed:
+            fit_samples = min(w.samples_fitting(n_seed) for w in workers)
+            per_sample = max(n_seed * n_other * itemsize, 1)
+            fit_samples = min(fit_samples, max(1, math.ceil(samples / (TILES_PER_WORKER * len(workers)))))
+            if block_size:
+                fit_samples = 1
+            chunk_samples = max(1, min(fit_samples, chunk_bytes // per_sample, samples))
+            tile_samples = max(chunk_samples, (min(fit_samples, samples) // chunk_samples) * chunk_samples)
+        seed_other = (per_chunk, other_chunk) if seed_axis == "rows" else (other_chunk, per_chunk)
+        chunks = ((chunk_samples,) if batch_size else ()) + seed_other
+    plan = Plan(
+        mode=mode,
+        requested_mode=requested_mode,
+        reason=reason,
+        batch_size=batch_size,
+        n_out=n_out,
+        n_in=n_in,
+        seed_axis=seed_axis,
+        dtype=dtype,
+        itemsize=itemsize,
+        chunks=chunks,
+        tile_samples=tile_samples,
+        tile_seeds=tile_seeds,
+        workers=tuple(workers),
+        triage=tuple(triage),
+        forced_block=bool(block_size),
+        notes=tuple(notes),
+    )
+    blocks = tuple(1 if block_size else _tiles_per_block(plan, w) for w in workers)
+    return Plan(**{**plan.__dict__, "blocks": blocks})
+
+
+def _tiles_per_block(plan: Plan, w: WorkerCost) -> int:
+    """Adjacent tiles a worker merges into one block: as many as its budget holds, but no
+    more than a fair share, so a big worker does not starve the others."""
+    _, ns = plan.grid
+    if ns == 1:
+        fits = w.samples_fitting(plan.n_seed) // plan.tile_samples
+    else:
+        fits = w.seeds_fitting(plan.tile_samples) // plan.tile_seeds
+    share = plan.n_tiles // (TILES_PER_WORKER * len(plan.workers))
+    return max(1, min(fits, share))
+
+
+def _round_up(n: int) -> str:
+    """A budget comfortably above n, in a unit people type."""
+    n = int(n * 1.25) + 1
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{math.ceil(n / scale)}{unit}"
+    return f"{n}B"

@@ -1,0 +1,269 @@
+"""probe: try modes on small blocks and measure memory per seed (torch only; kernels -> probe -> plan).
+
+Two questions are answered by running the real kernels on one sample and a few seeds:
+which mode works for this function (`resolve_mode`, the pre-flight triage that `auto`
+and `raijac plan` use), and how much memory a block needs (`measure_cost`: a fixed part
+plus a part per seed, from the peak of two probe sizes).
+
+NOTE: [CPU peak] On CUDA the peak comes from `torch.cuda.max_memory_allocated`. On CPU
+torch frees to malloc at once, so the live heap (glibc `mallinfo2`, sampled after every
+aten op by a dispatch mode) tracks tensor memory closely; where mallinfo2 is missing the
+process RSS stands in (an over-estimate).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from raijac.errors import ModeError, ProblemError
+from raijac.kernels import REPEAT_MODES, Kernel, Target, check_mode, make_target, seed_axis
+from raijac.problem import Problem, _first_line
+
+SLOW_PATH_HINTS = ("performance drop", "batching rule", "fallback")
+
+
+@dataclass(frozen=True)
+class ModeReport:
+    """What one trial block of a mode did."""
+
+    mode: str
+    ok: bool
+    note: str = ""
+    slow: bool = False
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return "fails" if not self.ok else ("slow path" if self.slow else "ok")
+
+
+# ---------------------------------------------------------------------- triage
+def candidate_modes(problem: Problem, requested: str) -> list[str]:
+    """Modes to try, best first: the requested one, or auto's fallback chain."""
+    check_mode(requested, allow_auto=True)
+    if requested != "auto":
+        return [requested]
+    if problem.n_out <= problem.n_in:
+        order = ["rev", "rev-repeat", "loop"]
+    else:
+        order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
+    stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
+    return [m for m in order if stackable or m not in REPEAT_MODES]
+
+
+def try_mode(target: Target, mode: str) -> ModeReport:
+    """Run one small block of `mode` on sample 0 and check it against plain autograd."""
+    start = time.perf_counter()
+    n_seed = target.n_out if seed_axis(mode) == "rows" else target.n_in
+    k = min(2, n_seed)
+    try:
+        kernel = Kernel(target, mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            block = kernel(0, 1, 0, k)
+    except ModeError as exc:
+        return ModeReport(mode, False, str(exc), seconds=time.perf_counter() - start)
+    except Exception as exc:  # vmap, forward-AD and user errors all land here
+        return ModeReport(mode, False, f"{type(exc).__name__}: {_first_line(exc)}", seconds=time.perf_counter() - start)
+    slow = [str(w.message) for w in caught if any(h in str(w.message).lower() for h in SLOW_PATH_HINTS)]
+    note = _first_line(Warning(slow[0])) if slow else ""
+    mismatch = _check_block(target, mode, block, k)
+    if mismatch:
+        return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
+    return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start)
+
+
+def _check_block(target: Target, mode: str, block: torch.Tensor, k: int) -> str:
+    """Compare a trial block with plain autograd: rows with per-row grads, columns with u^T J."""
+    try:
+        if seed_axis(mode) == "rows":
+            if mode == "loop":
+                return ""
+            ref = Kernel(target, "loop")(0, 1, 0, k)
+            got = block
+        else:
+            zb, cb = target.block(0, 1)
+            z = zb.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = target.loop_fn(z, cb).reshape(-1)
+            u = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
+            if not y.requires_grad:
+                ref = torch.zeros(k, dtype=y.dtype, device=y.device)
+            else:
+                (g,) = torch.autograd.grad(y, z, u, allow_unused=True)
+                ref = torch.zeros(k, dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)[:k]
+            got = u @ block[0]
+    except Exception:
+        return ""  # no autograd reference for this function: nothing to compare with
+    tol = 1e-4 if block.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    err = (got - ref).abs().max().item() if got.numel() else 0.0
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+    if not math.isfinite(err) and torch.equal(torch.isnan(got), torch.isnan(ref)):
+        return ""
+    if err > tol * scale * 10:
+        return f"gives numbers that differ from plain autograd by {err:.3g}"
+    return ""
+
+
+def resolve_mode(problem: Problem, requested: str, *, try_all: bool = False) -> tuple[str, str, list[ModeReport]]:
+    """Pick the mode to run: `(mode, reason, reports)`.
+
+    `auto` takes the first candidate that runs and matches autograd, preferring ones off
+    vmap's slow path; an explicit mode must run or this raises. `try_all` reports on every
+    candidate (what `raijac plan` shows).
+    """
+    target = make_target(problem, "cpu")
+    candidates = candidate_modes(problem, requested)
+    if try_all and requested == "auto":
+        pass
+    elif try_all:
+        candidates = candidate_modes(problem, "auto")
+        if requested not in candidates:
+            candidates.insert(0, requested)
+    reports: list[ModeReport] = []
+    for mode in candidates:
+        reports.append(try_mode(target, mode))
+        if not try_all and reports[-1].ok and not reports[-1].slow:
+            break
+    if requested != "auto":
+        rep = next(r for r in reports if r.mode == requested)
+        if not rep.ok:
+            raise ModeError(
+                f"mode {requested} cannot differentiate this problem: {rep.note}; use --mode auto to let raijac fall back."
+            )
+        return requested, "requested", reports
+    good = [r for r in reports if r.ok and not r.slow] or [r for r in reports if r.ok]
+    if not good:
+        detail = "; ".join(f"{r.mode}: {r.note}" for r in reports)
+        raise ProblemError(
+            f"no mode can differentiate this problem ({detail}); fix f so that torch.autograd can differentiate it."
+        )
+    chosen = good[0]
+    m, n = problem.n_out, problem.n_in
+    first = candidates[0]
+    why = f"M={m} <= N={n}" if first == "rev" else f"M={m} > N={n}"
+    if chosen.mode == first:
+        reason = f"auto: {why}, so {first}"
+    else:
+        failed = [r for r in reports if r.mode in candidates[: candidates.index(chosen.mode)]]
+        reason = f"auto: {why}; " + "; ".join(f"{r.mode} {r.status} ({r.note})" for r in failed)
+        reason += f"; fell back to {chosen.mode}"
+    if chosen.slow:
+        reason += f" (on vmap's slow path: {chosen.note})"
+    return chosen.mode, reason, reports
+
+
+# ---------------------------------------------------------------------- memory
+_libc = None
+
+
+def _heap_bytes() -> Callable[[], int]:
+    """A function returning the live heap in bytes (glibc mallinfo2, else process RSS)."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+            class _MallInfo2(ctypes.Structure):
+                _fields_ = [
+                    (n, ctypes.c_size_t)
+                    for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost").split()
+                ]
+
+            _libc.mallinfo2.restype = _MallInfo2
+        info = _libc.mallinfo2
+
+        def used() -> int:
+            m = info()
+            return int(m.uordblks + m.hblkhd)
+
+        used()
+        return used
+    except (OSError, AttributeError):
+        import psutil
+
+        proc = psutil.Process()
+        return lambda: int(proc.memory_info().rss)
+
+
+class _PeakHeap(TorchDispatchMode):
+    """Samples the live heap after every aten op; `peak` is the largest value seen."""
+
+    def __init__(self, used: Callable[[], int]) -> None:
+        super().__init__()
+        self.used = used
+        self.peak = used()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        now = self.used()
+        if now > self.peak:
+            self.peak = now
+        return out
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak memory `run()` adds above what was live before it (its result included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = run()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return max(int(peak), 0)
+    used = _heap_bytes()
+    before = used()
+    with _PeakHeap(used) as tracker:
+        result = run()
+    del result
+    return max(tracker.peak - before, 0)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Memory of one block on one worker: `base + samples * seeds * per_seed` bytes."""
+
+    base: int
+    per_seed: int
+
+
+def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
+    """Measure a kernel's fixed and per-seed memory from two probe blocks on sample 0."""
+    device = torch.device(device)
+    t = kernel.target
+    n_seed = t.n_out if seed_axis(kernel.mode) == "rows" else t.n_in
+    k1, k2 = min(2, n_seed), min(10, n_seed)
+    kernel(0, 1, 0, 1)  # warm-up: lazy initialisation is not per-seed memory
+    kernel.clear()
+    p1 = peak_bytes(lambda: kernel(0, 1, 0, k1), device)
+    kernel.clear()
+    p2 = peak_bytes(lambda: kernel(0, 1, 0, k2), device) if k2 > k1 else p1
+    kernel.clear()
+    itemsize = t.z.element_size()
+    other = t.n_in if seed_axis(kernel.mode) == "rows" else t.n_out
+    floor = other * itemsize  # a seed costs at least its slice of the output block
+    per_seed = max((p2 - p1) / (k2 - k1), floor) if k2 > k1 else max(p1 / k1, floor)
+    base = max(p1 - k1 * per_seed, 0)
+    return Cost(int(base), int(math.ceil(per_seed)))
+
+
+def default_budget(device: torch.device | str, n_local_workers: int = 1) -> int:
+    """Bytes a worker may use: 80% of a GPU's free memory, or a share of half the free RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.5 / max(1, n_local_workers))

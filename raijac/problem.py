@@ -1,0 +1,368 @@
+"""problem: what to differentiate — the first stage (spec -> Problem -> plan -> kernels -> store).
+
+A `Problem` is a function and the point to differentiate it at, plus how to read its
+shapes: plain `f(x)` gives `J` of shape `(M, N)`; `batched=True` gives the per-sample
+Jacobians `(B, M, N)`; `Problem.from_module(..., wrt="params")` differentiates a module's
+output w.r.t. its flattened trainable parameters. Inputs and outputs are flattened in C
+order, parameters in `module.parameters()` order (as `parameters_to_vector`).
+
+Problems are rebuilt independently on every worker (from the spec, or unpickled), so
+building one must be deterministic; the fingerprint guards resume and workers against a
+problem that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+from raijac.errors import ProblemError
+
+Wrt = Literal["input", "params"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One trainable parameter's place among the Jacobian's columns."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class Problem:
+    """The Jacobian of `f` at `x`.
+
+    Arguments:
+        f: a function of one tensor returning one floating-point tensor.
+        x: the point; a floating-point tensor (its leading dimension is the batch when
+            `batched=True`).
+        batched: `x` is a stack of independent samples and `f` maps `(B, *in)` to
+            `(B, *out)` sample by sample; the result is the per-sample Jacobians
+            `(B, M, N)`. Batched problems are batch-aware.
+        batch_aware: `f` also maps a stack `(K, *in)` to `(K, *out)` sample by sample,
+            which the repeat modes (`rev-repeat`, `fwd-repeat`) need.
+    """
+
+    def __init__(
+        self,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        *,
+        batched: bool = False,
+        batch_aware: bool = False,
+    ) -> None:
+        if not callable(f):
+            raise ProblemError(f"f must be callable, but got {type(f).__name__}; pass the function itself.")
+        _check_input(x, "x")
+        if batched and x.ndim == 0:
+            raise ProblemError(
+                "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
+            )
+        self.f = f
+        self.x = x.detach()
+        self.batched = bool(batched)
+        self.batch_aware = bool(batch_aware or batched)
+        self.wrt: Wrt = "input"
+        self.module: torch.nn.Module | None = None
+        self.params: torch.Tensor | None = None
+        self.param_info: tuple[ParamInfo, ...] = ()
+        self.spec: str | None = None
+        self.kind = "function"
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        x: torch.Tensor,
+        *,
+        wrt: Wrt = "params",
+        batched: bool = False,
+    ) -> Problem:
+        """The Jacobian of `module(x)` w.r.t. its trainable parameters or its input.
+
+        With `wrt="params"` the columns are all parameters with `requires_grad`, flattened
+        in `module.parameters()` order; `batched=True` gives per-sample parameter
+        Jacobians (the NTK / Fisher case) and `x` may then be any tensor (token ids too).
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise ProblemError(
+                f"from_module needs a torch.nn.Module, but got {type(module).__name__}; use Problem(f, x) for plain functions."
+            )
+        if wrt == "input":
+            problem = cls(module, x, batched=batched, batch_aware=batched)
+            problem.kind = "module"
+            return problem
+        if wrt != "params":
+            raise ProblemError(f"wrt must be 'params' or 'input', but got {wrt!r}.")
+        if not isinstance(x, torch.Tensor):
+            raise ProblemError(f"x must be a torch.Tensor, but got {type(x).__name__}.")
+        if batched and x.ndim == 0:
+            raise ProblemError(
+                "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
+            )
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ProblemError(
+                "the module has no trainable parameters (none with requires_grad); use wrt='input' or unfreeze some."
+            )
+        infos, offset = [], 0
+        for name, p in named:
+            if not p.is_floating_point():
+                raise ProblemError(f"parameter {name} has dtype {p.dtype}; raijac differentiates floating-point parameters only.")
+            infos.append(ParamInfo(name, tuple(p.shape), offset))
+            offset += p.numel()
+        problem = cls.__new__(cls)
+        problem.f = module
+        problem.x = x.detach()
+        problem.batched = bool(batched)
+        problem.batch_aware = bool(batched)
+        problem.wrt = "params"
+        problem.module = module
+        problem.params = torch.cat([p.detach().reshape(-1) for _, p in named])
+        problem.param_info = tuple(infos)
+        problem.spec = None
+        problem.kind = "module"
+        return problem
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def primal(self) -> torch.Tensor:
+        """The differentiated variable: `x`, or the flat parameter vector."""
+        return self.params if self.params is not None else self.x
+
+    @property
+    def batch_size(self) -> int | None:
+        return int(self.x.shape[0]) if self.batched else None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's differentiated variable (the Jacobian's columns)."""
+        if self.wrt == "params":
+            return (int(self.params.numel()),)
+        return tuple(self.x.shape[1:] if self.batched else self.x.shape)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's output (the Jacobian's rows)."""
+        y = self.y
+        return tuple(y.shape[1:] if self.batched else y.shape)
+
+    @property
+    def n_in(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def n_out(self) -> int:
+        return math.prod(self.output_shape)
+
+    @property
+    def jacobian_shape(self) -> tuple[int, ...]:
+        mn = (self.n_out, self.n_in)
+        return (self.batch_size, *mn) if self.batched else mn
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The Jacobian's natural dtype: that of f's output."""
+        return self.y.dtype
+
+    # ------------------------------------------------------------------ evaluation
+    def call(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """`f` on a stack of the module input or x (for parameter problems, at `params`)."""
+        if self.wrt != "params":
+            return self.f(x)
+        return torch.func.functional_call(self.module, self.unflatten_params(params), (x,))
+
+    def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The flat parameter vector as a `{name: tensor}` dict (views, no copies)."""
+        return {i.name: flat[i.offset : i.offset + i.size].view(i.shape) for i in self.param_info}
+
+    @cached_property
+    def y(self) -> torch.Tensor:
+        """`f(x)`, checked: one floating-point tensor, per-sample when batched."""
+        try:
+            with torch.no_grad():
+                y = self.call(self.x, self.params)
+        except Exception as exc:  # the user's function: show its own message
+            raise ProblemError(
+                f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {_first_line(exc)}; "
+                "fix f or pass x of the shape it expects."
+            ) from exc
+        if not isinstance(y, torch.Tensor):
+            raise ProblemError(
+                f"f must return one torch.Tensor, but returned {type(y).__name__}; "
+                "return a single tensor (for several outputs, torch.cat their flattened parts)."
+            )
+        if y.is_complex() or not y.is_floating_point():
+            raise ProblemError(
+                f"raijac needs floating-point outputs, but f returned {y.dtype}; cast inside f (return y.float())."
+            )
+        if self.batched:
+            b = self.x.shape[0]
+            if y.ndim == 0 or y.shape[0] != b:
+                raise ProblemError(
+                    f"batched=True needs f to map (B, ...) to (B, ...), but x has B={b} and f returned shape "
+                    f"{tuple(y.shape)}; return one output per sample, or pass batched=False."
+                )
+            self._check_per_sample()
+        return y.detach()
+
+    def _check_per_sample(self) -> None:
+        """Refuse batched functions whose output sample 0 depends on other samples."""
+        if self.x.shape[0] < 2 or not self.x.is_floating_point():
+            return
+        x = self.x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = self.call(x, self.params)
+            if not y.requires_grad:
+                return
+            w = torch.randn(y[0].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
+            (g,) = torch.autograd.grad((y[0] * w).sum(), x, allow_unused=True)
+        if g is not None and bool(g[1:].abs().max() > 0):
+            raise ProblemError(
+                "batched=True needs f to treat samples independently, but output sample 0 depends on other input "
+                "samples (batch norm in training mode, or a mean over the batch?); call module.eval(), or pass batched=False."
+            )
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
+        """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters."""
+        h = hashlib.sha256()
+        head = {
+            "spec": self.spec,
+            "kind": self.kind,
+            "batched": self.batched,
+            "batch_aware": self.batch_aware,
+            "wrt": self.wrt,
+            "x": [list(self.x.shape), str(self.x.dtype)],
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "dtype": str(self.dtype),
+            "store_dtype": dtype,
+            "mode": mode,
+            "params": [[i.name, list(i.shape)] for i in self.param_info],
+        }
+        h.update(json.dumps(head, sort_keys=True).encode())
+        for t in (self.x, self.params):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    def describe(self) -> str:
+        what = "per-sample " if self.batched else ""
+        wrt = "parameters" if self.wrt == "params" else "input"
+        return f"{what}Jacobian w.r.t. {wrt}: {self.output_shape} x {self.input_shape} -> {self.jacobian_shape}"
+
+    def __repr__(self) -> str:
+        return f"Problem(spec={self.spec!r}, batched={self.batched}, wrt={self.wrt!r}, x={tuple(self.x.shape)})"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("y", None)  # recomputed where it is used; never shipped
+        return state
+
+
+def _check_input(x: object, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ProblemError(f"{name} must be a torch.Tensor, but got {type(x).__name__}; wrap it with torch.as_tensor.")
+    if x.is_complex() or not x.is_floating_point():
+        raise ProblemError(
+            f"raijac differentiates floating-point inputs, but {name} has dtype {x.dtype}; "
+            f"pass {name}.float() or {name}.double() (complex inputs: split real and imaginary parts)."
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+# ---------------------------------------------------------------------- specs
+def load_problem(spec: str, *, device: torch.device | str | None = None) -> Problem:
+    """Build the problem a spec names: `path/to/file.py:NAME` or `package.module:NAME`.
+
+    NAME is a `Problem` or a zero-argument callable returning one (a `device` keyword
+    is passed when the callable accepts it, so GPU workers can build on their device).
+    """
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name.isidentifier():
+        raise ProblemError(f"spec {spec!r} must look like path/to/file.py:NAME or package.module:NAME.")
+    module = _import_spec_module(target, spec)
+    if not hasattr(module, name):
+        names = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise ProblemError(f"{target} has no name {name!r}; it defines: {', '.join(names) or 'nothing public'}.")
+    obj = getattr(module, name)
+    if callable(obj) and not isinstance(obj, Problem):
+        kwargs = {}
+        try:
+            if device is not None and "device" in inspect.signature(obj).parameters:
+                kwargs["device"] = device
+        except (TypeError, ValueError):
+            pass
+        try:
+            obj = obj(**kwargs)
+        except Exception as exc:
+            raise ProblemError(f"calling {name}() from {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc
+    if not isinstance(obj, Problem):
+        raise ProblemError(
+            f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives a {type(obj).__name__}."
+        )
+    obj.spec = normalize_spec(spec)
+    return obj
+
+
+def normalize_spec(spec: str) -> str:
+    """The spec with a file path made absolute, so workers in other directories find it."""
+    target, _, name = spec.rpartition(":")
+    if _is_path(target):
+        return f"{os.path.abspath(target)}:{name}"
+    return spec
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def _import_spec_module(target: str, spec: str):
+    if _is_path(target):
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ProblemError(f"spec file {target} does not exist; check the path in {spec!r}.")
+        mod_name = "raijac_spec_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # let the spec file import its neighbours
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[mod_name]
+            raise ProblemError(f"importing {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise ProblemError(f"cannot import module {target!r} from spec {spec!r}: {exc}; check the name or install it.") from exc
+    except Exception as exc:
+        raise ProblemError(f"importing {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc

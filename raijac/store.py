@@ -1,0 +1,186 @@
+"""store: the Zarr v3 group a run writes (zarr only; after kernels, before reader).
+
+Layout at `--out` (the on-disk contract of DESIGN.md):
+
+    jacobian   (M, N) or (B, M, N), chunked along the seed axis as planned, NaN fill
+    x, y       the point and f(x), original shapes (`params` too for parameter Jacobians)
+    tiles      uint8 per tile: 1 once that tile's data is written (the completion ledger)
+    attrs      "raijac": format, version, complete, mode, shapes, fingerprint, plan, ...
+
+Workers write only their own tiles' chunks of `jacobian`; the driver alone writes
+`tiles` and the attributes, so no two processes ever write the same object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from raijac.errors import StoreError
+
+FORMAT = "raijac.jacobian"
+FORMAT_VERSION = 1
+ATTR = "raijac"
+LEDGER_CHUNK = 1 << 16
+
+
+def compressor_codec(name: str | None, level: int | None = None):
+    """A zarr codec for `--compressor`: zstd (default level 1), blosc, or none."""
+    if name in (None, "zstd"):
+        return ZstdCodec(level=1 if level is None else level)
+    if name == "blosc":
+        return BloscCodec(cname="zstd", clevel=3 if level is None else level, shuffle="shuffle")
+    if name == "none":
+        return None
+    raise StoreError(f"unknown compressor {name!r}; choose zstd, blosc or none.")
+
+
+def read_meta(path: str) -> dict | None:
+    """The store's `raijac` attribute, or None when `path` holds no raijac store."""
+    if not os.path.exists(path):
+        return None
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception:
+        return None
+    meta = group.attrs.get(ATTR)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
+    """Decide, before any work, whether `path` may be written; returns the meta to resume from."""
+    if resume and overwrite:
+        raise StoreError("--resume and --overwrite contradict each other; pass one of them.")
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise StoreError(f"cannot write {path}: its folder {parent} does not exist; create it first.")
+        if not os.access(parent, os.W_OK):
+            raise StoreError(f"cannot write {path}: its folder {parent} is not writable; choose another --out.")
+        return None
+    meta = read_meta(path)
+    if meta is None:
+        raise StoreError(
+            f"{path} already exists and is not a raijac store; raijac never replaces other data, so choose another --out "
+            "or remove it yourself."
+        )
+    _check_version(meta, path)
+    if resume:
+        return meta
+    if overwrite:
+        return None
+    done = f"{meta.get('tiles_done', '?')}/{meta.get('n_tiles', '?')} tiles done"
+    raise StoreError(f"{path} already holds a raijac store ({done}); pass --resume to finish it or --overwrite to replace it.")
+
+
+def _check_version(meta: dict, path: str) -> None:
+    if meta.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a raijac Jacobian store (format {meta.get('format')!r}).")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written in store format {meta['version']}, newer than this raijac reads ({FORMAT_VERSION}); "
+            "upgrade raijac."
+        )
+
+
+def remove(path: str) -> None:
+    """Delete a raijac store (only ever called on a path `read_meta` recognised)."""
+    if read_meta(path) is None:
+        raise StoreError(f"refusing to delete {path}: it is not a raijac store.")
+    shutil.rmtree(path)
+
+
+def _dims(prefix: str, shape: tuple[int, ...], batched: bool) -> tuple[str, ...]:
+    names = tuple(f"{prefix}_{i}" for i in range(len(shape)))
+    return (("batch",) + names[1:]) if batched and shape else names
+
+
+def create(
+    path: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    n_tiles: int,
+    arrays: dict[str, tuple[np.ndarray, bool]],
+    meta: dict[str, Any],
+    compressor: str | None = None,
+) -> zarr.Group:
+    """Create the group with an empty (NaN) `jacobian`, the ledger, `arrays` and the attributes.
+
+    `arrays` maps a name to (data, batched): batched arrays name their first axis "batch".
+    """
+    group = zarr.open_group(path, mode="w-")
+    dims = ("batch", "output", "input") if len(shape) == 3 else ("output", "input")
+    group.create_array(
+        "jacobian",
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=np.nan,
+        dimension_names=dims,
+        compressors=compressor_codec(compressor),
+    )
+    group.create_array(
+        "tiles",
+        shape=(n_tiles,),
+        chunks=(min(n_tiles, LEDGER_CHUNK),),
+        dtype="uint8",
+        fill_value=0,
+        dimension_names=("tile",),
+    )
+    for name, (data, batched) in arrays.items():
+        arr = group.create_array(name, shape=data.shape, dtype=data.dtype, dimension_names=_dims(name, data.shape, batched))
+        arr[...] = data
+    group.attrs[ATTR] = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    return group
+
+
+def open_group(path: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(path, mode=mode)
+
+
+def update_meta(group: zarr.Group, **values: Any) -> dict:
+    """Merge `values` into the `raijac` attribute (driver only: every update rewrites it)."""
+    meta = {**dict(group.attrs[ATTR]), **values}
+    group.attrs[ATTR] = meta
+    return meta
+
+
+def pending_tiles(group: zarr.Group) -> list[int]:
+    """Indices of tiles the ledger does not record as written."""
+    return [int(i) for i in np.flatnonzero(group["tiles"][:] == 0)]
+
+
+def mark_done(group: zarr.Group, tiles: list[int]) -> None:
+    """Record tiles as written, one ledger write per contiguous run."""
+    ledger = group["tiles"]
+    for start, stop in _runs(sorted(tiles)):
+        ledger[start:stop] = 1
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def block_region(seed_axis: str, batched: bool, b0: int, b1: int, s0: int, s1: int) -> tuple[slice, ...]:
+    """Index of a block in `jacobian`: samples b0:b1, seeds s0:s1, everything else."""
+    seed, other = slice(s0, s1), slice(None)
+    rc = (seed, other) if seed_axis == "rows" else (other, seed)
+    return ((slice(b0, b1),) + rc) if batched else rc
+
+
+def write_block(array: zarr.Array, region: tuple[slice, ...], block: np.ndarray) -> None:
+    """Write one block (whole chunks along the seed axis, so nothing is read back)."""
+    array[region] = block

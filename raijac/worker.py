@@ -1,0 +1,138 @@
+"""worker: the body of one Ray actor (kernels + store; the executor wraps it with ray.remote).
+
+A worker builds its own copy of the problem (from the spec, or unpickled from the object
+store), checks its fingerprint against the driver's, measures its own memory cost, and
+then computes blocks and writes them straight into the Zarr array. Only a small result
+record travels back to the driver. Everything is built lazily, so an actor that Ray
+restarts after a crash rebuilds itself on its next call.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from raijac import store
+from raijac.errors import ProblemError
+from raijac.kernels import Kernel, make_target, seed_axis
+from raijac.plan import WorkerCost
+from raijac.probe import default_budget, measure_cost
+from raijac.problem import Problem, load_problem
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+class Worker:
+    """Computes and writes blocks of one problem on one device."""
+
+    def __init__(
+        self,
+        source: str | Problem,
+        *,
+        name: str,
+        fingerprint: str,
+        fingerprint_args: dict[str, Any],
+        mode: str,
+        dtype: str,
+        device: str = "cpu",
+        threads: int | None = None,
+        budget: int | None = None,
+        local_workers: int = 1,
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.fingerprint = fingerprint
+        self.fingerprint_args = fingerprint_args
+        self.mode = mode
+        self.dtype = TORCH_DTYPES[dtype]
+        self.device = torch.device("cuda:0" if device == "cuda" else device)
+        self.threads = threads
+        self.budget = budget
+        self.local_workers = local_workers
+        self.kernel: Kernel | None = None
+        self.problem: Problem | None = None
+        self._out: str | None = None
+        self._array = None
+
+    def _ready(self) -> Kernel:
+        if self.kernel is None:
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            src = self.source
+            problem = load_problem(src, device=self.device) if isinstance(src, str) else src
+            got = problem.fingerprint(**self.fingerprint_args)
+            if got != self.fingerprint:
+                raise ProblemError(
+                    f"the problem built on worker {self.name} differs from the driver's (fingerprint {got} != "
+                    f"{self.fingerprint}); building it must be deterministic: seed every RNG in the spec."
+                )
+            self.problem = problem
+            self.kernel = Kernel(make_target(problem, self.device), self.mode)
+        return self.kernel
+
+    def probe(self) -> WorkerCost:
+        """Measure this worker's memory cost per block and report its budget."""
+        kernel = self._ready()
+        cost = measure_cost(kernel, self.device)
+        budget = self.budget or default_budget(self.device, self.local_workers)
+        # The block is also copied to the storage dtype and encoded: count those bytes per seed.
+        t = kernel.target
+        other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
+        per_seed = cost.per_seed + 2 * other * self.dtype.itemsize
+        return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed)
+
+    def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
+        """Compute the block (samples b0:b1, seeds s0:s1), write it to `out`, report timings."""
+        kernel = self._ready()
+        if self._out != out:
+            self._array = store.open_group(out, "r+")["jacobian"]
+            self._out = out
+        start = time.perf_counter()
+        block = kernel(b0, b1, s0, s1)
+        data = block.detach().to(self.dtype).cpu().numpy()
+        computed = time.perf_counter()
+        batched = self.problem.batched
+        region = store.block_region(seed_axis(self.mode), batched, b0, b1, s0, s1)
+        store.write_block(self._array, region, data if batched else data[0])
+        return {
+            "worker": self.name,
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "compute_s": computed - start,
+            "write_s": time.perf_counter() - computed,
+            "bytes": int(data.nbytes),
+            "finite": bool(np.isfinite(data).all()),
+        }
+
+
+class WorkerHost:
+    """The Ray actor: a long-lived process that hosts one `Worker` at a time.
+
+    Hosts outlive a run when the caller owns Ray, so the next run on the same Ray skips
+    process start-up and imports; `setup` swaps in the next problem.
+    """
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def setup(self, source: str | Problem, **kwargs: Any) -> None:
+        self.worker = Worker(source, **kwargs)
+
+    def probe(self) -> WorkerCost:
+        return self._worker().probe()
+
+    def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
+        return self._worker().run(out, b0, b1, s0, s1)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _worker(self) -> Worker:
+        if self.worker is None:
+            raise RuntimeError("this worker was restarted and has no problem yet; the driver sets it up again")
+        return self.worker

@@ -1,0 +1,296 @@
+"""Test problem families, each with an independent reference Jacobian.
+
+References come from `torch.func.jacrev` (per sample via vmap for batched problems), from
+`torch.autograd.functional.jacobian` (a plain autograd row loop) where torch.func cannot
+run the function, or from a closed form. Sizes are odd on purpose: they divide no chunk.
+Every builder is deterministic, as specs must be.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import raijac
+
+ALL_MODES = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop")
+PLAIN_MODES = ("rev", "fwd", "loop")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], raijac.Problem]
+    reference: Callable[[raijac.Problem], np.ndarray]
+    modes: tuple[str, ...]  # modes that must reproduce the reference
+    broken: tuple[str, ...] = ()  # modes that must refuse this function
+    auto: str | None = None  # what auto must pick, where that is the point of the case
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
+
+
+def jacrev_reference(problem: raijac.Problem) -> np.ndarray:
+    """torch.func.jacrev, vmapped over samples for batched problems."""
+    f, x = problem.f, problem.x
+    if problem.batched:
+        per = torch.func.vmap(torch.func.jacrev(lambda xi: f(xi[None])[0]))(x)
+        return per.reshape(problem.jacobian_shape).detach().numpy()
+    return torch.func.jacrev(f)(x).reshape(problem.jacobian_shape).detach().numpy()
+
+
+def autograd_reference(problem: raijac.Problem) -> np.ndarray:
+    """torch.autograd.functional.jacobian (a row loop, no torch.func), per sample if batched."""
+    f, x = problem.f, problem.x
+    if problem.batched:
+        rows = [torch.autograd.functional.jacobian(lambda xi: f(xi[None])[0], xi) for xi in x]
+        return torch.stack(rows).reshape(problem.jacobian_shape).detach().numpy()
+    return torch.autograd.functional.jacobian(f, x).reshape(problem.jacobian_shape).detach().numpy()
+
+
+def params_reference(problem: raijac.Problem) -> np.ndarray:
+    """jacrev over the parameter dict, columns concatenated in module.parameters() order."""
+    net, x = problem.module, problem.x
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def out(p, xi):
+        return torch.func.functional_call(net, p, (xi,))
+
+    if problem.batched:
+        jac = torch.func.vmap(torch.func.jacrev(lambda p, xi: out(p, xi[None])[0]), in_dims=(None, 0))(params, x)
+        lead = (x.shape[0], problem.n_out)
+    else:
+        jac = torch.func.jacrev(out)(params, x)
+        lead = (problem.n_out,)
+    return torch.cat([jac[name].reshape(*lead, -1) for name, _ in net.named_parameters()], dim=-1).detach().numpy()
+
+
+# ---------------------------------------------------------------------- families
+def elementwise() -> raijac.Problem:
+    return raijac.Problem(lambda x: torch.sin(x) * torch.exp(0.3 * x) + x**2, _randn(37, seed=1), batch_aware=True)
+
+
+_W1, _W2 = _randn(29, 23, seed=2) / 5, _randn(17, 29, seed=3) / 5
+
+
+def matmul_chain() -> raijac.Problem:
+    return raijac.Problem(lambda x: torch.tanh(torch.tanh(x @ _W1.T) @ _W2.T), _randn(23, seed=4), batch_aware=True)
+
+
+_K = _randn(4, 2, 3, 3, seed=5) / 3
+
+
+def conv() -> raijac.Problem:
+    def f(x):
+        return torch.nn.functional.conv2d(torch.nn.functional.softplus(x), _K, padding=1)
+
+    return raijac.Problem(f, _randn(2, 5, 7, seed=6), batch_aware=True)
+
+
+_WL = _randn(9, 9, seed=7) / 3
+
+
+def softmax_layernorm() -> raijac.Problem:
+    def f(x):
+        return torch.nn.functional.layer_norm(torch.softmax(x @ _WL, dim=-1) * 3.0, (9,))
+
+    return raijac.Problem(f, _randn(5, 9, seed=8), batch_aware=True)
+
+
+_WQ, _WK, _WV = (_randn(8, 8, seed=s) / 3 for s in (9, 10, 11))
+
+
+def attention() -> raijac.Problem:
+    def f(x):
+        q, k, v = x @ _WQ, x @ _WK, x @ _WV
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+        return att @ v
+
+    return raijac.Problem(f, _randn(6, 8, seed=12), batch_aware=True)
+
+
+_WM = _randn(2, 6, 3, 4, 5, seed=13) / 4
+
+
+def multidim() -> raijac.Problem:
+    """(3, 4, 5) -> (2, 6): a wide output of a multi-dimensional input."""
+    return raijac.Problem(
+        lambda x: torch.tanh(torch.einsum("abijk,...ijk->...ab", _WM, x)), _randn(3, 4, 5, seed=14), batch_aware=True
+    )
+
+
+_W64 = _randn(31, 19, seed=15, dtype=torch.float64) / 4
+
+
+def float64() -> raijac.Problem:
+    return raijac.Problem(
+        lambda x: torch.sinh(x @ _W64.T) * torch.cos(x.sum(-1, keepdim=True)),
+        _randn(19, seed=16, dtype=torch.float64),
+        batch_aware=True,
+    )
+
+
+_WB1, _WB2 = _randn(21, 11, seed=17) / 3, _randn(13, 21, seed=18) / 3
+
+
+def batched_mlp() -> raijac.Problem:
+    return raijac.Problem(lambda x: torch.tanh(torch.tanh(x @ _WB1.T) @ _WB2.T), _randn(7, 11, seed=19), batched=True)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(20)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4))
+
+
+def params() -> raijac.Problem:
+    return raijac.Problem.from_module(_net(), _randn(6, seed=21), wrt="params")
+
+
+def params_batched() -> raijac.Problem:
+    return raijac.Problem.from_module(_net(), _randn(5, 6, seed=22), wrt="params", batched=True)
+
+
+def module_input_batched() -> raijac.Problem:
+    return raijac.Problem.from_module(_net(), _randn(5, 6, seed=23), wrt="input", batched=True)
+
+
+def item_call() -> raijac.Problem:
+    """`.item()` on the primal: fine here, since only seeds are vmapped (not batch-aware)."""
+
+    def f(x):
+        scale = float(x.abs().max().item())
+        return torch.cat([torch.sin(x) * scale, x[:5] * 2])
+
+    return raijac.Problem(f, _randn(15, seed=24))
+
+
+_LAST_INPUT = torch.zeros(15)
+_CALLS = torch.zeros(())
+
+
+def inplace_captured() -> raijac.Problem:
+    """Records its input in a captured buffer: torch.func refuses the in-place write, so
+    only the loop mode is left (not batch-aware)."""
+
+    def f(x):
+        _LAST_INPUT.copy_(x)
+        return torch.cat([torch.tanh(x), x[:5] ** 2])
+
+    return raijac.Problem(f, _randn(15, seed=29))
+
+
+def breaks_vmap_stackable() -> raijac.Problem:
+    """Counts its calls in a captured tensor: torch.func refuses; stacks work (batch-aware)."""
+
+    def f(x):
+        _CALLS.add_(1)
+        return torch.tanh(x[..., :9]) * x[..., 3:12]
+
+    return raijac.Problem(f, _randn(14, seed=25), batch_aware=True)
+
+
+class _Cube(torch.autograd.Function):
+    """x**3 with a backward formula but no forward (jvp) formula; vmap-able."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+_WC = _randn(33, 12, seed=26) / 3
+
+
+def no_forward_rule() -> raijac.Problem:
+    """Wide output (auto prefers fwd) through a Function without jvp: fwd must fall back."""
+    return raijac.Problem(lambda x: _Cube.apply(x) @ _WC.T, _randn(12, seed=27), batch_aware=True)
+
+
+class _OldStyle(torch.autograd.Function):
+    """An old-style Function (ctx in forward): torch.func cannot transform it at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+def old_style_function() -> raijac.Problem:
+    return raijac.Problem(lambda x: _OldStyle.apply(x) * x.sum(), _randn(10, seed=28))
+
+
+def _cube_reference(problem: raijac.Problem) -> np.ndarray:
+    x = problem.x
+    return (_WC * (3 * x**2)[None, :]).numpy()
+
+
+CASES: list[Case] = [
+    Case("elementwise", elementwise, jacrev_reference, ALL_MODES),
+    Case("matmul_chain", matmul_chain, jacrev_reference, ALL_MODES),
+    Case("conv", conv, jacrev_reference, ALL_MODES),
+    Case("softmax_layernorm", softmax_layernorm, jacrev_reference, ALL_MODES),
+    Case("attention", attention, jacrev_reference, ALL_MODES),
+    Case("multidim", multidim, jacrev_reference, ALL_MODES),
+    Case("float64", float64, jacrev_reference, ALL_MODES),
+    Case("batched_mlp", batched_mlp, jacrev_reference, ALL_MODES),
+    Case("params", params, params_reference, PLAIN_MODES, broken=("rev-repeat", "fwd-repeat")),
+    Case("params_batched", params_batched, params_reference, ALL_MODES),
+    Case("module_input_batched", module_input_batched, jacrev_reference, ALL_MODES),
+    Case("item_call", item_call, autograd_reference, PLAIN_MODES, broken=("rev-repeat",), auto="fwd"),
+    Case("inplace_captured", inplace_captured, autograd_reference, ("loop",), broken=("rev", "fwd", "rev-repeat"), auto="loop"),
+    Case(
+        "breaks_vmap_stackable",
+        breaks_vmap_stackable,
+        autograd_reference,
+        ("rev-repeat", "fwd-repeat", "loop"),
+        broken=("rev", "fwd"),
+        auto="rev-repeat",
+    ),
+    Case(
+        "no_forward_rule",
+        no_forward_rule,
+        _cube_reference,
+        ("rev", "rev-repeat", "fwd-repeat", "loop"),
+        broken=("fwd",),
+        auto="fwd-repeat",
+    ),
+    Case("old_style_function", old_style_function, autograd_reference, ("loop",), broken=("rev", "fwd"), auto="loop"),
+]
+
+BY_NAME = {c.name: c for c in CASES}
+
+
+def tolerance(dtype: np.dtype | torch.dtype) -> dict[str, float]:
+    """rtol/atol that fit the dtype: float64 agrees to ~1e-12, float32 to ~1e-5."""
+    if str(dtype).endswith("float64"):
+        return {"rtol": 1e-10, "atol": 1e-12}
+    return {"rtol": 2e-5, "atol": 2e-6}
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, **tolerance(want.dtype))
