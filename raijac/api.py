@@ -177,7 +177,9 @@ def compute(
             group = store.open_group(out, "r+")
             pending = store.pending_tiles(group)
         else:
-            if os.path.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
+            if os.path.isdir(out) and not os.listdir(out):
+                os.rmdir(out)  # an empty folder made for the output
+            elif os.path.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
             group = _create(out, problem, the_plan, fingerprint, compressor, started)
             pending = list(range(the_plan.n_tiles))
@@ -211,6 +213,7 @@ def compute(
         "compute_seconds": round(stats["compute_s"], 3),
         "write_seconds": round(stats["write_s"], 3),
         "all_finite": stats["finite"],
+        "peak_rss_growth": stats["rss_growth"],
     }
     return result
 

@@ -129,8 +129,9 @@ def plan(spec: str, **options: Any) -> None:
     """Print the plan for SPEC (mode and why, triage, tiles, chunks, memory) without computing."""
     from raijac.api import plan as make
 
+    the_plan = make(spec, **options)  # before any output: a refused plan prints only its error
     click.echo(f"plan for {spec}")
-    click.echo(str(make(spec, **options)))
+    click.echo(str(the_plan))
 
 
 @cli.command()
@@ -195,10 +196,11 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 def _stored_bytes(jac: Any) -> int:
+    """Bytes of the jacobian's chunks on disk (its zarr.json is metadata, not compressed data)."""
     import os
 
     root = os.path.join(jac.path, "jacobian")
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files if f != "zarr.json")
 
 
 def main() -> None:

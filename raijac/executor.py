@@ -202,6 +202,7 @@ class RayExecutor:
             "nodes": sorted({r["node"] for r in records}),
             "by_worker": {n: sum(1 for r in records if r["worker"] == n) for n in self.names},
             "finite": all(r["finite"] for r in records),
+            "rss_growth": max((r["rss_growth"] or 0 for r in records), default=None),
         }
 
     def _tile_error(self, plan: Plan, tiles: list[int], w: int, cause: BaseException, done: int) -> WorkerError:

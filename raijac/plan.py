@@ -25,13 +25,18 @@ for _i, _p in enumerate("KMGT", start=1):
 
 def parse_size(text: str | int | float | None) -> int | None:
     """`512MB` (10^6), `2GiB` or `2G` (2^30), `1e9` or a plain number of bytes -> bytes."""
-    if text is None or isinstance(text, int | float):
-        return None if text is None else int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if unit not in _SIZE_UNITS or float(m.group(1)) <= 0:
+    if text is None:
+        return None
+    if isinstance(text, int | float):
+        size = 0 if isinstance(text, float) and not math.isfinite(text) else int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).upper() if m else None
+        number = float(m.group(1)) * _SIZE_UNITS[unit] if unit in _SIZE_UNITS else 0.0
+        size = int(number) if math.isfinite(number) else 0
+    if size < 1:  # 0 would silently mean "the default budget" to callers
         raise BudgetError(f"memory budget {text!r} is not a size; write a positive number with a unit, like 512MB or 2GiB.")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return size
 
 
 def format_size(n: float) -> str:
@@ -232,7 +237,7 @@ def make_plan(
             need = w.base + w.per_seed
             raise BudgetError(
                 f"budget {format_size(w.budget)} on {w.name} is too small: one seed of this problem needs about "
-                f"{format_size(need)} (its output row plus activations). Raise --memory-budget to at least "
+                f"{format_size(need)} (its slice of the output plus activations). Raise --memory-budget to at least "
                 f"{_round_up(need)}."
             )
     row_bytes = n_other * itemsize
@@ -240,6 +245,12 @@ def make_plan(
     if grid is not None:
         chunks = tuple(grid["chunks"])
         tile_samples, tile_seeds = int(grid["tile_samples"]), int(grid["tile_seeds"])
+        for w in workers:
+            if w.peak(tile_samples, tile_seeds) > w.budget:
+                notes.append(
+                    f"the stored tiles need about {format_size(w.peak(tile_samples, tile_seeds))} on {w.name}, "
+                    f"more than its budget {format_size(w.budget)}; a resumed run keeps the stored tile size"
+                )
     else:
         fit = min(w.seeds_fitting(1) for w in workers)
         # Enough tiles for every worker to get several (load balance), no more than that.

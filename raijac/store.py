@@ -63,6 +63,8 @@ def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
         if not os.access(parent, os.W_OK):
             raise StoreError(f"cannot write {path}: its folder {parent} is not writable; choose another --out.")
         return None
+    if os.path.isdir(path) and not os.listdir(path):
+        return None  # an empty folder made for the output holds nothing to lose
     meta = read_meta(path)
     if meta is None:
         raise StoreError(
@@ -74,8 +76,16 @@ def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
         return meta
     if overwrite:
         return None
-    done = f"{meta.get('tiles_done', '?')}/{meta.get('n_tiles', '?')} tiles done"
+    done = f"{_tiles_done(path)}/{meta.get('n_tiles', '?')} tiles done"
     raise StoreError(f"{path} already holds a raijac store ({done}); pass --resume to finish it or --overwrite to replace it.")
+
+
+def _tiles_done(path: str) -> int | str:
+    """Tiles the ledger records as written ("?" when it cannot be read): the attribute holds no count."""
+    try:
+        return int(np.count_nonzero(zarr.open_group(path, mode="r")["tiles"][:]))
+    except Exception:
+        return "?"
 
 
 def _check_version(meta: dict, path: str) -> None:
@@ -90,7 +100,8 @@ def _check_version(meta: dict, path: str) -> None:
 
 def remove(path: str) -> None:
     """Delete a raijac store (only ever called on a path `read_meta` recognised)."""
-    if read_meta(path) is None:
+    meta = read_meta(path)
+    if meta is None or meta.get("format") != FORMAT:
         raise StoreError(f"refusing to delete {path}: it is not a raijac store.")
     shutil.rmtree(path)
 
@@ -137,7 +148,7 @@ def create(
     for name, (data, batched) in arrays.items():
         arr = group.create_array(name, shape=data.shape, dtype=data.dtype, dimension_names=_dims(name, data.shape, batched))
         arr[...] = data
-    group.attrs[ATTR] = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    group.attrs[ATTR] = {**meta, "format": FORMAT, "version": FORMAT_VERSION}
     return group
 
 

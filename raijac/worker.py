@@ -9,6 +9,7 @@ restarts after a crash rebuilds itself on its next call.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from raijac import store
 from raijac.errors import ProblemError
 from raijac.kernels import Kernel, make_target, seed_axis
 from raijac.plan import WorkerCost
-from raijac.probe import default_budget, measure_cost
+from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost
 from raijac.problem import Problem, load_problem
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -84,6 +85,7 @@ class Worker:
         t = kernel.target
         other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
         per_seed = cost.per_seed + 2 * other * self.dtype.itemsize
+        self.idle_rss = _reset_idle_rss()  # the idle worker holding the problem: growth is measured from here
         return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed)
 
     def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
@@ -107,7 +109,19 @@ class Worker:
             "write_s": time.perf_counter() - computed,
             "bytes": int(data.nbytes),
             "finite": bool(np.isfinite(data).all()),
+            "rss_growth": _peak_rss_growth(getattr(self, "idle_rss", None)),
         }
+
+
+def _reset_idle_rss() -> int | None:
+    gc.collect()
+    return _reset_peak_rss()
+
+
+def _peak_rss_growth(idle: int | None) -> int | None:
+    """How far this process's peak RSS rose above the idle mark since it was reset."""
+    peak = _proc_status("VmHWM")
+    return None if idle is None or peak is None else max(peak - idle, 0)
 
 
 class WorkerHost:

@@ -182,7 +182,7 @@ def inplace_captured() -> raijac.Problem:
     only the loop mode is left (not batch-aware)."""
 
     def f(x):
-        _LAST_INPUT.copy_(x)
+        _LAST_INPUT.copy_(x.detach())
         return torch.cat([torch.tanh(x), x[:5] ** 2])
 
     return raijac.Problem(f, _randn(15, seed=29))

@@ -1,0 +1,112 @@
+"""Pre-flight triage (which mode works, and why auto chose it) and memory measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import raijac
+from raijac.errors import ModeError, ProblemError
+from raijac.kernels import Kernel, make_target
+from raijac.probe import candidate_modes, measure_cost, resolve_mode
+from tests.problems import BY_NAME, CASES
+
+AUTO = [c for c in CASES if c.auto]
+
+
+@pytest.mark.parametrize("case", AUTO, ids=[c.name for c in AUTO])
+def test_auto_falls_back_and_says_why(case):
+    problem = case.build()
+    mode, reason, reports = resolve_mode(problem, "auto")
+    assert mode == case.auto
+    first = candidate_modes(problem, "auto")[0]
+    if mode != first:
+        assert f"fell back to {mode}" in reason and f"{first} fails" in reason
+    assert reports[-1].mode == mode and reports[-1].ok
+
+
+def test_auto_prefers_rev_for_tall_and_fwd_for_wide():
+    tall = raijac.Problem(lambda x: x[:3] * 2, torch.randn(10))
+    wide = raijac.Problem(lambda x: torch.cat([x, x]), torch.randn(10))
+    assert resolve_mode(tall, "auto")[:2] == ("rev", "auto: M=3 <= N=10, so rev")
+    assert resolve_mode(wide, "auto")[:2] == ("fwd", "auto: M=20 > N=10, so fwd")
+
+
+def test_candidates_skip_repeat_modes_unless_batch_aware():
+    plain = BY_NAME["item_call"].build()
+    assert candidate_modes(plain, "auto") == ["fwd", "rev", "loop"]
+    aware = BY_NAME["no_forward_rule"].build()
+    assert candidate_modes(aware, "auto") == ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
+    assert "rev-repeat" not in candidate_modes(BY_NAME["params"].build(), "auto")
+
+
+@pytest.mark.parametrize("name,mode", [(c.name, m) for c in CASES for m in c.broken])
+def test_explicit_broken_mode_is_refused(name, mode):
+    with pytest.raises(ModeError, match=f"mode {mode} cannot differentiate this problem.*--mode auto"):
+        resolve_mode(BY_NAME[name].build(), mode)
+
+
+def test_try_all_reports_every_candidate():
+    _, _, reports = resolve_mode(BY_NAME["no_forward_rule"].build(), "auto", try_all=True)
+    status = {r.mode: r.status for r in reports}
+    assert status == {"fwd": "fails", "fwd-repeat": "ok", "rev": "ok", "rev-repeat": "ok", "loop": "ok"}
+    fwd = next(r for r in reports if r.mode == "fwd")
+    assert "jvp" in fwd.note
+
+
+def test_no_mode_works():
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("backward of NoBackward is not written yet")
+
+    with pytest.raises(ProblemError, match="no mode can differentiate this problem.*loop: .*not written yet"):
+        resolve_mode(raijac.Problem(NoBackward.apply, torch.randn(4)), "auto")
+
+
+def test_wrong_numbers_are_caught():
+    """A mode whose block disagrees with plain autograd is rejected, not used."""
+
+    class Lying(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t * 5  # disagrees with backward
+
+    problem = raijac.Problem(lambda x: torch.cat([Lying.apply(x), x]), torch.randn(4))
+    mode, reason, reports = resolve_mode(problem, "auto")
+    assert mode == "rev"
+    assert "differ from plain autograd" in next(r.note for r in reports if r.mode == "fwd")
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd", "loop"])
+def test_measured_cost_scales_with_the_output_row(mode):
+    """Per-seed memory is at least one output row and grows with the row length."""
+    costs = {}
+    for n in (500, 4000):
+        w = torch.randn(300, n) / n**0.5
+        problem = raijac.Problem(lambda x, w=w: torch.tanh(x @ w.T), torch.randn(n))
+        costs[n] = measure_cost(Kernel(make_target(problem), mode))
+    other = {"rev": lambda n: n, "loop": lambda n: n, "fwd": lambda n: 300}[mode]
+    for n, cost in costs.items():
+        assert cost.per_seed >= other(n) * 4
+        assert cost.per_seed < other(n) * 4 * 40 + 200_000  # activations, not a runaway estimate
+    if mode != "fwd":
+        assert costs[4000].per_seed > 4 * costs[500].per_seed

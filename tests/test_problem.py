@@ -1,0 +1,184 @@
+"""Problem construction, shapes, spec loading, fingerprints and the bad inputs they refuse."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import raijac
+from raijac.errors import ProblemError
+from tests.problems import BY_NAME
+
+
+def test_shapes_plain_batched_and_params():
+    p = raijac.Problem(lambda x: x.sum(-1), torch.randn(3, 4, 5))
+    assert (p.input_shape, p.output_shape, p.jacobian_shape) == ((3, 4, 5), (3, 4), (12, 60))
+    b = raijac.Problem(lambda x: x[:, :2] * 2, torch.randn(7, 5), batched=True)
+    assert (b.batch_size, b.input_shape, b.output_shape, b.jacobian_shape) == (7, (5,), (2,), (7, 2, 5))
+    assert b.batch_aware
+    s = raijac.Problem(lambda x: (x**2).sum(), torch.randn(4))
+    assert s.output_shape == () and s.jacobian_shape == (1, 4)
+
+
+def test_parameter_columns_follow_module_parameters_order():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    net[0].bias.requires_grad_(False)  # frozen parameters are not columns
+    p = raijac.Problem.from_module(net, torch.randn(3), wrt="params")
+    trainable = [q for q in net.parameters() if q.requires_grad]
+    assert torch.equal(p.params, torch.nn.utils.parameters_to_vector(trainable))
+    assert [(i.name, i.shape, i.offset) for i in p.param_info] == [
+        ("0.weight", (4, 3), 0),
+        ("2.weight", (2, 4), 12),
+        ("2.bias", (2,), 20),
+    ]
+    assert p.jacobian_shape == (2, 22)
+    np.testing.assert_allclose(p.y.numpy(), net(p.x).detach().numpy())
+
+
+def test_integer_module_inputs_are_fine_for_parameter_jacobians():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(0), torch.nn.Linear(12, 2))
+    p = raijac.Problem.from_module(net, torch.tensor([1, 5, 7]), wrt="params")
+    assert p.jacobian_shape == (2, 40 + 24 + 2)
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.arange(4), "floating-point inputs.*int64.*x.float"),
+        (torch.randn(4, dtype=torch.complex64), "floating-point inputs.*complex"),
+        ([1.0, 2.0], "must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(x, match):
+    with pytest.raises(ProblemError, match=match):
+        raijac.Problem(lambda x: x, x)
+
+
+@pytest.mark.parametrize(
+    "f,match",
+    [
+        (lambda x: (x, x), "must return one torch.Tensor, but returned tuple"),
+        (lambda x: x.long(), "floating-point outputs, but f returned torch.int64"),
+        (lambda x: x.to(torch.complex64), "floating-point outputs"),
+        (lambda x: 1 / 0, "f raised ZeroDivisionError.*division by zero"),
+    ],
+)
+def test_bad_outputs(f, match):
+    with pytest.raises(ProblemError, match=match):
+        _ = raijac.Problem(f, torch.randn(3)).y
+
+
+def test_batched_output_must_be_per_sample():
+    with pytest.raises(ProblemError, match="map \\(B, ...\\) to \\(B, ...\\).*B=4"):
+        _ = raijac.Problem(lambda x: x.sum(0), torch.randn(4, 3), batched=True).y
+    with pytest.raises(ProblemError, match="treat samples independently"):
+        _ = raijac.Problem(lambda x: x - x.mean(0), torch.randn(4, 3), batched=True).y
+    with pytest.raises(ProblemError, match="leading batch dimension"):
+        raijac.Problem(lambda x: x, torch.tensor(1.0), batched=True)
+
+
+def test_from_module_refusals():
+    with pytest.raises(ProblemError, match="torch.nn.Module"):
+        raijac.Problem.from_module(lambda x: x, torch.randn(2))
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ProblemError, match="no trainable parameters"):
+        raijac.Problem.from_module(frozen, torch.randn(2))
+    with pytest.raises(ProblemError, match="wrt must be"):
+        raijac.Problem.from_module(torch.nn.Linear(2, 2), torch.randn(2), wrt="weights")
+
+
+# ---------------------------------------------------------------------- specs
+SPEC = textwrap.dedent(
+    """
+    import torch
+    import raijac
+
+    torch.manual_seed(0)
+    W = torch.randn(5, 3)
+    ready = raijac.Problem(lambda x: torch.tanh(x @ W.T), torch.randn(3))
+
+    def problem():
+        torch.manual_seed(1)
+        return raijac.Problem(torch.nn.Linear(3, 2), torch.randn(3))
+
+    def broken():
+        raise RuntimeError("no data here")
+
+    number = 3
+    """
+)
+
+
+@pytest.fixture
+def spec_file(tmp_path, monkeypatch):
+    path = tmp_path / "my_spec.py"
+    path.write_text(SPEC)
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+def test_spec_from_file_problem_and_callable(spec_file):
+    ready = raijac.load_problem("my_spec.py:ready")
+    assert ready.spec == f"{spec_file}:ready"  # made absolute for workers elsewhere
+    assert ready.jacobian_shape == (5, 3)
+    built = raijac.load_problem(f"{spec_file}:problem")
+    assert built.jacobian_shape == (2, 3)
+    assert built.fingerprint() == raijac.load_problem(f"{spec_file}:problem").fingerprint()
+
+
+def test_spec_from_module():
+    p = raijac.load_problem("tests.problems:matmul_chain")
+    assert p.spec == "tests.problems:matmul_chain" and p.jacobian_shape == (17, 23)
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("no_colon", "must look like path/to/file.py:NAME"),
+        ("missing.py:problem", "spec file missing.py does not exist"),
+        ("my_spec.py:nothing", "has no name 'nothing'; it defines: .*problem"),
+        ("my_spec.py:number", "must name a raijac.Problem.*gives a int"),
+        ("my_spec.py:broken", "calling broken\\(\\) .* raised RuntimeError: no data here"),
+        ("no_such_package_xyz.mod:problem", "cannot import module 'no_such_package_xyz.mod'"),
+    ],
+)
+def test_spec_errors(spec_file, spec, match):
+    with pytest.raises(ProblemError, match=match):
+        raijac.load_problem(spec)
+
+
+def test_spec_file_that_fails_to_import(tmp_path):
+    bad = tmp_path / "bad_spec.py"
+    bad.write_text("import torch\nraise ImportError('needs scipy 9')\n")
+    with pytest.raises(ProblemError, match="importing .*bad_spec.py raised ImportError: needs scipy 9"):
+        raijac.load_problem(f"{bad}:problem")
+
+
+# ---------------------------------------------------------------------- fingerprints
+def test_fingerprint_tracks_what_fixes_the_result():
+    base = BY_NAME["matmul_chain"].build()
+    fp = base.fingerprint()
+    assert fp == BY_NAME["matmul_chain"].build().fingerprint()
+    assert fp != base.fingerprint(mode="fwd") and fp != base.fingerprint(dtype="float64")
+    moved = BY_NAME["matmul_chain"].build()
+    moved.x = moved.x + 1e-3
+    assert moved.fingerprint() != fp
+    p1, p2 = BY_NAME["params"].build(), BY_NAME["params"].build()
+    p2.params = p2.params.clone()
+    p2.params[0] += 1
+    assert p1.fingerprint() != p2.fingerprint()
+
+
+def test_pickling_drops_the_cached_output():
+    p = BY_NAME["conv"].build()
+    _ = p.y
+    import cloudpickle  # what Ray ships problems with (lambdas included)
+
+    clone = cloudpickle.loads(cloudpickle.dumps(p))
+    assert "y" not in clone.__dict__
+    np.testing.assert_array_equal(clone.y.numpy(), p.y.numpy())

@@ -1,0 +1,400 @@
+"""store: the on-disk contract, the completion ledger, block writes and the --out safety checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from raijac import store
+from raijac.errors import StoreError
+from raijac.plan import WorkerCost, make_plan
+
+META = {"mode": "rev", "n_tiles": 6, "fingerprint": "abc123", "complete": False}
+
+
+def make_store(path, *, shape=(5, 7), chunks=(2, 7), dtype="float64", n_tiles=6, batched=False, compressor=None, meta=None):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((shape[0], 7) if batched else (7,))
+    y = rng.standard_normal((shape[0], 5) if batched else (5,))
+    return (
+        store.create(
+            str(path),
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            n_tiles=n_tiles,
+            arrays={"x": (x, batched), "y": (y, batched)},
+            meta={**META, "n_tiles": n_tiles, **(meta or {})},
+            compressor=compressor,
+        ),
+        x,
+        y,
+    )
+
+
+def snapshot(path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under path, by relative path."""
+    if os.path.isfile(path):
+        return {".": open(path, "rb").read()}
+    out: dict[str, bytes | None] = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return out
+
+
+# ---------------------------------------------------------------------- create: the on-disk contract
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+def test_create_is_plain_zarr_v3(tmp_path, batched):
+    path = tmp_path / "j.zarr"
+    shape, chunks = ((3, 5, 7), (1, 2, 7)) if batched else ((5, 7), (2, 7))
+    _, x, y = make_store(path, shape=shape, chunks=chunks, dtype="float32", batched=batched)
+
+    group = zarr.open_group(str(path), mode="r")  # no raijac involved
+    jac = group["jacobian"]
+    assert jac.metadata.zarr_format == 3
+    assert json.loads((path / "zarr.json").read_text())["zarr_format"] == 3
+    assert jac.shape == shape and jac.chunks == chunks and jac.dtype == np.float32
+    assert jac.metadata.dimension_names == (("batch", "output", "input") if batched else ("output", "input"))
+    assert np.isnan(jac.fill_value)
+    data = jac[...]
+    assert data.shape == shape and np.isnan(data).all()
+    assert jac.nchunks_initialized == 0  # nothing written yet: the fill is the NaN, not stored chunks
+
+    np.testing.assert_array_equal(group["x"][...], x)
+    np.testing.assert_array_equal(group["y"][...], y)
+    if batched:
+        assert group["x"].metadata.dimension_names == ("batch", "x_1")
+        assert group["y"].metadata.dimension_names == ("batch", "y_1")
+    else:
+        assert group["x"].metadata.dimension_names == ("x_0",)
+        assert group["y"].metadata.dimension_names == ("y_0",)
+
+    ledger = group["tiles"]
+    assert ledger.shape == (6,) and ledger.dtype == np.uint8
+    np.testing.assert_array_equal(ledger[...], np.zeros(6, np.uint8))
+
+    attrs = dict(group.attrs)["raijac"]
+    assert attrs == {"format": "raijac.jacobian", "version": store.FORMAT_VERSION, **META}
+    assert store.read_meta(str(path)) == attrs
+
+
+def test_create_keeps_arrays_of_any_rank(tmp_path):
+    params = np.arange(12.0).reshape(3, 4)
+    group = store.create(
+        str(tmp_path / "p.zarr"),
+        shape=(2, 12),
+        chunks=(1, 12),
+        dtype="float64",
+        n_tiles=2,
+        arrays={"params": (params, False), "y": (np.array(2.5), False)},
+        meta={},
+    )
+    plain = zarr.open_group(str(tmp_path / "p.zarr"), mode="r")
+    np.testing.assert_array_equal(plain["params"][...], params)
+    assert plain["params"].metadata.dimension_names == ("params_0", "params_1")
+    assert plain["y"][...] == 2.5 and plain["y"].shape == ()
+    assert group.attrs["raijac"] == {"format": "raijac.jacobian", "version": store.FORMAT_VERSION}
+
+
+def test_create_refuses_an_existing_path(tmp_path):
+    make_store(tmp_path / "j.zarr")
+    with pytest.raises(Exception, match="(?i)exist|contains"):
+        make_store(tmp_path / "j.zarr")
+
+
+@pytest.mark.parametrize("name,codec", [(None, ZstdCodec), ("zstd", ZstdCodec), ("blosc", BloscCodec), ("none", None)])
+def test_create_compressors_round_trip(tmp_path, name, codec):
+    path = tmp_path / "c.zarr"
+    group, _, _ = make_store(path, compressor=name)
+    compressors = zarr.open_group(str(path), mode="r")["jacobian"].compressors
+    assert [type(c) for c in compressors] == ([codec] if codec else [])
+    block = np.linspace(-1, 1, 35).reshape(5, 7)
+    store.write_block(group["jacobian"], store.block_region("rows", False, 0, 1, 0, 5), block)
+    np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")["jacobian"][...], block)
+
+
+def test_compressor_codec_names():
+    zstd = store.compressor_codec(None)
+    assert isinstance(zstd, ZstdCodec) and zstd.level == 1
+    assert store.compressor_codec("zstd").level == 1
+    assert store.compressor_codec("zstd", level=7).level == 7
+    blosc = store.compressor_codec("blosc")
+    assert isinstance(blosc, BloscCodec) and blosc.cname.value == "zstd" and blosc.clevel == 3
+    assert blosc.shuffle.value == "shuffle"
+    assert store.compressor_codec("blosc", level=9).clevel == 9
+    assert store.compressor_codec("none") is None
+
+
+@pytest.mark.parametrize("name", ["gzip", "ZSTD", "", "lz4"])
+def test_compressor_codec_unknown(name):
+    with pytest.raises(StoreError) as info:
+        store.compressor_codec(name)
+    msg = str(info.value)
+    assert repr(name) in msg and "zstd, blosc or none" in msg
+
+
+# ---------------------------------------------------------------------- the completion ledger
+def test_ledger_round_trip_with_gaps(tmp_path):
+    path = tmp_path / "l.zarr"
+    group, _, _ = make_store(path, n_tiles=10)
+    assert store.pending_tiles(group) == list(range(10))
+    store.mark_done(group, [7, 2, 9, 3, 4])
+    assert store.pending_tiles(group) == [0, 1, 5, 6, 8]
+    store.mark_done(group, [])
+    store.mark_done(group, [4, 5, 0])  # overlaps already-done tile 4
+    reopened = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(reopened["tiles"][...], np.array([1, 0, 1, 1, 1, 1, 0, 1, 0, 1], np.uint8))
+    assert store.pending_tiles(reopened) == [1, 6, 8]
+    store.mark_done(group, [8, 6, 1])
+    assert store.pending_tiles(store.open_group(str(path))) == []
+
+
+def test_runs_are_contiguous_and_sorted_input():
+    assert store._runs([]) == []
+    assert store._runs([2, 3, 4, 7, 9, 10]) == [(2, 5), (7, 8), (9, 11)]
+    assert store._runs([5]) == [(5, 6)]
+
+
+def test_ledger_spans_several_chunks(tmp_path):
+    n = store.LEDGER_CHUNK + 100
+    group, _, _ = make_store(tmp_path / "big.zarr", n_tiles=n)
+    assert group["tiles"].chunks == (store.LEDGER_CHUNK,)
+    done = list(range(store.LEDGER_CHUNK - 3, store.LEDGER_CHUNK + 4)) + [0, n - 1]
+    store.mark_done(group, done)
+    expected = np.zeros(n, np.uint8)
+    expected[done] = 1
+    np.testing.assert_array_equal(store.open_group(str(tmp_path / "big.zarr"))["tiles"][...], expected)
+    assert len(store.pending_tiles(group)) == n - len(done)
+
+
+def test_update_meta_merges(tmp_path):
+    group, _, _ = make_store(tmp_path / "m.zarr")
+    meta = store.update_meta(group, complete=True, seconds=1.5)
+    assert meta == {"format": "raijac.jacobian", "version": store.FORMAT_VERSION, **META, "complete": True, "seconds": 1.5}
+    assert store.read_meta(str(tmp_path / "m.zarr")) == meta
+
+
+# ---------------------------------------------------------------------- block writes
+def test_block_region_examples():
+    s = slice
+    assert store.block_region("rows", False, 0, 1, 2, 5) == (s(2, 5), s(None))
+    assert store.block_region("cols", False, 0, 1, 2, 5) == (s(None), s(2, 5))
+    assert store.block_region("rows", True, 1, 3, 0, 4) == (s(1, 3), s(0, 4), s(None))
+    assert store.block_region("cols", True, 1, 3, 0, 4) == (s(1, 3), s(None), s(0, 4))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+@pytest.mark.parametrize("seed_axis", ["rows", "cols"])
+def test_write_blocks_of_a_plan(tmp_path, seed_axis, batched):
+    """Blocks written tile by tile, as workers do, reassemble J exactly and touch only their chunks."""
+    B, M, N = 5, 13, 11  # divide nothing
+    samples = B if batched else 1
+    ref = np.random.default_rng(0).standard_normal((samples, M, N)).astype(np.float32)
+    n_other = N if seed_axis == "rows" else M
+    plan = make_plan(
+        mode="rev" if seed_axis == "rows" else "fwd",
+        requested_mode="auto",
+        reason="test",
+        batch_size=B if batched else None,
+        n_out=M,
+        n_in=N,
+        seed_axis=seed_axis,
+        dtype="float32",
+        itemsize=4,
+        workers=[WorkerCost("cpu0", "cpu", 10**9, 0, 1)],
+        block_size=5,
+        chunk_bytes=2 * n_other * 4,  # two seeds per chunk, so a tile of 4 seeds is two chunks
+    )
+    n_seed = M if seed_axis == "rows" else N
+    assert plan.tile_seeds == 4 and plan.n_tiles == samples * -(-n_seed // 4)
+    path = tmp_path / "w.zarr"
+    group, _, _ = make_store(path, shape=plan.shape, chunks=plan.chunks, dtype="float32", n_tiles=plan.n_tiles, batched=batched)
+    array = group["jacobian"]
+    tiles = plan.tiles()
+    for t in tiles[::2]:
+        if seed_axis == "rows":
+            data = ref[t.b0 : t.b1, t.s0 : t.s1, :]
+        else:
+            data = ref[t.b0 : t.b1, :, t.s0 : t.s1]
+        before = array.nchunks_initialized
+        store.write_block(array, store.block_region(seed_axis, batched, t.b0, t.b1, t.s0, t.s1), data if batched else data[0])
+        assert array.nchunks_initialized - before == -(-(t.s1 - t.s0) // 2) * (t.b1 - t.b0)
+
+    got = zarr.open_group(str(path), mode="r")["jacobian"][...]
+    got = got if batched else got[None]
+    written = np.zeros(ref.shape, bool)
+    for t in tiles[::2]:
+        if seed_axis == "rows":
+            written[t.b0 : t.b1, t.s0 : t.s1, :] = True
+        else:
+            written[t.b0 : t.b1, :, t.s0 : t.s1] = True
+    np.testing.assert_array_equal(got[written], ref[written])
+    assert np.isnan(got[~written]).all() and (~written).any()
+
+    for t in tiles[1::2]:
+        data = ref[t.b0 : t.b1, t.s0 : t.s1, :] if seed_axis == "rows" else ref[t.b0 : t.b1, :, t.s0 : t.s1]
+        store.write_block(array, store.block_region(seed_axis, batched, t.b0, t.b1, t.s0, t.s1), data if batched else data[0])
+    got = zarr.open_group(str(path), mode="r")["jacobian"][...]
+    np.testing.assert_array_equal(got, ref if batched else ref[0])
+
+
+def test_write_block_rewrite_is_idempotent(tmp_path):
+    """A requeued block written twice (worker died after writing) leaves the same numbers."""
+    group, _, _ = make_store(tmp_path / "r.zarr")
+    region = store.block_region("rows", False, 0, 1, 2, 4)
+    block = np.arange(14.0).reshape(2, 7)
+    store.write_block(group["jacobian"], region, block)
+    store.write_block(group["jacobian"], region, block)
+    got = group["jacobian"][...]
+    np.testing.assert_array_equal(got[2:4], block)
+    assert np.isnan(got[[0, 1, 4]]).all()
+
+
+# ---------------------------------------------------------------------- check_out and remove
+def test_check_out_missing_path_is_fresh(tmp_path):
+    path = str(tmp_path / "new.zarr")
+    assert store.check_out(path, resume=False, overwrite=False) is None
+    assert store.check_out(path, resume=False, overwrite=True) is None
+    assert store.check_out(path, resume=True, overwrite=False) is None
+    assert not os.path.exists(path)
+
+
+def test_check_out_missing_parent(tmp_path):
+    path = str(tmp_path / "no" / "such" / "out.zarr")
+    with pytest.raises(StoreError) as info:
+        store.check_out(path, resume=False, overwrite=False)
+    assert str(tmp_path / "no" / "such") in str(info.value) and "does not exist" in str(info.value)
+    assert not os.path.exists(tmp_path / "no")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can write anywhere")
+def test_check_out_unwritable_parent(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="not writable"):
+            store.check_out(str(locked / "out.zarr"), resume=False, overwrite=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_check_out_unwritable_parent_as_seen_by_access(tmp_path, monkeypatch):
+    """The same branch where tests run as root (which may write anywhere): os.access says no."""
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)
+    with pytest.raises(StoreError) as info:
+        store.check_out(str(tmp_path / "out.zarr"), resume=False, overwrite=False)
+    assert f"its folder {tmp_path} is not writable" in str(info.value) and "--out" in str(info.value)
+
+
+def _plain_folder(tmp_path):
+    path = tmp_path / "mine"
+    (path / "sub").mkdir(parents=True)
+    (path / "notes.txt").write_text("precious")
+    (path / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    return path
+
+
+def _plain_zarr(tmp_path):
+    path = tmp_path / "other.zarr"
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["owner"] = "someone else"
+    group.create_array("a", shape=(4,), dtype="int32")[...] = np.arange(4)
+    return path
+
+
+def _plain_file(tmp_path):
+    path = tmp_path / "file.zarr"
+    path.write_bytes(b"not a store")
+    return path
+
+
+def test_check_out_accepts_an_empty_folder(tmp_path):
+    """A folder made for the output and still empty holds nothing to lose."""
+    path = tmp_path / "empty.zarr"
+    path.mkdir()
+    for resume, overwrite in [(False, False), (True, False), (False, True)]:
+        assert store.check_out(str(path), resume=resume, overwrite=overwrite) is None
+
+
+def _foreign_format(tmp_path):
+    path = tmp_path / "foreign.zarr"
+    zarr.open_group(str(path), mode="w").attrs["raijac"] = {"format": "something.else", "version": 1}
+    return path
+
+
+@pytest.mark.parametrize("make", [_plain_folder, _plain_zarr, _plain_file, _foreign_format])
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True)], ids=["none", "resume", "overwrite"])
+def test_check_out_leaves_other_data_alone(tmp_path, make, flags):
+    path = make(tmp_path)
+    before = snapshot(path)
+    with pytest.raises(StoreError) as info:
+        store.check_out(str(path), resume=flags[0], overwrite=flags[1])
+    assert str(path) in str(info.value) and "not a raijac" in str(info.value)
+    with pytest.raises(StoreError, match="not a raijac store"):
+        store.remove(str(path))
+    assert snapshot(path) == before
+
+
+def test_check_out_existing_store_needs_a_flag(tmp_path):
+    path = str(tmp_path / "j.zarr")
+    group, _, _ = make_store(path, n_tiles=6)
+    store.mark_done(group, [1, 4])
+    before = snapshot(path)
+    with pytest.raises(StoreError) as info:
+        store.check_out(path, resume=False, overwrite=False)
+    msg = str(info.value)
+    assert "--resume" in msg and "--overwrite" in msg and "(2/6 tiles done)" in msg
+    assert store.check_out(path, resume=True, overwrite=False) == store.read_meta(path)
+    assert store.check_out(path, resume=True, overwrite=False)["fingerprint"] == "abc123"
+    assert store.check_out(path, resume=False, overwrite=True) is None
+    assert snapshot(path) == before  # checking never writes
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_check_out_resume_and_overwrite_contradict(tmp_path, exists):
+    path = str(tmp_path / "j.zarr")
+    if exists:
+        make_store(path)
+    with pytest.raises(StoreError, match="--resume and --overwrite"):
+        store.check_out(path, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True)], ids=["none", "resume", "overwrite"])
+def test_check_out_newer_format_needs_upgrade(tmp_path, flags):
+    path = str(tmp_path / "j.zarr")
+    group, _, _ = make_store(path)
+    store.update_meta(group, version=store.FORMAT_VERSION + 1)
+    with pytest.raises(StoreError) as info:
+        store.check_out(path, resume=flags[0], overwrite=flags[1])
+    msg = str(info.value)
+    assert f"store format {store.FORMAT_VERSION + 1}" in msg and "upgrade raijac" in msg
+    assert os.path.exists(path)
+
+
+def test_read_meta_ignores_non_dict_attribute(tmp_path):
+    path = tmp_path / "odd.zarr"
+    zarr.open_group(str(path), mode="w").attrs["raijac"] = "not a dict"
+    assert store.read_meta(str(path)) is None
+    assert store.read_meta(str(tmp_path / "missing")) is None
+
+
+def test_remove_deletes_only_a_raijac_store(tmp_path):
+    path = tmp_path / "j.zarr"
+    make_store(path)
+    neighbour = _plain_folder(tmp_path)
+    before = snapshot(neighbour)
+    store.remove(str(path))
+    assert not path.exists()
+    assert snapshot(neighbour) == before
+    with pytest.raises(StoreError, match="refusing to delete"):
+        store.remove(str(path))  # gone: nothing recognisable to delete
