@@ -19,7 +19,7 @@ from raijac import store
 from raijac.errors import ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import check_mode, make_target, seed_axis
-from raijac.plan import Plan, WorkerCost, make_plan, parse_size
+from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
@@ -83,7 +83,7 @@ def plan(
     """
     problem = _problem(problem_or_spec)
     check_mode(mode, allow_auto=True)
-    budget = parse_size(memory_budget)
+    budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store_dtype = _store_dtype(problem, dtype)
     chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
@@ -94,8 +94,10 @@ def plan(
     cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
     other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
     per_seed = cost.per_seed + 2 * other * np.dtype(store_dtype).itemsize
-    budget = budget or default_budget(device, n)
-    costs = [WorkerCost(f"{device.type}{i}", device.type, budget, cost.base, per_seed) for i in range(n)]
+    if budgets is not None and len(budgets) > 1:
+        n = len(budgets)
+    per_worker = budgets * n if budgets and len(budgets) == 1 else budgets or [default_budget(device, n)] * n
+    costs = [WorkerCost(f"{device.type}{i}", device.type, b, cost.base, per_seed) for i, b in enumerate(per_worker)]
     return _plan_for(
         problem, chosen, reason, store_dtype, costs, requested_mode=mode, block_size=block_size, triage=_triage_rows(reports)
     )
@@ -124,8 +126,8 @@ def compute(
         mode: `auto`, `rev`, `fwd`, `rev-repeat`, `fwd-repeat` or `loop`.
         workers: CPU actors (default: one per core, at most 8); one actor per GPU when the
             cluster has GPUs.
-        memory_budget: bytes per worker (`"512MB"`, `"2GiB"`); default: a share of free RAM,
-            or 80% of each GPU's free memory.
+        memory_budget: bytes per worker (`"512MB"`, `"2GiB"`), or one per worker (`"256MB,1GiB"`
+            or a list); default: a share of free RAM, or 80% of each GPU's free memory.
         block_size: force this many seeds per block (rounded to whole chunks).
         address: a Ray cluster to join; default `RAY_ADDRESS`, else an embedded local Ray.
             A Ray the caller already initialised is used as is and left running.
@@ -142,7 +144,7 @@ def compute(
     out = os.fspath(out)
     problem = _problem(problem_or_spec)
     check_mode(mode, allow_auto=True)
-    budget = parse_size(memory_budget)
+    budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store.compressor_codec(compressor)
     store_dtype = _store_dtype(problem, dtype)
@@ -160,7 +162,7 @@ def compute(
 
     with RayExecutor(address=address, workers=workers) as executor:
         costs = executor.start(
-            source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budget=budget
+            source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budgets=budgets
         )
         the_plan = _plan_for(
             problem,
@@ -174,6 +176,7 @@ def compute(
             triage=_triage_rows(reports),
         )
         if existing is not None:
+            store.clean_partial(out)
             group = store.open_group(out, "r+")
             pending = store.pending_tiles(group)
         else:
@@ -212,6 +215,9 @@ def compute(
         "bytes": stats["bytes"],
         "compute_seconds": round(stats["compute_s"], 3),
         "write_seconds": round(stats["write_s"], 3),
+        "tiles_requeued": stats["tiles_requeued"],
+        "tiles_by_worker": stats["by_worker"],
+        "nodes": stats["nodes"],
         "all_finite": stats["finite"],
         "peak_rss_growth": stats["rss_growth"],
     }
@@ -286,6 +292,7 @@ def _run_record(stats: dict, skipped: int, seconds: float) -> dict:
         "compute_seconds": round(stats["compute_s"], 3),
         "write_seconds": round(stats["write_s"], 3),
         "tiles_by_worker": stats["by_worker"],
+        "tiles_requeued": stats["tiles_requeued"],
         "nodes": stats["nodes"],
     }
 

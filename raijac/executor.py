@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +23,31 @@ from raijac.problem import Problem
 
 IN_FLIGHT = 2  # calls queued per actor: one running, one waiting
 MAX_TILE_FAILURES = 3
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a cluster address does not answer (ray.init waits ~2 min)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise RaijacError(
+            f"--address {address!r} is not host:port (or ray://host:port); pass the head node's GCS address, e.g. 10.0.0.5:6379."
+        )
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RaijacError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; start it (ray start --head) or fix --address / RAY_ADDRESS."
+        ) from None
 
 
 def default_workers(cpus: int) -> int:
@@ -49,6 +75,8 @@ class RayExecutor:
         if ray.is_initialized():
             return self
         kwargs = dict(logging_level="ERROR", log_to_driver=True)
+        if self.address:
+            _check_reachable(self.address)
         try:
             if self.address:
                 ray.init(address=self.address, **kwargs)
@@ -71,7 +99,7 @@ class RayExecutor:
             ray.shutdown()
 
     # ------------------------------------------------------------------ actors
-    def start(self, source: str | Problem, **worker_kwargs: Any) -> list[WorkerCost]:
+    def start(self, source: str | Problem, *, budgets: list[int] | None = None, **worker_kwargs: Any) -> list[WorkerCost]:
         """Get the actors (one per GPU, else CPU actors), let each build the problem and
         measure its own memory cost."""
         import ray
@@ -83,19 +111,25 @@ class RayExecutor:
             options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / gpus)}
             threads = None
         else:
-            n, device = self.requested_workers or default_workers(int(cpus)), "cpu"
+            n = self.requested_workers or (len(budgets) if budgets and len(budgets) > 1 else default_workers(int(cpus)))
+            device = "cpu"
             options = {"num_cpus": cpus / n}
             threads = max(1, int(cpus / n))
         if not isinstance(source, str):
             source = ray.put(source)
         self.actors = _hosts(n, options)
         self.names = [f"{device}{i}" for i in range(n)]
-        self._setup = [dict(name=name, device=device, threads=threads, local_workers=n, **worker_kwargs) for name in self.names]
-        self._source = source
-        for actor, kwargs in zip(self.actors, self._setup, strict=True):
-            actor.setup.remote(source, **kwargs)
+        if budgets and len(budgets) not in (1, n):
+            raise RaijacError(f"--memory-budget lists {len(budgets)} budgets for {n} workers; give one, or one per worker.")
+        per_worker = (budgets * n if len(budgets) == 1 else budgets) if budgets else [None] * n
+        run_id = uuid.uuid4().hex
+        self.recipes = [
+            (run_id, [source], dict(name=name, device=device, threads=threads, local_workers=n, budget=b, **worker_kwargs))
+            for name, b in zip(self.names, per_worker, strict=True)
+        ]
         try:
-            return [self._get(a.probe.remote(), self.names[i]) for i, a in enumerate(self.actors)]
+            refs = [a.probe.remote(r) for a, r in zip(self.actors, self.recipes, strict=True)]
+            return [self._get(ref, name) for ref, name in zip(refs, self.names, strict=True)]
         except BaseException:
             self.discard()
             raise
@@ -138,11 +172,13 @@ class RayExecutor:
         queue = deque(sorted(pending))
         total = len(queue)
         in_flight: dict[Any, tuple[int, list[int]]] = {}
+        order: list[deque] = [deque() for _ in self.actors]  # each actor's calls, oldest (running) first
         load = [0] * len(self.actors)
         failures: dict[int, int] = {}
         done_count, seeds_done, started = 0, 0, time.perf_counter()
         bar = _progress_bar(total, plan, progress)
         records: list[dict] = []
+        requeued = 0
 
         def take(worker: int) -> list[int]:
             tiles = [queue.popleft()]
@@ -155,8 +191,9 @@ class RayExecutor:
                 while queue and load[w] < IN_FLIGHT:
                     tiles = take(w)
                     first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
-                    ref = actor.run.remote(out, first.b0, last.b1, first.s0, last.s1)
+                    ref = actor.run.remote(self.recipes[w], out, first.b0, last.b1, first.s0, last.s1)
                     in_flight[ref] = (w, tiles)
+                    order[w].append(ref)
                     load[w] += 1
 
         try:
@@ -166,22 +203,26 @@ class RayExecutor:
                 ref = ready[0]
                 w, tiles = in_flight.pop(ref)
                 load[w] -= 1
+                running = order[w][0] == ref  # calls run in order: the oldest was the one running
+                order[w].remove(ref)
                 try:
                     record = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    for t in tiles:
-                        failures[t] = failures.get(t, 0) + 1
-                        if failures[t] > MAX_TILE_FAILURES:
-                            raise self._tile_error(plan, tiles, w, exc, done_count) from None
+                    # The worker died (Ray restarts it; its next call rebuilds the problem). Only the
+                    # block it was running counts against its tiles; queued blocks are innocent.
+                    if running:
+                        for t in tiles:
+                            failures[t] = failures.get(t, 0) + 1
+                        if max(failures[t] for t in tiles) >= MAX_TILE_FAILURES:
+                            raise self._tile_error(plan, tiles, w, _Died(exc, MAX_TILE_FAILURES), done_count) from None
                     queue.extendleft(reversed(tiles))  # idempotent writes: recompute the whole block
-                    # A restarted actor lost its problem; calls run in order, so set it up first.
-                    self.actors[w].setup.remote(self._source, **self._setup[w])
+                    requeued += len(tiles)
                     submit()
                     continue
                 on_done(tiles, record)
-                records.append(record)
+                records.append({**record, "tiles": len(tiles)})
                 done_count += len(tiles)
                 first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
                 seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
@@ -195,12 +236,13 @@ class RayExecutor:
                 bar.close()
         return {
             "tiles_computed": done_count,
+            "tiles_requeued": requeued,
             "blocks": len(records),
             "compute_s": sum(r["compute_s"] for r in records),
             "write_s": sum(r["write_s"] for r in records),
             "bytes": sum(r["bytes"] for r in records),
             "nodes": sorted({r["node"] for r in records}),
-            "by_worker": {n: sum(1 for r in records if r["worker"] == n) for n in self.names},
+            "by_worker": {n: sum(r["tiles"] for r in records if r["worker"] == n) for n in self.names},
             "finite": all(r["finite"] for r in records),
             "rss_growth": max((r["rss_growth"] or 0 for r in records), default=None),
         }
@@ -210,8 +252,9 @@ class RayExecutor:
         span = plan.describe_tile(type(first)(first.index, first.b0, last.b1, first.s0, last.s1))
         label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
         hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
+        what = str(cause) if isinstance(cause, _Died) else f"{type(cause).__name__}: {_first(cause)}"
         return WorkerError(
-            f"{label} ({span}) failed on worker {self.names[w]}: {type(cause).__name__}: {_first(cause)}. "
+            f"{label} ({span}) failed on worker {self.names[w]}: {what}. "
             f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
         )
 
@@ -242,11 +285,18 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         for host in hosts:
             ray.kill(host)
         hosts = []
-    remote = ray.remote(WorkerHost).options(max_restarts=MAX_TILE_FAILURES, max_task_retries=0, **options)
+    remote = ray.remote(WorkerHost).options(max_restarts=-1, max_task_retries=0, **options)
     while len(hosts) < n:
         hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)
     return hosts[:n]
+
+
+class _Died(Exception):
+    """A worker process that died repeatedly on the same block."""
+
+    def __init__(self, exc: BaseException, times: int) -> None:
+        super().__init__(f"its worker process died {times} times while computing it (last: {type(exc).__name__})")
 
 
 def _first(exc: BaseException) -> str:

@@ -39,6 +39,18 @@ def parse_size(text: str | int | float | None) -> int | None:
     return size
 
 
+def parse_budgets(value: str | int | float | list | tuple | None) -> list[int] | None:
+    """One budget for every worker (`"512MB"`), or one per worker (`"256MB,1GiB"` or a list)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) and "," in value else value
+    if isinstance(items, list | tuple):
+        if not items:
+            raise BudgetError("memory budget list is empty; give one size, or one per worker like 256MB,1GiB.")
+        return [parse_size(v.strip() if isinstance(v, str) else v) for v in items]
+    return [parse_size(items)]
+
+
 def format_size(n: float) -> str:
     """Bytes as a short human string: 1.5 GiB, 38 KiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -134,7 +134,8 @@ def resolve_mode(problem: Problem, requested: str, *, try_all: bool = False) -> 
         rep = next(r for r in reports if r.mode == requested)
         if not rep.ok:
             raise ModeError(
-                f"mode {requested} cannot differentiate this problem: {rep.note}; use --mode auto to let raijac fall back."
+                f"mode {requested} cannot differentiate this problem: {rep.note.removeprefix(f'mode {requested} ').rstrip('.')}; "
+                "use --mode auto to let raijac fall back."
             )
         return requested, "requested", reports
     good = [r for r in reports if r.ok and not r.slow] or [r for r in reports if r.ok]

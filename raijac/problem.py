@@ -289,6 +289,11 @@ def _check_input(x: object, name: str) -> None:
         )
 
 
+def _short_repr(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0].rstrip(".")
@@ -318,11 +323,13 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
             pass
         try:
             obj = obj(**kwargs)
+        except ProblemError:
+            raise  # already says what is wrong with the problem it tried to build
         except Exception as exc:
             raise ProblemError(f"calling {name}() from {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc
     if not isinstance(obj, Problem):
         raise ProblemError(
-            f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives a {type(obj).__name__}."
+            f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives {type(obj).__name__} {_short_repr(obj)}."
         )
     obj.spec = normalize_spec(spec)
     return obj
@@ -345,9 +352,8 @@ def _import_spec_module(target: str, spec: str):
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise ProblemError(f"spec file {target} does not exist; check the path in {spec!r}.")
+        # Executed afresh on every load: an edited spec file must not be served from a cache.
         mod_name = "raijac_spec_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-        if mod_name in sys.modules:
-            return sys.modules[mod_name]
         folder = os.path.dirname(path)
         if folder not in sys.path:
             sys.path.insert(0, folder)  # let the spec file import its neighbours
@@ -357,7 +363,7 @@ def _import_spec_module(target: str, spec: str):
         try:
             loader_spec.loader.exec_module(module)
         except Exception as exc:
-            del sys.modules[mod_name]
+            sys.modules.pop(mod_name, None)
             raise ProblemError(f"importing {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc
         return module
     try:

@@ -98,6 +98,17 @@ def _check_version(meta: dict, path: str) -> None:
         )
 
 
+def clean_partial(path: str) -> int:
+    """Delete temp files a killed writer left (zarr writes `<chunk>.<uuid>.partial`, then renames)."""
+    removed = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
 def remove(path: str) -> None:
     """Delete a raijac store (only ever called on a path `read_meta` recognised)."""
     meta = read_meta(path)

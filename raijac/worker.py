@@ -125,28 +125,36 @@ def _peak_rss_growth(idle: int | None) -> int | None:
 
 
 class WorkerHost:
-    """The Ray actor: a long-lived process that hosts one `Worker` at a time.
+    """The Ray actor: a long-lived process hosting the `Worker` of the current run.
 
-    Hosts outlive a run when the caller owns Ray, so the next run on the same Ray skips
-    process start-up and imports; `setup` swaps in the next problem.
+    Every call carries its run's recipe `(run_id, [source], kwargs)`; a host that does not
+    hold that run's worker (a fresh host, one left from an earlier run, or one Ray just
+    restarted after a crash) builds it first. So a restart needs no separate set-up call,
+    and hosts can outlive a run, skipping process start-up next time. The source is boxed
+    in a list so Ray does not resolve an object-store problem on every call.
     """
 
     def __init__(self) -> None:
         self.worker: Worker | None = None
+        self.run_id: str | None = None
 
-    def setup(self, source: str | Problem, **kwargs: Any) -> None:
-        self.worker = Worker(source, **kwargs)
+    def _worker(self, recipe: tuple[str, list, dict[str, Any]]) -> Worker:
+        run_id, boxed, kwargs = recipe
+        if self.worker is None or self.run_id != run_id:
+            source = boxed[0]
+            if not isinstance(source, str | Problem):
+                import ray
 
-    def probe(self) -> WorkerCost:
-        return self._worker().probe()
+                source = ray.get(source)
+            self.worker, self.run_id = None, None
+            self.worker, self.run_id = Worker(source, **kwargs), run_id
+        return self.worker
 
-    def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
-        return self._worker().run(out, b0, b1, s0, s1)
+    def probe(self, recipe: tuple[str, list, dict[str, Any]]) -> WorkerCost:
+        return self._worker(recipe).probe()
+
+    def run(self, recipe: tuple[str, list, dict[str, Any]], out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
+        return self._worker(recipe).run(out, b0, b1, s0, s1)
 
     def pid(self) -> int:
         return os.getpid()
-
-    def _worker(self) -> Worker:
-        if self.worker is None:
-            raise RuntimeError("this worker was restarted and has no problem yet; the driver sets it up again")
-        return self.worker

@@ -142,7 +142,7 @@ def test_spec_from_module():
         ("no_colon", "must look like path/to/file.py:NAME"),
         ("missing.py:problem", "spec file missing.py does not exist"),
         ("my_spec.py:nothing", "has no name 'nothing'; it defines: .*problem"),
-        ("my_spec.py:number", "must name a raijac.Problem.*gives a int"),
+        ("my_spec.py:number", "must name a raijac.Problem.*gives int 3"),
         ("my_spec.py:broken", "calling broken\\(\\) .* raised RuntimeError: no data here"),
         ("no_such_package_xyz.mod:problem", "cannot import module 'no_such_package_xyz.mod'"),
     ],
@@ -150,6 +150,14 @@ def test_spec_from_module():
 def test_spec_errors(spec_file, spec, match):
     with pytest.raises(ProblemError, match=match):
         raijac.load_problem(spec)
+
+
+def test_edited_spec_file_is_loaded_afresh(tmp_path):
+    spec = tmp_path / "edited.py"
+    spec.write_text("import torch, raijac\nproblem = raijac.Problem(torch.sin, torch.ones(3))\n")
+    assert raijac.load_problem(f"{spec}:problem").jacobian_shape == (3, 3)
+    spec.write_text("import torch, raijac\nproblem = raijac.Problem(torch.cos, torch.zeros(4))\n")
+    assert raijac.load_problem(f"{spec}:problem").jacobian_shape == (4, 4)
 
 
 def test_spec_file_that_fails_to_import(tmp_path):

@@ -1,0 +1,185 @@
+"""The executor under faults: unreachable clusters, killed workers, a killed driver and
+resume, heterogeneous budgets. Real Ray processes are killed, never mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import raijac
+from raijac import store
+from raijac.executor import MAX_TILE_FAILURES
+from tests.problems import assert_close
+
+
+def test_unreachable_address_fails_fast(store_path):
+    start = time.perf_counter()
+    with pytest.raises(raijac.RaijacError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(3)), store_path, address="127.0.0.1:9")
+    assert time.perf_counter() - start < 15
+    assert not os.path.exists(store_path)
+
+
+def _slow_problem(pid_dir: str, n: int = 30, delay: float = 0.1) -> raijac.Problem:
+    """Per-sample tanh layer that records its worker's pid and takes `delay` per forward pass."""
+    w = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def f(x):
+        with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+            pass
+        if x.shape[0] == 1:
+            time.sleep(delay)
+        return torch.tanh(x @ w.T)
+
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(1))
+    return raijac.Problem(f, x, batched=True), w, x
+
+
+def _reference(w, x):
+    return torch.func.vmap(torch.func.jacrev(lambda xi: torch.tanh(xi @ w.T)))(x).numpy()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, store_path):
+    """SIGKILL one worker process mid-run: its tiles are requeued, the result is complete and right."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    problem, w, x = _slow_problem(str(pid_dir))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if os.path.exists(store_path) and os.path.exists(os.path.join(store_path, "tiles")):
+                done = zarr.open_group(store_path)["tiles"][:].sum()
+                pids = [int(p) for p in os.listdir(pid_dir) if int(p) != os.getpid()]
+                if done >= 3 and pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    jac = raijac.compute(problem, store_path, mode="rev", workers=2, block_size=5)
+    thread.join()
+    assert killed, "the test never found a worker to kill"
+    assert jac.complete and jac.summary["tiles_requeued"] >= 1
+    assert jac.summary["tiles_computed"] == jac.summary["tiles_total"]
+    assert_close(jac.numpy(), _reference(w, x))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_tile_that_keeps_killing_its_worker_is_reported(store_path):
+    w = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def f(x):
+        if x.shape[0] == 1 and float(x[0, 0]) == 99.0:
+            os._exit(1)  # the worker process dies on this sample, every time
+        return torch.tanh(x @ w.T)
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    x[5, 0] = 99.0
+    with pytest.raises(raijac.WorkerError) as err:
+        raijac.compute(raijac.Problem(f, x, batched=True), store_path, mode="rev", workers=2, block_size=5)
+    msg = str(err.value)
+    assert "tile 5 (samples 5:6" in msg and f"died {MAX_TILE_FAILURES} times" in msg and "finished tiles are kept" in msg
+    pending = store.pending_tiles(zarr.open_group(store_path))
+    assert 5 in pending and len(pending) < 8
+    assert MAX_TILE_FAILURES >= 2
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_heterogeneous_budgets_give_different_blocks(store_path):
+    """Two workers, one with 16x the budget: it merges more tiles per block and does more of them."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(256, 128) / 11, torch.randn(2048, 256) / 16
+    problem = raijac.Problem(lambda x: torch.tanh(torch.tanh(x @ w1.T) @ w2.T), torch.randn(128), batch_aware=True)
+    jac = raijac.compute(problem, store_path, mode="rev", memory_budget=["400KB", "6MB"])
+    budgets = [wk["budget"] for wk in jac.meta["workers"]]
+    assert budgets == [400_000, 6_000_000]
+    by_worker = jac.summary["tiles_by_worker"]
+    assert by_worker["cpu1"] > by_worker["cpu0"] > 0
+    assert_close(jac.numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
+
+
+def test_budget_list_must_match_workers(ray_session, store_path):
+    with pytest.raises(raijac.RaijacError, match="lists 3 budgets for 2 workers"):
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(5)), store_path, workers=2, memory_budget="1MB,2MB,3MB")
+
+
+SLOW_SPEC = textwrap.dedent(
+    """
+    import time
+    import torch
+    import raijac
+
+    def problem():
+        torch.manual_seed(0)
+        w = torch.randn(6, 4)
+
+        def f(x):
+            if x.shape[0] == 1:
+                time.sleep(0.25)
+            return torch.tanh(x @ w.T)
+
+        return raijac.Problem(f, torch.randn(24, 4), batched=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_computes_only_the_rest(tmp_path):
+    """SIGKILL the `raijac compute` driver mid-run, then `--resume` finishes from the ledger."""
+    spec = tmp_path / "slow_spec.py"
+    spec.write_text(SLOW_SPEC)
+    out = str(tmp_path / "run.zarr")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "raijac", "compute", f"{spec}:problem", "--out", out, "--workers", "2", "--block-size", "6"]
+    driver = subprocess.Popen(
+        cmd + ["--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 120
+        done = 0
+        while time.time() < deadline and driver.poll() is None:
+            if os.path.exists(os.path.join(out, "tiles")):
+                done = int(zarr.open_group(out)["tiles"][:].sum())
+                if done >= 3:
+                    break
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the embedded Ray it started
+        except ProcessLookupError:
+            pass
+    meta = store.read_meta(out)
+    assert meta["complete"] is False
+    before = int(zarr.open_group(out)["tiles"][:].sum())
+    assert 3 <= before < 24
+    open(os.path.join(out, "jacobian", "c", "0", "stray.1234.partial"), "wb").close()  # a killed writer's leftover
+    result = subprocess.run(cmd + ["--resume", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["tiles_skipped"] == before and summary["tiles_computed"] == 24 - before
+    assert summary["tiles_total"] == 24
+    assert not any(name.endswith(".partial") for _, _, files in os.walk(out) for name in files)
+    jac = raijac.open(out)
+    problem = raijac.load_problem(f"{spec}:problem")
+    want = torch.func.vmap(torch.func.jacrev(lambda xi: problem.f(xi[None])[0]))(problem.x).detach().numpy()
+    assert_close(jac.numpy(), want)
+    assert np.isfinite(jac.numpy()).all()
