@@ -20,10 +20,11 @@ from raijac.errors import ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import check_mode, make_target, seed_axis
 from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
-from raijac.probe import default_budget, measure_cost, resolve_mode
+from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
+from raijac.worker import TORCH_DTYPES
 
 STORE_DTYPES = ("float16", "float32", "float64")
 
@@ -93,7 +94,7 @@ def plan(
 
     cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
     other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
-    per_seed = cost.per_seed + 2 * other * np.dtype(store_dtype).itemsize
+    per_seed = seed_bytes(cost.per_seed, other, np.dtype(store_dtype).itemsize)
     if budgets is not None and len(budgets) > 1:
         n = len(budgets)
     per_worker = budgets * n if budgets and len(budgets) == 1 else budgets or [default_budget(device, n)] * n
@@ -116,7 +117,8 @@ def compute(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
-    compressor: str | None = None,
+    compressor: str = "auto",
+    compression_level: int | None = None,
 ) -> Jacobian:
     """Compute the Jacobian on Ray workers into a Zarr store at `out` and open it.
 
@@ -135,7 +137,8 @@ def compute(
         resume: finish an interrupted run, computing only tiles not recorded as done.
         overwrite: replace an existing raijac store at `out`.
         progress: show a progress bar (default: when stderr is a terminal).
-        compressor: `zstd` (default), `blosc` or `none`.
+        compressor: `auto` (zstd when a sample block compresses 1.5x or better, else none),
+            `zstd`, `blosc` or `none`; `compression_level` sets the codec's level.
 
     Returns:
         The opened `Jacobian`; its `summary` holds the run's figures.
@@ -146,7 +149,8 @@ def compute(
     check_mode(mode, allow_auto=True)
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
-    store.compressor_codec(compressor)
+    if compressor != "auto":
+        store.compressor_codec(compressor, compression_level)
     store_dtype = _store_dtype(problem, dtype)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
@@ -184,7 +188,10 @@ def compute(
                 os.rmdir(out)  # an empty folder made for the output
             elif os.path.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
-            group = _create(out, problem, the_plan, fingerprint, compressor, started)
+            codec, codec_reason = compressor, "requested"
+            if compressor == "auto":
+                codec, codec_reason = store.choose_compressor(sample_block(problem, chosen, TORCH_DTYPES[store_dtype]).numpy())
+            group = _create(out, problem, the_plan, fingerprint, (codec, codec_reason, compression_level), started)
             pending = list(range(the_plan.n_tiles))
         skipped = the_plan.n_tiles - len(pending)
         stats = executor.run(the_plan, out, pending, lambda tiles, record: store.mark_done(group, tiles), progress=bool(progress))
@@ -239,7 +246,8 @@ def _check_resumable(meta: dict, out: str, fingerprint: str, problem: Problem) -
         )
 
 
-def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, compressor: str | None, started: float):
+def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec: tuple, started: float):
+    compressor, codec_reason, level = codec
     arrays = {
         "x": (problem.x.detach().cpu().numpy(), problem.batched),
         "y": (problem.y.detach().cpu().numpy(), problem.batched),
@@ -265,7 +273,9 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, compre
         "seed_axis": the_plan.seed_axis,
         "n_tiles": the_plan.n_tiles,
         "layout": {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds},
-        "compressor": compressor or "zstd",
+        "compressor": compressor,
+        "compression_level": level,
+        "compressor_reason": codec_reason,
         "params": [{"name": i.name, "shape": list(i.shape), "offset": i.offset} for i in problem.param_info],
         "versions": _versions(),
         "created": _now(),
@@ -280,6 +290,7 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, compre
         arrays=arrays,
         meta=meta,
         compressor=compressor,
+        level=level,
     )
 
 

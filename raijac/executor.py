@@ -171,9 +171,10 @@ class RayExecutor:
 
         queue = deque(sorted(pending))
         total = len(queue)
-        in_flight: dict[Any, tuple[int, list[int]]] = {}
-        order: list[deque] = [deque() for _ in self.actors]  # each actor's calls, oldest (running) first
+        in_flight: dict[Any, tuple[int, list[int], bool]] = {}
         load = [0] * len(self.actors)
+        alone = [False] * len(self.actors)  # running a suspect tile with nothing beside it
+        suspects: deque[int] = deque()  # tiles held by a worker that died: retried one at a time
         failures: dict[int, int] = {}
         done_count, seeds_done, started = 0, 0, time.perf_counter()
         bar = _progress_bar(total, plan, progress)
@@ -186,38 +187,45 @@ class RayExecutor:
                 tiles.append(queue.popleft())
             return tiles
 
+        def send(w: int, tiles: list[int], isolated: bool) -> None:
+            first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+            ref = self.actors[w].run.remote(self.recipes[w], out, first.b0, last.b1, first.s0, last.s1)
+            in_flight[ref] = (w, tiles, isolated)
+            load[w] += 1
+            alone[w] = isolated
+
         def submit() -> None:
-            for w, actor in enumerate(self.actors):
+            for w in range(len(self.actors)):
+                if alone[w]:
+                    continue
+                if suspects and load[w] == 0:
+                    send(w, [suspects.popleft()], isolated=True)
+                    continue
                 while queue and load[w] < IN_FLIGHT:
-                    tiles = take(w)
-                    first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
-                    ref = actor.run.remote(self.recipes[w], out, first.b0, last.b1, first.s0, last.s1)
-                    in_flight[ref] = (w, tiles)
-                    order[w].append(ref)
-                    load[w] += 1
+                    send(w, take(w), isolated=False)
 
         try:
             submit()
             while in_flight:
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 ref = ready[0]
-                w, tiles = in_flight.pop(ref)
+                w, tiles, isolated = in_flight.pop(ref)
                 load[w] -= 1
-                running = order[w][0] == ref  # calls run in order: the oldest was the one running
-                order[w].remove(ref)
+                if isolated:
+                    alone[w] = False
                 try:
                     record = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                    # The worker died (Ray restarts it; its next call rebuilds the problem). Only the
-                    # block it was running counts against its tiles; queued blocks are innocent.
-                    if running:
-                        for t in tiles:
-                            failures[t] = failures.get(t, 0) + 1
-                        if max(failures[t] for t in tiles) >= MAX_TILE_FAILURES:
-                            raise self._tile_error(plan, tiles, w, _Died(exc, MAX_TILE_FAILURES), done_count) from None
-                    queue.extendleft(reversed(tiles))  # idempotent writes: recompute the whole block
+                    # The worker process died (Ray restarts it; its next call rebuilds the problem).
+                    # Which of its blocks killed it is known only when one ran alone, so every tile
+                    # it held is retried alone, and only deaths while alone count against a tile.
+                    if isolated:
+                        failures[tiles[0]] = failures.get(tiles[0], 0) + 1
+                        if failures[tiles[0]] >= MAX_TILE_FAILURES:
+                            raise self._tile_error(plan, tiles, w, _Died(exc, failures[tiles[0]]), done_count) from None
+                    suspects.extend(tiles)  # writes are idempotent: recompute them whole
                     requeued += len(tiles)
                     submit()
                     continue
@@ -285,7 +293,8 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         for host in hosts:
             ray.kill(host)
         hosts = []
-    remote = ray.remote(WorkerHost).options(max_restarts=-1, max_task_retries=0, **options)
+    # Two concurrent calls per host: one computes while the other writes (NOTE: [pipeline] in worker.py).
+    remote = ray.remote(WorkerHost).options(max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, **options)
     while len(hosts) < n:
         hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)

@@ -290,6 +290,22 @@ def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     return Cost(int(base), int(math.ceil(per_seed)))
 
 
+def sample_block(problem: Problem, mode: str, dtype: torch.dtype, max_bytes: int = 4 * 2**20) -> torch.Tensor:
+    """A small real block (sample 0, the first seeds) in the storage dtype, for choosing a codec."""
+    kernel = Kernel(make_target(problem, "cpu"), mode)
+    t = kernel.target
+    rows = seed_axis(mode) == "rows"
+    n_seed, other = (t.n_out, t.n_in) if rows else (t.n_in, t.n_out)
+    k = max(1, min(32, n_seed, max_bytes // max(other * dtype.itemsize, 1)))
+    return kernel(0, 1, 0, k).detach().to(dtype)
+
+
+def seed_bytes(kernel_per_seed: int, other: int, itemsize: int) -> int:
+    """Memory per seed of a whole block on a worker: the kernel's, plus this block's storage
+    copy and the previous block's copy and encoded chunks while it is written (the pipeline)."""
+    return kernel_per_seed + 3 * other * itemsize
+
+
 def default_budget(device: torch.device | str, n_local_workers: int = 1) -> int:
     """Bytes a worker may use: 80% of a GPU's free memory, or a share of half the free RAM."""
     device = torch.device(device)

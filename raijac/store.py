@@ -29,15 +29,36 @@ ATTR = "raijac"
 LEDGER_CHUNK = 1 << 16
 
 
+COMPRESSORS = ("auto", "zstd", "blosc", "none")
+AUTO_MIN_RATIO = 1.5  # below this, compression costs more write time than the bytes it saves
+
+
 def compressor_codec(name: str | None, level: int | None = None):
-    """A zarr codec for `--compressor`: zstd (default level 1), blosc, or none."""
+    """A zarr codec for `--compressor`: zstd (default level 1), blosc (zstd inside, shuffle), or none."""
     if name in (None, "zstd"):
         return ZstdCodec(level=1 if level is None else level)
     if name == "blosc":
         return BloscCodec(cname="zstd", clevel=3 if level is None else level, shuffle="shuffle")
     if name == "none":
         return None
-    raise StoreError(f"unknown compressor {name!r}; choose zstd, blosc or none.")
+    raise StoreError(f"unknown compressor {name!r}; choose one of: {', '.join(COMPRESSORS)}.")
+
+
+def choose_compressor(sample: np.ndarray) -> tuple[str, str]:
+    """`auto`: zstd when a sample block compresses well, else none; returns (name, why).
+
+    Measured here (2 cores): dense float32 blocks compress only ~1.08x with zstd-1, which
+    halves zarr's write throughput (~780 -> ~360 MiB/s); banded or sparse blocks compress
+    100-2000x, where compression saves far more than it costs.
+    """
+    from numcodecs import Zstd
+
+    raw = np.ascontiguousarray(sample)
+    if raw.nbytes == 0:
+        return "none", "auto: empty sample"
+    ratio = raw.nbytes / max(len(Zstd(level=1).encode(raw)), 1)
+    name = "zstd" if ratio >= AUTO_MIN_RATIO else "none"
+    return name, f"auto: a sample block compresses {ratio:.2f}x with zstd-1 ({'>=' if name == 'zstd' else '<'} {AUTO_MIN_RATIO}x)"
 
 
 def read_meta(path: str) -> dict | None:
@@ -132,6 +153,7 @@ def create(
     arrays: dict[str, tuple[np.ndarray, bool]],
     meta: dict[str, Any],
     compressor: str | None = None,
+    level: int | None = None,
 ) -> zarr.Group:
     """Create the group with an empty (NaN) `jacobian`, the ledger, `arrays` and the attributes.
 
@@ -146,7 +168,7 @@ def create(
         dtype=dtype,
         fill_value=np.nan,
         dimension_names=dims,
-        compressors=compressor_codec(compressor),
+        compressors=compressor_codec(compressor, level),
     )
     group.create_array(
         "tiles",

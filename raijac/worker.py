@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from raijac import store
 from raijac.errors import ProblemError
 from raijac.kernels import Kernel, make_target, seed_axis
 from raijac.plan import WorkerCost
-from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost
+from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes
 from raijac.problem import Problem, load_problem
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -56,6 +57,7 @@ class Worker:
         self.budget = budget
         self.local_workers = local_workers
         self.kernel: Kernel | None = None
+        self._compute_lock = threading.Lock()
         self.problem: Problem | None = None
         self._out: str | None = None
         self._array = None
@@ -78,26 +80,36 @@ class Worker:
 
     def probe(self) -> WorkerCost:
         """Measure this worker's memory cost per block and report its budget."""
+        with self._compute_lock:
+            return self._probe()
+
+    def _probe(self) -> WorkerCost:
         kernel = self._ready()
         cost = measure_cost(kernel, self.device)
         budget = self.budget or default_budget(self.device, self.local_workers)
         # The block is also copied to the storage dtype and encoded: count those bytes per seed.
         t = kernel.target
         other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
-        per_seed = cost.per_seed + 2 * other * self.dtype.itemsize
+        per_seed = seed_bytes(cost.per_seed, other, self.dtype.itemsize)
         self.idle_rss = _reset_idle_rss()  # the idle worker holding the problem: growth is measured from here
         return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed)
 
     def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
-        """Compute the block (samples b0:b1, seeds s0:s1), write it to `out`, report timings."""
-        kernel = self._ready()
-        if self._out != out:
-            self._array = store.open_group(out, "r+")["jacobian"]
-            self._out = out
-        start = time.perf_counter()
-        block = kernel(b0, b1, s0, s1)
-        data = block.detach().to(self.dtype).cpu().numpy()
-        computed = time.perf_counter()
+        """Compute the block (samples b0:b1, seeds s0:s1), write it to `out`, report timings.
+
+        NOTE: [pipeline] The host runs two calls at once but only one computes (the lock):
+        while block k is compressed and written, block k+1 is already being computed.
+        """
+        with self._compute_lock:
+            kernel = self._ready()
+            if self._out != out:
+                self._array = store.open_group(out, "r+")["jacobian"]
+                self._out = out
+            start = time.perf_counter()
+            block = kernel(b0, b1, s0, s1)
+            data = block.detach().to(self.dtype).cpu().numpy()
+            del block
+            computed = time.perf_counter()
         batched = self.problem.batched
         region = store.block_region(seed_axis(self.mode), batched, b0, b1, s0, s1)
         store.write_block(self._array, region, data if batched else data[0])
@@ -137,9 +149,14 @@ class WorkerHost:
     def __init__(self) -> None:
         self.worker: Worker | None = None
         self.run_id: str | None = None
+        self._swap = threading.Lock()  # two calls run at once (see NOTE: [pipeline])
 
     def _worker(self, recipe: tuple[str, list, dict[str, Any]]) -> Worker:
         run_id, boxed, kwargs = recipe
+        with self._swap:
+            return self._build(run_id, boxed, kwargs)
+
+    def _build(self, run_id: str, boxed: list, kwargs: dict[str, Any]) -> Worker:
         if self.worker is None or self.run_id != run_id:
             source = boxed[0]
             if not isinstance(source, str | Problem):

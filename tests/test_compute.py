@@ -142,3 +142,21 @@ def test_failing_tile_is_named_and_finished_tiles_are_kept(store_path):
     assert fixed.summary["tiles_computed"] == 4 and fixed.summary["tiles_skipped"] == 12
     want = torch.func.vmap(torch.func.jacrev(lambda xi: torch.tanh(xi) * 2))(x).numpy()
     assert_close(fixed.numpy(), want)
+
+
+def test_auto_compressor_follows_the_data(tmp_path):
+    """auto: zstd for a diagonal Jacobian (compresses well), none for a dense one."""
+    diag = raijac.compute(BY_NAME["elementwise"].build(), str(tmp_path / "d.zarr"), workers=2)
+    dense = raijac.compute(BY_NAME["matmul_chain"].build(), str(tmp_path / "m.zarr"), workers=2)
+    assert diag.meta["compressor"] == "zstd" and "compresses" in diag.meta["compressor_reason"]
+    assert dense.meta["compressor"] == "none" and dense.array.compressors == ()
+    assert [type(c).__name__ for c in diag.array.compressors] == ["ZstdCodec"]
+    chosen = raijac.compute(BY_NAME["conv"].build(), str(tmp_path / "b.zarr"), workers=2, compressor="blosc", compression_level=5)
+    assert chosen.array.compressors[0].clevel == 5 and chosen.meta["compressor_reason"] == "requested"
+    assert_close(chosen.numpy(), BY_NAME["conv"].reference(BY_NAME["conv"].build()))
+
+
+def test_choose_compressor_threshold():
+    rng = np.random.default_rng(0)
+    assert store.choose_compressor(rng.standard_normal((64, 512)).astype(np.float32))[0] == "none"
+    assert store.choose_compressor(np.eye(256, dtype=np.float32))[0] == "zstd"
