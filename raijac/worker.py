@@ -93,7 +93,6 @@ class Worker:
         t = kernel.target
         other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
         per_seed = seed_bytes(cost.per_seed, other, self.dtype.itemsize)
-        self.idle_rss = _reset_idle_rss()  # the idle worker holding the problem: growth is measured from here
         return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed)
 
     def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
@@ -107,6 +106,8 @@ class Worker:
             if self._out != out:
                 self._array = store.open_group(out, "r+")["jacobian"]
                 self._out = out
+                # Idle = holding the problem and the open store; growth is measured from here.
+                self.idle_rss = _reset_idle_rss()
             start = time.perf_counter()
             block = kernel(b0, b1, s0, s1)
             data = block.detach().to(self.dtype).cpu().numpy()

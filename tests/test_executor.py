@@ -183,3 +183,23 @@ def test_killed_driver_then_resume_computes_only_the_rest(tmp_path):
     want = torch.func.vmap(torch.func.jacrev(lambda xi: problem.f(xi[None])[0]))(problem.x).detach().numpy()
     assert_close(jac.numpy(), want)
     assert np.isfinite(jac.numpy()).all()
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["rev", "loop"])
+def test_planned_run_stays_inside_its_budget(store_path, mode):
+    """A 16 MiB Jacobian under an 8 MB budget: many tiles, and every worker's peak RSS grows
+    by at most 1.5x the budget above the idle worker holding the problem (measured in the
+    real worker processes from /proc)."""
+    torch.manual_seed(0)
+    n = 2048
+    w1, w2 = torch.randn(n, n) / n**0.5, torch.randn(n, n) / n**0.5
+    problem = raijac.Problem(lambda x: torch.tanh(torch.tanh(x @ w1) @ w2), torch.randn(n))
+    budget = 8_000_000
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, memory_budget=budget)
+    assert jac.summary["tiles_total"] >= 8
+    growth = jac.summary["peak_rss_growth"]
+    if growth is None:
+        pytest.skip("peak RSS is read from /proc (Linux only)")
+    assert growth <= 1.5 * budget, f"worker RSS grew {growth / 1e6:.1f} MB under a {budget / 1e6:.0f} MB budget"
+    assert_close(jac[:64], torch.func.jacrev(problem.f)(problem.x)[:64].numpy())
