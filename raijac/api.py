@@ -145,6 +145,8 @@ def compute(
     """
     started = time.time()
     out = os.fspath(out)
+    if not store.is_url(out):
+        out = os.path.abspath(out)  # workers may start in other folders
     problem = _problem(problem_or_spec)
     check_mode(mode, allow_auto=True)
     budgets = parse_budgets(memory_budget)
@@ -164,7 +166,7 @@ def compute(
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
 
-    with RayExecutor(address=address, workers=workers) as executor:
+    with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
         costs = executor.start(
             source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budgets=budgets
         )
@@ -184,9 +186,9 @@ def compute(
             group = store.open_group(out, "r+")
             pending = store.pending_tiles(group)
         else:
-            if os.path.isdir(out) and not os.listdir(out):
-                os.rmdir(out)  # an empty folder made for the output
-            elif os.path.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
+            if store.is_empty_dir(out):
+                store.remove_empty_dir(out)  # an empty folder made for the output
+            elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
             codec, codec_reason = compressor, "requested"
             if compressor == "auto":
@@ -227,6 +229,7 @@ def compute(
         "nodes": stats["nodes"],
         "all_finite": stats["finite"],
         "peak_rss_growth": stats["rss_growth"],
+        "oom_splits": stats["oom_splits"],
     }
     return result
 

@@ -1,4 +1,4 @@
-"""cli: `raijac compute | plan | inspect` — thin click commands over the public API.
+"""cli: `raijac compute | plan | inspect | verify` — thin click commands over the public API.
 
 Errors raijac raises on purpose print as one line on stderr with exit status 1 (click's
 own usage errors exit 2); `--debug` shows the traceback instead. Heavy imports (torch,
@@ -99,17 +99,31 @@ def cli() -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted run, skipping tiles already written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing raijac store at --out.")
 @click.option(
-    "--compressor", type=click.Choice(["zstd", "blosc", "none"]), default=None, help="Chunk compression (default: zstd level 1)."
+    "--compressor",
+    type=click.Choice(["auto", "zstd", "blosc", "none"]),
+    default="auto",
+    show_default=True,
+    help="Chunk compression; auto picks zstd when a sample block compresses 1.5x or better, else none.",
 )
+@click.option("--compression-level", type=int, default=None, help="The codec's level (zstd default 1, blosc 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--verify", "check", is_flag=True, help="Check the finished store with `raijac verify` (8 probes); exit 1 if it fails."
+)
 @_errors
-def compute(spec: str, out: str, as_json: bool, no_progress: bool, **options: Any) -> None:
+def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, **options: Any) -> None:
     """Compute the Jacobian SPEC names (path/to/file.py:NAME or package.module:NAME) into --out."""
     from raijac.api import compute as run
 
     result = run(spec, out, progress=False if no_progress else None, **options)
     s = result.summary
+    report = None
+    if check:
+        from raijac.verify import verify
+
+        report = verify(out)
+        s = {**s, "verify": report.to_dict()}
     if as_json:
         click.echo(json.dumps(s))
     else:
@@ -119,6 +133,10 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, **options: An
             f"(mode {s['mode']}; {s['tiles_computed']} tiles computed, {s['tiles_skipped']} skipped, "
             f"{s['workers']} workers)"
         )
+        if report is not None:
+            click.echo(f"verify: {report.verdict()}")
+    if report is not None and not report.ok:
+        sys.exit(1)
 
 
 @cli.command()
@@ -137,21 +155,35 @@ def plan(spec: str, **options: Any) -> None:
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.option("--plot", "plot_to", default=None, metavar="FILE.png", help="Draw |J| (log colours) and its sparsity pattern.")
+@click.option("--sample", type=int, default=None, metavar="I", help="Which sample of a batched store to draw (default 0).")
 @_errors
-def inspect(path: str, as_json: bool) -> None:
-    """Show a store's metadata, completion, size and compression."""
+def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -> None:
+    """Show a store's metadata, completion, shapes, size, compression, timings and versions."""
     from raijac.plan import format_size
     from raijac.reader import Jacobian
 
     jac = Jacobian(path, allow_partial=True)
+    if sample is not None and not plot_to:
+        from raijac.errors import RaijacError
+
+        raise RaijacError("--sample picks the sample to draw; pass it together with --plot FILE.png.")
+    drawn = None
+    if plot_to:  # first, so a refused plot prints only its error
+        from raijac.plot import plot_jacobian
+
+        drawn = plot_jacobian(jac, plot_to, sample=sample)
     stored = _stored_bytes(jac)
     raw = jac.array.nbytes
+    lead = [jac.shape[0]] if jac.batched else []
+    runs = jac.meta.get("runs") or []
     info = {
         "path": path,
         "complete": jac.complete,
         "tiles_done": jac.tiles_done,
         "tiles_total": jac.n_tiles,
         "shape": list(jac.shape),
+        "unflattened_shape": lead + list(jac.output_shape) + list(jac.input_shape),
         "dtype": str(jac.dtype),
         "chunks": list(jac.array.chunks),
         "bytes": raw,
@@ -167,40 +199,80 @@ def inspect(path: str, as_json: bool) -> None:
                 "wrt",
                 "input_shape",
                 "output_shape",
+                "compute_dtype",
+                "compressor",
                 "spec",
                 "fingerprint",
+                "created",
+                "finished",
                 "seconds",
                 "versions",
             )
         },
+        "runs": len(runs),
+        "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
+        "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),
     }
+    if drawn is not None:
+        info["plot"] = {
+            "path": plot_to,
+            "pixels": list(drawn.absmax.shape),
+            "block": list(drawn.factor),
+            "density": drawn.density,
+        }
     if as_json:
         click.echo(json.dumps(info))
         return
     state = "complete" if jac.complete else "INCOMPLETE"
     click.echo(f"{path}: {state}, {jac.tiles_done}/{jac.n_tiles} tiles")
     click.echo(f"  jacobian  {tuple(jac.shape)} {jac.dtype}, chunks {tuple(jac.array.chunks)}")
+    per = " per sample" if info["batched"] else ""
     click.echo(
-        f"  shapes    output {tuple(info['output_shape'])} x input {tuple(info['input_shape'])}"
-        + (" per sample" if info["batched"] else "")
-        + f" (w.r.t. {info['wrt']})"
+        f"  shapes    output {tuple(info['output_shape'])} x input {tuple(info['input_shape'])}{per} "
+        f"(w.r.t. {info['wrt']}); unflattened {tuple(info['unflattened_shape'])}"
     )
     click.echo(f"  mode      {info['mode']} ({info['mode_reason']})")
     ratio = f"{raw / stored:.2f}x" if stored else "n/a"
     click.echo(f"  size      {format_size(raw)} raw, {format_size(stored)} on disk (compression {ratio})")
-    click.echo(f"  spec      {info['spec']}")
+    click.echo(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
     if info["seconds"] is not None:
-        click.echo(f"  time      {info['seconds']} s")
+        click.echo(
+            f"  time      {info['seconds']} s over {info['runs']} run(s): {info['compute_seconds']} s computing, "
+            f"{info['write_seconds']} s writing (summed over workers)"
+        )
     versions = info["versions"] or {}
     click.echo("  versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if drawn is not None:
+        click.echo(f"  plot      {plot_to} ({drawn.absmax.shape[0]} x {drawn.absmax.shape[1]} pixels)")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--probes", type=click.IntRange(min=1), default=8, show_default=True, metavar="K", help="Random probes.")
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="R",
+    help="Relative error allowed (default: 1e-4 float32, 2e-3 float16, 1e-9 float64).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seeds the probes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors
+def verify(path: str, probes: int, rtol: float | None, seed: int, as_json: bool) -> None:
+    """Check the stored J against fresh JVPs (J v) and VJPs (u^T J) at random probes; exit 1 past --rtol."""
+    from raijac.verify import verify as check
+
+    report = check(path, probes=probes, rtol=rtol, seed=seed)
+    click.echo(json.dumps(report.to_dict()) if as_json else str(report))
+    if not report.ok:
+        sys.exit(1)
 
 
 def _stored_bytes(jac: Any) -> int:
-    """Bytes of the jacobian's chunks on disk (its zarr.json is metadata, not compressed data)."""
-    import os
+    from raijac.store import stored_bytes
 
-    root = os.path.join(jac.path, "jacobian")
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files if f != "zarr.json")
+    return stored_bytes(jac.path)
 
 
 def main() -> None:

@@ -50,6 +50,22 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _auth_failed(exc: BaseException) -> bool:
+    """Whether a ray.init failure (or one it chains) is a token-authentication refusal."""
+    seen = exc
+    while seen is not None:
+        if "auth" in type(seen).__name__.lower() or "authentication token" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _spec_file(spec: str) -> tuple[str, str] | None:
+    """(file path, NAME) for a `path/to/file.py:NAME` spec, None for a module spec."""
+    target, _, name = spec.rpartition(":")
+    return (target, name) if target.endswith(".py") and os.path.isfile(target) else None
+
+
 def default_workers(cpus: int) -> int:
     """CPU actors when none are asked for: one per core, at most 8."""
     return max(1, min(int(cpus), 8))
@@ -58,12 +74,14 @@ def default_workers(cpus: int) -> int:
 class RayExecutor:
     """A Ray session plus a set of worker actors; use as a context manager."""
 
-    def __init__(self, *, address: str | None = None, workers: int | None = None) -> None:
+    def __init__(self, *, address: str | None = None, workers: int | None = None, spec: str | None = None) -> None:
         if workers is not None and workers < 1:
             raise RaijacError(f"--workers must be at least 1, but got {workers}.")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.requested_workers = workers
         self.owns_ray = False
+        self.spec = spec
+        self.shipped = False
         self.actors: list[Any] = []
         self.names: list[str] = []
 
@@ -79,10 +97,21 @@ class RayExecutor:
             _check_reachable(self.address)
         try:
             if self.address:
+                # On a cluster the spec file may exist only on this machine: ship it to every
+                # worker as a module (py_modules works at the job level only, hence here).
+                shipped = _spec_file(self.spec) if self.spec else None
+                if shipped:
+                    kwargs["runtime_env"] = {"py_modules": [shipped[0]]}
                 ray.init(address=self.address, **kwargs)
+                self.shipped = bool(shipped)
             else:
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         except Exception as exc:
+            if _auth_failed(exc):
+                raise RaijacError(
+                    f"the Ray cluster at {self.address} refused this client's authentication token; set RAY_AUTH_MODE=token "
+                    "and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token), as `ray start` printed it."
+                ) from exc
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RaijacError(f"cannot start or reach {where}: {msg}; check --address / RAY_ADDRESS.") from exc
@@ -117,6 +146,9 @@ class RayExecutor:
             threads = max(1, int(cpus / n))
         if not isinstance(source, str):
             source = ray.put(source)
+        elif self.shipped and _spec_file(source):
+            path, name = _spec_file(source)  # shipped as a module when Ray was joined: import it by name
+            source = f"{os.path.splitext(os.path.basename(path))[0]}:{name}"
         self.actors = _hosts(n, options)
         self.names = [f"{device}{i}" for i in range(n)]
         if budgets and len(budgets) not in (1, n):
@@ -253,6 +285,7 @@ class RayExecutor:
             "by_worker": {n: sum(r["tiles"] for r in records if r["worker"] == n) for n in self.names},
             "finite": all(r["finite"] for r in records),
             "rss_growth": max((r["rss_growth"] or 0 for r in records), default=None),
+            "oom_splits": sum(max((r["oom_splits"] for r in records if r["worker"] == n), default=0) for n in self.names),
         }
 
     def _tile_error(self, plan: Plan, tiles: list[int], w: int, cause: BaseException, done: int) -> WorkerError:
@@ -268,7 +301,7 @@ class RayExecutor:
 
 
 # Worker hosts kept between runs on a Ray the caller owns: session -> (resources, hosts).
-_POOLS: dict[tuple, tuple[tuple, list[Any]]] = {}
+_POOLS: dict[tuple, tuple[str, list[Any]]] = {}
 
 
 def _session_key() -> tuple:
@@ -287,7 +320,7 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
 
     from raijac.worker import WorkerHost
 
-    key = tuple(sorted(options.items()))
+    key = repr(sorted(options.items()))
     old_key, hosts = _POOLS.get(_session_key(), (key, []))
     if old_key != key:
         for host in hosts:

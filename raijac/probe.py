@@ -269,7 +269,10 @@ def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     t = kernel.target
     n_seed = t.n_out if seed_axis(kernel.mode) == "rows" else t.n_in
     k1, k2 = min(2, n_seed), min(10, n_seed)
-    kernel(0, 1, 0, k2)  # warm-up: lazy initialisation and one-off caches are not block memory
+    try:
+        kernel(0, 1, 0, k2)  # warm-up: lazy initialisation and one-off caches are not block memory
+    except torch.OutOfMemoryError:
+        k2 = k1  # even a small probe is too big for this device now: estimate from the smallest
     kernel.clear()
 
     def measure(k: int) -> int:

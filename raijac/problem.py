@@ -246,7 +246,7 @@ class Problem:
         """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters."""
         h = hashlib.sha256()
         head = {
-            "spec": self.spec,
+            "spec": spec_key(self.spec),
             "kind": self.kind,
             "batched": self.batched,
             "batch_aware": self.batch_aware,
@@ -333,6 +333,18 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
         )
     obj.spec = normalize_spec(spec)
     return obj
+
+
+def spec_key(spec: str | None) -> str | None:
+    """What names a spec wherever it is loaded: `file_stem:NAME` or `package.module:NAME`.
+
+    A spec file shipped to cluster workers is imported there as a module of the same stem,
+    so the fingerprint must not depend on the folder it was found in.
+    """
+    if spec is None:
+        return None
+    target, _, name = spec.rpartition(":")
+    return f"{os.path.splitext(os.path.basename(target))[0]}:{name}" if _is_path(target) else spec
 
 
 def normalize_spec(spec: str) -> str:

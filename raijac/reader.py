@@ -8,12 +8,20 @@ views in the original input and output shapes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from raijac import store
-from raijac.errors import StoreError
+from raijac.errors import RaijacError, StoreError
+
+Index = int | slice | Sequence[int] | np.ndarray | None
+BLOCK_BYTES = 64 << 20  # what one streamed block may hold: a few of them fit any laptop
+
+
+class ReadError(RaijacError, IndexError):
+    """An index or slice outside the stored Jacobian, or a vector of the wrong shape."""
 
 
 class Jacobian:
@@ -104,14 +112,316 @@ class Jacobian:
 
         return torch.from_numpy(self.numpy())
 
-    def unflatten(self) -> np.ndarray:
-        """The whole Jacobian shaped `(*output_shape, *input_shape)` (batched: `(B, ...)`)."""
-        lead = (self.shape[0],) if self.batched else ()
-        return self.numpy().reshape(*lead, *self.output_shape, *self.input_shape)
+    def read(
+        self,
+        rows: Index = None,
+        cols: Index = None,
+        batch: Index = None,
+        *,
+        as_: Literal["numpy", "torch"] = "numpy",
+    ) -> Any:
+        """A block of the flat Jacobian, read from the chunks it touches.
+
+        Arguments:
+            rows, cols: output rows and input columns: an int (drops the axis), a slice, a
+                sequence of ints, or None for all.
+            batch: samples of a batched store, likewise (refused for a plain store).
+            as_: `"numpy"` or `"torch"`.
+
+        Returns:
+            The block `J[batch, rows, cols]`; an index past the end raises `ReadError`.
+        """
+        if as_ not in ("numpy", "torch"):
+            raise ValueError(f"as_ must be 'numpy' or 'torch', but got {as_!r}.")
+        if self.batched:
+            key: tuple = (batch, rows, cols)
+        elif batch is not None:
+            raise ReadError(f"batch={batch!r} applies to batched stores only; {self.path} holds one {self.shape} Jacobian.")
+        else:
+            key = (rows, cols)
+        names = (("batch",) if self.batched else ()) + ("rows", "cols")
+        sel = [_select(k, n, name) for k, n, name in zip(key, self.shape, names, strict=True)]
+        out = _read(self.array, [s for s, _ in sel], [n for _, n in sel])
+        if as_ == "torch":
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(out))
+        return out
+
+    def unflatten(self) -> Unflattened:
+        """A lazy view shaped `(*output_shape, *input_shape)` (batched: `(B, ...)`).
+
+        Indexing it (`J.unflatten()[i, j, :, k]`: ints, slices, sequences of ints, `...`)
+        reads only the chunks holding the selected entries; `numpy()` reads everything.
+        """
+        return Unflattened(self)
+
+    def to_dask(self):
+        """The flat Jacobian as a lazy dask array chunked like the store."""
+        try:
+            import dask.array as da
+        except ImportError as exc:
+            raise ImportError("Jacobian.to_dask needs dask; install it with pip install 'dask[array]'.") from exc
+        return da.from_zarr(self.array)
+
+    # ------------------------------------------------------------------ streaming
+    def blocks(
+        self, *, sample: int | None = None, max_bytes: int | None = None
+    ) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+        """Stream the Jacobian as `(region, block)` pairs, `block = J[region]`, never all at once.
+
+        Blocks are whole Zarr chunks along the axis the run's seeds ran along (rows or
+        columns), as many as fit in `max_bytes` (default 64 MiB; at least one chunk);
+        batched stores go one chunk of samples at a time, or only `sample` when given.
+        `matvec`, `rmatvec`, `raijac verify` and `inspect --plot` all read through here.
+        """
+        max_bytes = BLOCK_BYTES if max_bytes is None else max_bytes
+        shape, chunks = self.shape, tuple(self.array.chunks)
+        lead = 1 if self.batched else 0
+        seed = lead + (1 if self.meta.get("seed_axis", "rows") == "cols" else 0)
+        if sample is not None:
+            if not self.batched:
+                raise ReadError(f"sample={sample} applies to batched stores only; {self.path} is not batched.")
+            b = _select(sample, shape[0], "batch")[0]
+            batch_ranges = [(b, b + 1)]
+        elif self.batched:
+            batch_ranges = _ranges(shape[0], chunks[0])
+        else:
+            batch_ranges = [(0, 1)]
+        chunk_bytes = math.prod(chunks) * self.dtype.itemsize
+        per_block = max(1, int(max_bytes // max(chunk_bytes, 1)))
+        other = 2 * lead + 1 - seed  # the non-seed axis of rows/cols: 1 <-> 2 (batched), 0 <-> 1
+        for b0, b1 in batch_ranges:
+            for o0, o1 in _ranges(shape[other], chunks[other]):
+                for s0, s1 in _ranges(shape[seed], chunks[seed] * per_block):
+                    region = [slice(None)] * len(shape)
+                    if self.batched:
+                        region[0] = slice(b0, b1)
+                    region[seed], region[other] = slice(s0, s1), slice(o0, o1)
+                    yield tuple(region), self.array[tuple(region)]
+
+    def matvec(self, v: Any) -> np.ndarray:
+        """`J @ v`, streamed block by block from the store; `v` of shape `(N,)` or `(N, K)`.
+
+        For a batched store `J` is the Jacobian of the whole batch: with `wrt="params"` the
+        parameters are shared by the samples, so `v` is `(P[, K])` and the result
+        `(B, M[, K])`; with batched inputs each sample has its own, so `v` is `(B, N[, K])`.
+        Sums are taken in `v`'s precision or better (pass float64 for float64 sums).
+        """
+        return self.products(v=v)[0]
+
+    def rmatvec(self, u: Any) -> np.ndarray:
+        """`J^T u` (that is, `u^T J`), streamed block by block; the adjoint of `matvec`.
+
+        `u` is `(M[, K])`, or `(B, M[, K])` for batched stores; the result is `(N[, K])`,
+        `(P[, K])` (summed over samples) for batched `wrt="params"`, `(B, N[, K])` for
+        batched inputs.
+        """
+        return self.products(u=u)[1]
+
+    def products(self, v: Any = None, u: Any = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """`(J v, J^T u)` in one pass over the store, either None when not asked for (`verify` reads this)."""
+        m, n = self.shape[-2:]
+        shared = not self.batched or self.meta.get("wrt") == "params"  # v is one vector for all samples
+        batch = self.shape[0] if self.batched else 1
+        vs = self._prepare(v, "matvec needs v", n, per_sample=not shared)
+        us = self._prepare(u, "rmatvec needs u", m, per_sample=self.batched)
+        jv = None if vs is None else np.zeros((batch, m, vs[0].shape[-1]), vs[0].dtype)
+        ju = None
+        if us is not None:
+            k = us[0].shape[-1]
+            ju = np.zeros((n, k) if shared else (batch, n, k), us[0].dtype)
+        if jv is None and ju is None:
+            return None, None
+        dtype = np.result_type(*[a.dtype for a in (jv, ju) if a is not None])
+        for region, block in self.blocks():
+            blk = block.astype(dtype, copy=False)
+            if not self.batched:
+                blk, region = blk[None], (slice(0, 1), *region)
+            bs, rs, cs = region
+            if vs is not None:
+                jv[bs, rs] += np.matmul(blk, vs[0][slice(None) if shared else bs, cs])
+            if us is not None:
+                ub = us[0][bs, rs]
+                if shared:  # one BLAS call with the samples' rows stacked
+                    ju[cs] += blk.reshape(-1, blk.shape[-1]).T @ ub.reshape(-1, ub.shape[-1])
+                else:
+                    ju[bs, cs] += np.matmul(blk.transpose(0, 2, 1), ub)
+        if jv is not None:
+            jv = jv if self.batched else jv[0]
+            jv = jv[..., 0] if vs[1] else jv
+        if ju is not None:
+            ju = ju[..., 0] if us[1] else ju
+        return jv, ju
+
+    def _prepare(self, vec: Any, what: str, length: int, *, per_sample: bool) -> tuple[np.ndarray, bool] | None:
+        """`vec` as float `(B or 1, length, K)` and whether it had no K axis; checks its shape."""
+        if vec is None:
+            return None
+        vec = np.asarray(vec)
+        want = (self.shape[0], length) if per_sample else (length,)
+        if vec.shape[: len(want)] != want or vec.ndim not in (len(want), len(want) + 1):
+            raise ReadError(f"{what} of shape {want} or {(*want, 'K')} for this {self.shape} Jacobian, but got {vec.shape}.")
+        single = vec.ndim == len(want)
+        vec = vec[..., None] if single else vec
+        dtype = np.result_type(self.dtype, vec.dtype)
+        dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+        vec = vec.astype(dtype, copy=False)
+        return (vec if per_sample else vec[None]), single
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"partial {self.tiles_done}/{self.n_tiles}"
         return f"Jacobian({self.path!r}, shape={self.shape}, dtype={self.dtype}, mode={self.mode!r}, {state})"
+
+
+class Unflattened:
+    """A lazy view of a stored Jacobian in its original shapes: `(B?, *output_shape, *input_shape)`.
+
+    Indexing converts the multi-index to flat rows and columns and reads only the chunks
+    they touch: ints drop their axis, slices and sequences of ints keep it (orthogonal
+    indexing, as `zarr.Array.oindex`).
+    """
+
+    def __init__(self, jac: Jacobian) -> None:
+        self.jac = jac
+        lead = (jac.shape[0],) if jac.batched else ()
+        self.shape: tuple[int, ...] = (*lead, *jac.output_shape, *jac.input_shape)
+        names = ["batch"] if jac.batched else []
+        names += [f"output dim {i}" for i in range(len(jac.output_shape))]
+        names += [f"input dim {i}" for i in range(len(jac.input_shape))]
+        self.axis_names: tuple[str, ...] = tuple(names)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.jac.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        parts = _expand(key, self.ndim, self.shape)
+        sel = [_select(k, n, name) for k, n, name in zip(parts, self.shape, self.axis_names, strict=True)]
+        lead = 1 if self.jac.batched else 0
+        n_out = len(self.jac.output_shape)
+        groups = [sel[:lead], sel[lead : lead + n_out], sel[lead + n_out :]]
+        flat: list[Any] = []
+        kept: list[int] = []
+        if self.jac.batched:
+            flat.append(sel[0][0])
+            kept += [sel[0][1]] if sel[0][1] is not None else []
+        for group, dims in ((groups[1], self.jac.output_shape), (groups[2], self.jac.input_shape)):
+            flat.append(_flat_indices([s for s, _ in group], dims))
+            kept += [n for _, n in group if n is not None]
+        block = _read(self.jac.array, flat, [None] * len(flat))
+        return block.reshape(kept)
+
+    def numpy(self) -> np.ndarray:
+        """Everything, in memory."""
+        return self.jac.numpy().reshape(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self.numpy()
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def __repr__(self) -> str:
+        return f"Unflattened({self.jac.path!r}, shape={self.shape}, axes={self.axis_names})"
+
+
+# ---------------------------------------------------------------------- indexing
+def _expand(key: Any, ndim: int, shape: tuple[int, ...]) -> list[Any]:
+    """A key as one entry per axis (`...` expanded, missing trailing axes are `:`)."""
+    parts = list(key) if isinstance(key, tuple) else [key]
+    n_ell = sum(1 for p in parts if p is Ellipsis)
+    if n_ell > 1:
+        raise ReadError("an index can only have a single ellipsis ('...').")
+    if any(p is None for p in parts):
+        raise ReadError("np.newaxis (None) is not supported when reading a stored Jacobian; index the result instead.")
+    if n_ell:
+        at = parts.index(Ellipsis)
+        parts[at : at + 1] = [slice(None)] * (ndim - len(parts) + 1)
+    if len(parts) > ndim:
+        raise ReadError(f"too many indices: {len(parts)} given for a Jacobian view of shape {shape} ({ndim} axes).")
+    return parts + [slice(None)] * (ndim - len(parts))
+
+
+def _select(key: Any, n: int, name: str) -> tuple[Any, int | None]:
+    """One axis's key as (int or index array or slice, kept length or None when the axis drops)."""
+    if key is None:
+        return slice(0, n), n
+    if isinstance(key, bool | np.bool_):
+        raise ReadError(f"boolean index {key!r} on {name} is not supported; pass ints or slices.")
+    if isinstance(key, int | np.integer):
+        i = int(key)
+        if not -n <= i < n:
+            raise ReadError(f"index {i} is out of range for {name} of size {n} (valid: {-n}..{n - 1}).")
+        return i % n, None
+    if isinstance(key, slice):
+        for bound in (key.start, key.stop):
+            if bound is not None and not -n <= int(bound) <= n:
+                raise ReadError(f"slice {_show(key)} is out of range for {name} of size {n}; bounds must lie within {-n}..{n}.")
+        if key.step == 0:
+            raise ReadError(f"slice {_show(key)} on {name} has step 0.")
+        start, stop, step = key.indices(n)
+        if step == 1:
+            return slice(start, max(start, stop)), max(0, stop - start)
+        idx = np.arange(start, stop, step)
+        return idx, idx.size
+    idx = np.asarray(key)
+    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
+        raise ReadError(f"index {key!r} on {name} must be an int, a slice or a 1-D sequence of ints.")
+    idx = idx.astype(np.int64)
+    bad = idx[(idx < -n) | (idx >= n)]
+    if bad.size:
+        raise ReadError(f"index {int(bad[0])} is out of range for {name} of size {n} (valid: {-n}..{n - 1}).")
+    return idx % n, idx.size
+
+
+def _show(s: slice) -> str:
+    text = f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+    return text + (f":{s.step}" if s.step is not None else "")
+
+
+def _flat_indices(parts: list[Any], dims: tuple[int, ...]) -> Any:
+    """Flat C-order indices of the selected sub-block of an axis group (a slice when contiguous)."""
+    if not dims:
+        return slice(0, 1)
+    axes = [np.arange(p.start, p.stop) if isinstance(p, slice) else np.atleast_1d(p) for p in parts]
+    if any(a.size == 0 for a in axes):
+        return np.zeros(0, np.int64)
+    flat = np.ravel_multi_index(np.meshgrid(*axes, indexing="ij"), dims).reshape(-1)
+    if flat.size and np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        return slice(int(flat[0]), int(flat[0]) + flat.size)
+    return flat
+
+
+def _read(array: Any, sel: list[Any], kept: list[int | None]) -> np.ndarray:
+    """`array[sel]` with orthogonal semantics, reading only the chunks the selection touches."""
+    sizes = []
+    for s in sel:
+        if isinstance(s, slice):
+            sizes.append(s.stop - s.start)
+        elif isinstance(s, np.ndarray):
+            sizes.append(s.size)
+        else:
+            sizes.append(1)
+    if 0 in sizes:
+        out = np.zeros(sizes, array.dtype)
+    elif any(isinstance(s, np.ndarray) for s in sel):
+        out = array.oindex[tuple(s if not isinstance(s, int) else slice(s, s + 1) for s in sel)]
+    else:
+        out = array[tuple(s if not isinstance(s, int) else slice(s, s + 1) for s in sel)]
+    out = np.asarray(out).reshape(sizes)
+    drop = tuple(i for i, (s, k) in enumerate(zip(sel, kept, strict=True)) if isinstance(s, int) and k is None)
+    return out.squeeze(axis=drop) if drop else out
+
+
+def _ranges(n: int, step: int) -> list[tuple[int, int]]:
+    step = max(1, step)
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def open(path: str, *, allow_partial: bool = False) -> Jacobian:  # noqa: A001 - the public name is raijac.open

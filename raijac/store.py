@@ -61,9 +61,36 @@ def choose_compressor(sample: np.ndarray) -> tuple[str, str]:
     return name, f"auto: a sample block compresses {ratio:.2f}x with zstd-1 ({'>=' if name == 'zstd' else '<'} {AUTO_MIN_RATIO}x)"
 
 
+def is_url(path: str) -> bool:
+    """`s3://...`, `gs://...` and other fsspec URLs; plain paths are local folders."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _fs(path: str):
+    """(fsspec filesystem, path inside it) for a local path or a URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, root = _fs(path)
+    return fs.exists(root)
+
+
+def is_empty_dir(path: str) -> bool:
+    """A folder made for the output and still empty (holds nothing to lose)."""
+    if not is_url(path):
+        return os.path.isdir(path) and not os.listdir(path)
+    fs, root = _fs(path)
+    return fs.isdir(root) and not fs.ls(root)
+
+
 def read_meta(path: str) -> dict | None:
     """The store's `raijac` attribute, or None when `path` holds no raijac store."""
-    if not os.path.exists(path):
+    if not exists(path):
         return None
     try:
         group = zarr.open_group(path, mode="r")
@@ -73,18 +100,34 @@ def read_meta(path: str) -> dict | None:
     return dict(meta) if isinstance(meta, dict) else None
 
 
-def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
-    """Decide, before any work, whether `path` may be written; returns the meta to resume from."""
-    if resume and overwrite:
-        raise StoreError("--resume and --overwrite contradict each other; pass one of them.")
-    if not os.path.exists(path):
+def _check_writable(path: str) -> None:
+    """Fail before any compute when `path` cannot be written: a missing or read-only folder,
+    or a bucket that does not exist or refuses writes."""
+    if not is_url(path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise StoreError(f"cannot write {path}: its folder {parent} does not exist; create it first.")
         if not os.access(parent, os.W_OK):
             raise StoreError(f"cannot write {path}: its folder {parent} is not writable; choose another --out.")
+        return
+    fs, root = _fs(path)
+    probe = f"{root}/.raijac-write-test"
+    try:
+        fs.pipe(probe, b"")
+        fs.rm(probe)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot write {path}: {first}; check the bucket, its permissions and your credentials.") from None
+
+
+def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
+    """Decide, before any work, whether `path` may be written; returns the meta to resume from."""
+    if resume and overwrite:
+        raise StoreError("--resume and --overwrite contradict each other; pass one of them.")
+    if not exists(path):
+        _check_writable(path)
         return None
-    if os.path.isdir(path) and not os.listdir(path):
+    if is_empty_dir(path):
         return None  # an empty folder made for the output holds nothing to lose
     meta = read_meta(path)
     if meta is None:
@@ -120,7 +163,10 @@ def _check_version(meta: dict, path: str) -> None:
 
 
 def clean_partial(path: str) -> int:
-    """Delete temp files a killed writer left (zarr writes `<chunk>.<uuid>.partial`, then renames)."""
+    """Delete temp files a killed writer left (zarr's LocalStore writes `<chunk>.<uuid>.partial`,
+    then renames; object stores write whole objects and leave none)."""
+    if is_url(path):
+        return 0
     removed = 0
     for folder, _, files in os.walk(path):
         for name in files:
@@ -135,7 +181,26 @@ def remove(path: str) -> None:
     meta = read_meta(path)
     if meta is None or meta.get("format") != FORMAT:
         raise StoreError(f"refusing to delete {path}: it is not a raijac store.")
-    shutil.rmtree(path)
+    if is_url(path):
+        fs, root = _fs(path)
+        fs.rm(root, recursive=True)
+    else:
+        shutil.rmtree(path)
+
+
+def remove_empty_dir(path: str) -> None:
+    if is_url(path):
+        fs, root = _fs(path)
+        fs.rmdir(root)
+    else:
+        os.rmdir(path)
+
+
+def stored_bytes(path: str, array: str = "jacobian") -> int:
+    """Bytes of an array's chunks as stored (its zarr.json is metadata, not data)."""
+    fs, root = _fs(path)
+    files = fs.find(f"{root.rstrip('/')}/{array}", detail=True)
+    return sum(int(info.get("size") or 0) for name, info in files.items() if not name.endswith("zarr.json"))
 
 
 def _dims(prefix: str, shape: tuple[int, ...], batched: bool) -> tuple[str, ...]:

@@ -60,6 +60,8 @@ class Worker:
         self.local_workers = local_workers
         self.kernel: Kernel | None = None
         self._compute_lock = threading.Lock()
+        self.max_seeds: int | None = None  # set after an out-of-memory split (NOTE: [OOM])
+        self.oom_splits = 0
         self.problem: Problem | None = None
         self._out: str | None = None
         self._array = None
@@ -109,23 +111,61 @@ class Worker:
                 # Idle = holding the problem and the open store; growth is measured from here.
                 self.idle_rss = _reset_idle_rss()
             start = time.perf_counter()
-            block = kernel(b0, b1, s0, s1)
-            data = block.detach().to(self.dtype).cpu().numpy()
-            del block
+            data = self._compute(kernel, b0, b1, s0, s1)
             computed = time.perf_counter()
         batched = self.problem.batched
         region = store.block_region(seed_axis(self.mode), batched, b0, b1, s0, s1)
         store.write_block(self._array, region, data if batched else data[0])
         return {
             "worker": self.name,
-            "node": socket.gethostname(),
+            "node": _node_id(),
             "pid": os.getpid(),
             "compute_s": computed - start,
             "write_s": time.perf_counter() - computed,
             "bytes": int(data.nbytes),
             "finite": bool(np.isfinite(data).all()),
             "rss_growth": _peak_rss_growth(getattr(self, "idle_rss", None)),
+            "oom_splits": self.oom_splits,
         }
+
+    def _compute(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> np.ndarray:
+        """The block in the storage dtype; on out-of-memory, in halves (and smaller from then on).
+
+        NOTE: [OOM] The planner's measured cost can be wrong (fragmentation, another process
+        on the GPU). Then the block is split along seeds (or samples) until the pieces fit,
+        and later blocks are cut to the size that worked, so only this tile pays the retry.
+        """
+        axis = 1 if seed_axis(self.mode) == "rows" else 2
+        if self.max_seeds and s1 - s0 > self.max_seeds:
+            cuts = range(s0, s1, self.max_seeds)
+            return np.concatenate([self._compute(kernel, b0, b1, c, min(c + self.max_seeds, s1)) for c in cuts], axis)
+        try:
+            block = kernel(b0, b1, s0, s1)
+            return block.detach().to(self.dtype).cpu().numpy()
+        except torch.OutOfMemoryError:
+            kernel.clear()
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.oom_splits += 1
+            if s1 - s0 > 1:
+                mid = s0 + (s1 - s0) // 2
+                self.max_seeds = mid - s0
+                return np.concatenate([self._compute(kernel, b0, b1, s0, mid), self._compute(kernel, b0, b1, mid, s1)], axis)
+            if b1 - b0 > 1:
+                mid = b0 + (b1 - b0) // 2
+                return np.concatenate([self._compute(kernel, b0, mid, s0, s1), self._compute(kernel, mid, b1, s0, s1)], 0)
+            raise
+
+
+def _node_id() -> str:
+    """The Ray node this worker runs on (several nodes may share one host), else the host name."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return socket.gethostname()
 
 
 def bound_heap(threshold: int = 1 << 20) -> bool:

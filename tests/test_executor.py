@@ -203,3 +203,21 @@ def test_planned_run_stays_inside_its_budget(store_path, mode):
         pytest.skip("peak RSS is read from /proc (Linux only)")
     assert growth <= 1.5 * budget, f"worker RSS grew {growth / 1e6:.1f} MB under a {budget / 1e6:.0f} MB budget"
     assert_close(jac[:64], torch.func.jacrev(problem.f)(problem.x)[:64].numpy())
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_out_of_memory_splits_only_that_block(store_path):
+    """A block that raises torch.OutOfMemoryError is computed in halves, and later blocks are
+    cut to the size that worked (the GPU path's recovery, exercised here on the CPU)."""
+    w = torch.randn(11, 5, generator=torch.Generator().manual_seed(0))
+
+    def f(x):
+        if x.ndim == 2 and x.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.tanh(x @ w.T)
+
+    problem = raijac.Problem(f, torch.randn(5, generator=torch.Generator().manual_seed(1)), batch_aware=True)
+    jac = raijac.compute(problem, store_path, mode="rev-repeat", workers=1, block_size=11)
+    assert jac.complete and jac.summary["oom_splits"] >= 2
+    want = torch.func.jacrev(lambda x: torch.tanh(x @ w.T))(problem.x).numpy()
+    assert_close(jac.numpy(), want)

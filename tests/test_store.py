@@ -139,7 +139,7 @@ def test_compressor_codec_unknown(name):
     with pytest.raises(StoreError) as info:
         store.compressor_codec(name)
     msg = str(info.value)
-    assert repr(name) in msg and "zstd, blosc or none" in msg
+    assert repr(name) in msg and "auto, zstd, blosc, none" in msg
 
 
 # ---------------------------------------------------------------------- the completion ledger

@@ -1,0 +1,115 @@
+"""A real two-node Ray cluster on loopback (`ray start --head` + `ray start --address`),
+with token authentication on, and `raijac compute --address` against it from a spec file
+that is shipped to the workers. Only the processes this test started are stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import psutil
+import pytest
+import torch
+
+import raijac
+from tests.problems import assert_close
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+SPEC = textwrap.dedent(
+    """
+    import torch
+    import raijac
+
+    def problem():
+        torch.manual_seed(0)
+        w = torch.randn(6, 4)
+        return raijac.Problem(lambda x: torch.tanh(x @ w.T) * 2, torch.randn(20, 4), batched=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _stop(temp_dir: str) -> None:
+    """Kill the Ray processes of this cluster only: those naming its temp dir, and their children."""
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                mine.append(proc)
+                mine.extend(proc.children(recursive=True))
+        except psutil.Error:
+            pass
+    for proc in mine:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(mine, timeout=10)
+
+
+@pytest.fixture
+def two_node_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: AF_UNIX paths are limited
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        subprocess.run(
+            [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+             '--resources={"head_node": 1}', *common],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+             '--resources={"second_node": 1}', *common],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _stop(temp_dir)
+
+
+def test_job_on_two_nodes_uses_both_and_is_right(two_node_cluster, tmp_path):
+    address, env = two_node_cluster
+    spec = tmp_path / "cluster_spec.py"
+    spec.write_text(SPEC)
+    out = str(tmp_path / "cluster.zarr")
+    cmd = [sys.executable, "-m", "raijac", "compute", f"{spec}:problem", "--out", out, "--address", address,
+           "--block-size", "6", "--json", "--no-progress"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["workers"] == 2 and len(summary["nodes"]) == 2, summary
+    assert all(n > 0 for n in summary["tiles_by_worker"].values())
+    problem = raijac.load_problem(f"{spec}:problem")
+    want = torch.func.vmap(torch.func.jacrev(lambda xi: problem.f(xi[None])[0]))(problem.x).detach().numpy()
+    assert_close(raijac.open(out).numpy(), want)
+
+
+def test_wrong_token_fails_with_a_clear_message(two_node_cluster, tmp_path):
+    address, env = two_node_cluster
+    spec = tmp_path / "cluster_spec.py"
+    spec.write_text(SPEC)
+    bad = env | {"RAY_AUTH_TOKEN": "0" * 32}
+    cmd = [sys.executable, "-m", "raijac", "compute", f"{spec}:problem", "--out", str(tmp_path / "x.zarr"), "--address", address]
+    result = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "token" in last.lower()
