@@ -272,7 +272,10 @@ def summary_of(jac: Any) -> dict[str, Any]:
         "tiles_by_worker",
         "reason",
     )
-    return {k: s.get(k) for k in keep}
+    out = {k: s.get(k) for k in keep}
+    meta = getattr(jac, "meta", None) or {}
+    out["compressor"] = meta.get("compressor")  # the codec the run wrote with (auto picks by a sample block)
+    return out
 
 
 def preflight_seconds(b: P.Bench) -> dict[str, float] | None:
@@ -556,7 +559,7 @@ def zarr_write(tmp: str, reps: int) -> dict[str, Any]:
         "raw write, no fsync": (None, lambda _a, p: raw(p, False)),
         "zarr, no compressor": zarr_case(None, dense),
         "zarr, no compressor + fsync": zarr_case(None, dense, sync=True),
-        "zarr, zstd-1 (raijac default)": zarr_case(ZstdCodec(level=1), dense),
+        "zarr, zstd-1": zarr_case(ZstdCodec(level=1), dense),
         "zarr, blosc zstd-3 shuffle": zarr_case(BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), dense),
         "zarr, zstd-1, tridiagonal J": zarr_case(ZstdCodec(level=1), sparse),
         "zarr, no compressor, tridiagonal J": zarr_case(None, sparse),
@@ -657,6 +660,7 @@ def breakdown_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list
         "tiles",
         "MiB/s e2e",
         "peak RSS growth MiB",
+        "codec",
     ]
     rows = []
     for r in results:
@@ -679,6 +683,7 @@ def breakdown_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list
                     str(s.get("tiles_total")),
                     f"{(s.get('bytes') or 0) / MiB / t:.0f}" if t else "-",
                     f"{rss / MiB:.0f}" if rss else "-",
+                    str(s.get("compressor") or "?"),
                 ]
             )
     return head, rows
@@ -852,7 +857,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [
             "`worker compute/write s` are sums over the workers of the kernel and Zarr-write time raijac reports; "
             f"`busy share` = (compute + write) / ({WORKERS} workers x end-to-end): what is left is driver pre-flight, "
-            "shipping, probes, scheduling and store set-up.",
+            "shipping, probes, scheduling and store set-up (above 100% where a worker writes in the background while it computes). "
+            "`codec`: the compressor the run wrote with.",
             "",
         ]
         head, rows = preflight_table(report["problems"])
@@ -932,7 +938,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default=str(HERE), help="folder for RESULTS.md, results.json, results.png (default: benchmarks/)")
     ap.add_argument("--tmp", default=None, help="folder for the Zarr stores (default: the system temp folder); use local disk")
     ap.add_argument(
-        "--repeats", type=int, default=None, metavar="N", help="best of N for every problem (default: by size and mode)"
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="best of N for every method of every problem, however long (default: by size, fewer for slow methods)",
     )
     ap.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     args = ap.parse_args(argv)
@@ -955,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.repeats:
         cfg["reps"] = dict.fromkeys(cfg["reps"], max(1, args.repeats))
+        cfg["rep_budget_s"] = math.inf  # an explicit --repeats is kept however long each run takes
     if args.only:
         names = [n for n in P.BUILDERS if n in args.only]
         extra = [n for n in EXTRA if n in args.only]

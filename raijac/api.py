@@ -263,6 +263,8 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec:
         "requested_mode": the_plan.requested_mode,
         "mode_reason": the_plan.reason,
         "triage": [list(t) for t in the_plan.triage],
+        "kind": problem.kind,
+        "hessian": problem.kind.startswith("hessian"),
         "batched": problem.batched,
         "batch_size": problem.batch_size,
         "wrt": problem.wrt,

@@ -9,6 +9,8 @@ problems have one "sample"). Modes:
     rev-repeat  stack k copies of the samples, one autograd.grad with an identity block
     fwd-repeat  stacked copies + double backward: d(VJP)/d(cotangent) applied to identity columns
     loop        one autograd.grad per row (last resort: needs nothing but backward formulas)
+    chain       nn.Sequential, reverse sweep started from the last Linear's weight rows
+    chain-fwd   nn.Sequential, forward sweep started from the first Linear's weight columns
 
 NOTE: [Stacked form] Kernels see every problem as a stack `z` of shape `(B, *in)` with an
 optional per-sample context `ctx` (the module input for parameter problems, where `z` is
@@ -28,9 +30,15 @@ import torch
 from raijac.errors import ModeError
 from raijac.problem import Problem
 
-Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop"]
-MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop")
-ROW_MODES = frozenset({"rev", "rev-repeat", "loop"})
+Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
+MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
+ROW_MODES = frozenset({"rev", "rev-repeat", "loop", "chain"})
+CHAIN_MODES = frozenset({"chain", "chain-fwd"})
+# Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
+ELEMENTWISE = (
+    torch.nn.Tanh, torch.nn.ReLU, torch.nn.GELU, torch.nn.Sigmoid, torch.nn.SiLU, torch.nn.Softplus, torch.nn.ELU,
+    torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity,
+)  # fmt: skip
 REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
 
 StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -60,6 +68,7 @@ class Target:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     why_not_stacked: str = ""
+    stages: tuple[torch.nn.Module, ...] | None = None  # an unbatched nn.Sequential, for the chain modes
 
     @property
     def n_in(self) -> int:
@@ -125,7 +134,8 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         return f(z)
 
     stack_fn = stacked_plain if problem.batch_aware else None
-    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, "" if stack_fn else no_stack)
+    stages = tuple(f) if isinstance(f, torch.nn.Sequential) and len(f) else None
+    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, "" if stack_fn else no_stack, stages)
 
 
 # ---------------------------------------------------------------------- seeds
@@ -159,6 +169,11 @@ class Kernel:
         check_mode(mode)
         if mode in REPEAT_MODES and target.stacked_fn is None:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
+        if mode in CHAIN_MODES and target.stages is None:
+            raise ModeError(
+                f"mode {mode} needs f to be a torch.nn.Sequential differentiated w.r.t. its (unbatched) input; "
+                "use rev or fwd for other functions."
+            )
         self.target = target
         self.mode = mode
         self._key: tuple | None = None
@@ -169,6 +184,8 @@ class Kernel:
             "rev-repeat": self._rev_repeat,
             "fwd-repeat": self._fwd_repeat,
             "loop": self._loop,
+            "chain": self._chain_rev,
+            "chain-fwd": self._chain_fwd,
         }[mode]
 
     def clear(self) -> None:
@@ -260,3 +277,67 @@ class Kernel:
                 (g,) = torch.autograd.grad(y[:, r].sum(), z, retain_graph=True, allow_unused=True)
             rows.append(_zeros_or(g, z).reshape(nb, t.n_in))
         return torch.stack(rows, dim=1)
+
+    # NOTE: [chain] J = W_L D_{L-1} W_{L-1} ... D_1 W_1 for an MLP. Reverse mode multiplies
+    # identity rows by W_L first, a full GEMM that only yields W_L's rows: the chain modes
+    # start from those rows (or W_1's columns) instead, apply elementwise stages as scalings
+    # by their derivative, Linear stages as one GEMM, and any other stage by its VJP/JVP.
+    def _chain_forward(self) -> tuple:
+        """Each stage's input and, for elementwise stages, the derivative there."""
+        t = self.target
+        h = t.z[0].detach()
+        inputs, derivs = [], []
+        with torch.no_grad():
+            for stage in t.stages:
+                inputs.append(h)
+                if isinstance(stage, ELEMENTWISE):
+                    derivs.append(torch.func.jvp(stage, (h,), (torch.ones_like(h),))[1])
+                else:
+                    derivs.append(None)
+                h = stage(h)
+        return inputs, derivs
+
+    def _chain_rev(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        inputs, derivs = self._kept(("chain",), self._chain_forward)
+        k, g = s1 - s0, None
+        with torch.no_grad():
+            for stage, h, d in reversed(list(zip(t.stages, inputs, derivs, strict=True))):
+                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                    g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
+                    continue
+                if g is None:
+                    g = _seeds(k, 1, s0, t.n_out, t.out_shape, h)[:, 0]
+                if d is not None:
+                    g = g * d
+                elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                    g = g @ stage.weight
+                else:
+                    with torch.enable_grad():
+                        _, vjp_fn = torch.func.vjp(stage, h)
+                        (g,) = torch.func.vmap(vjp_fn)(g)
+        if g is None:  # an empty chain of stages
+            g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z)[:, 0]
+        return g.reshape(1, k, t.n_in)
+
+    def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        inputs, derivs = self._kept(("chain",), self._chain_forward)
+        k, g = s1 - s0, None  # g: (k, *stage shape), one tangent per column
+        with torch.no_grad():
+            for stage, h, d in zip(t.stages, inputs, derivs, strict=True):
+                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                    g = stage.weight[:, s0:s1].T  # the columns of the first Linear
+                    continue
+                if g is None:
+                    g = _seeds(k, 1, s0, t.n_in, t.in_shape, h)[:, 0]
+                if d is not None:
+                    g = g * d
+                elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                    g = g @ stage.weight.T
+                else:
+                    with torch.enable_grad():
+                        g = torch.func.vmap(lambda tan, stage=stage, h=h: torch.func.jvp(stage, (h,), (tan,))[1])(g)
+        if g is None:
+            g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z)[:, 0]
+        return g.reshape(k, t.n_out).T[None]

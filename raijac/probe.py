@@ -56,6 +56,8 @@ def candidate_modes(problem: Problem, requested: str) -> list[str]:
         order = ["rev", "rev-repeat", "loop"]
     else:
         order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
+    if isinstance(problem.f, torch.nn.Sequential) and not problem.batched and problem.wrt == "input":
+        order.insert(0, "chain" if problem.n_out <= problem.n_in else "chain-fwd")  # NOTE: [chain] in kernels
     stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
     return [m for m in order if stackable or m not in REPEAT_MODES]
 
@@ -147,7 +149,9 @@ def resolve_mode(problem: Problem, requested: str, *, try_all: bool = False) -> 
     chosen = good[0]
     m, n = problem.n_out, problem.n_in
     first = candidates[0]
-    why = f"M={m} <= N={n}" if first == "rev" else f"M={m} > N={n}"
+    why = f"M={m} <= N={n}" if seed_axis(first) == "rows" else f"M={m} > N={n}"
+    if first in ("chain", "chain-fwd"):
+        why = f"{why} and f is an nn.Sequential"
     if chosen.mode == first:
         reason = f"auto: {why}, so {first}"
     else:

@@ -142,6 +142,59 @@ class Problem:
         problem.kind = "module"
         return problem
 
+    @classmethod
+    def hessian(cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, batched: bool = False) -> Problem:
+        """The Hessian of a scalar-valued `f` at `x`: the Jacobian of its gradient, `(N, N)`.
+
+        With `batched=True`, `f` maps `(B, *in)` to `(B,)`, one scalar per independent sample,
+        and the result is the per-sample Hessians `(B, N, N)`. Any mode works; `fwd` is the
+        forward-over-reverse Hessian-vector product vmapped over seed columns.
+        """
+        _check_input(x, "x")
+        x = x.detach()
+        with torch.no_grad():
+            try:
+                value = f(x)
+            except Exception as exc:
+                raise ProblemError(f"f raised {type(exc).__name__} on x of shape {tuple(x.shape)}: {_first_line(exc)}.") from exc
+        want = (x.shape[0],) if batched else ()
+        if not isinstance(value, torch.Tensor) or value.numel() != math.prod(want):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ProblemError(
+                f"Problem.hessian needs f to return {'one scalar per sample, shape ' + str(want) if batched else 'a scalar'}, "
+                f"but f returned {got}; reduce the output (e.g. .sum()) or use Problem for a Jacobian."
+            )
+        if batched:
+            grad = torch.func.grad(lambda z: f(z).sum())  # samples are independent: each row is its own gradient
+        else:
+            grad = torch.func.grad(lambda z: f(z).reshape(()))
+        problem = cls(grad, x, batched=batched, batch_aware=batched)
+        problem.kind = "hessian"
+        return problem
+
+    @classmethod
+    def hessian_from_module(
+        cls, module: torch.nn.Module, loss: Callable[[torch.Tensor], torch.Tensor], *inputs: torch.Tensor
+    ) -> Problem:
+        """The Hessian of `loss(module(*inputs))` w.r.t. the module's trainable parameters.
+
+        Rows and columns follow `module.parameters()` order (that of `parameters_to_vector`);
+        the parameter names, shapes and offsets are stored with the result.
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise ProblemError(f"hessian_from_module needs a torch.nn.Module, but got {type(module).__name__}.")
+        template = cls.from_module(module, inputs[0] if inputs else torch.zeros(()), wrt="params")
+        info = template.param_info
+
+        def objective(flat: torch.Tensor) -> torch.Tensor:
+            params = {i.name: flat[i.offset : i.offset + i.size].view(i.shape) for i in info}
+            return loss(torch.func.functional_call(module, params, inputs))
+
+        problem = cls.hessian(objective, template.params)
+        problem.param_info = info
+        problem.kind = "hessian-params"
+        return problem
+
     # ------------------------------------------------------------------ shapes
     @property
     def primal(self) -> torch.Tensor:

@@ -52,15 +52,17 @@ class VerifyReport:
     reference: str
     seconds: float
     suspect: tuple[int | None, int, int] | None = None
+    symmetry_errors: tuple[float, ...] = ()  # Hessians: ||H v - H^T v|| / ||H v|| per probe
 
     @property
     def max_error(self) -> float:
-        errors = [*self.jvp_errors, *self.vjp_errors, self.y_error]
+        errors = [*self.jvp_errors, *self.vjp_errors, *self.symmetry_errors, self.y_error]
         return float("nan") if any(math.isnan(e) for e in errors) else max(errors)
 
     @property
     def ok(self) -> bool:
-        return all(e <= self.rtol for e in (*self.jvp_errors, *self.vjp_errors, self.y_error))  # NaN fails
+        checks = (*self.jvp_errors, *self.vjp_errors, *self.symmetry_errors, self.y_error)
+        return all(e <= self.rtol for e in checks)  # NaN fails
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,6 +79,9 @@ class VerifyReport:
         parts = [f"{bad} of {len(errors)} probe checks past rtol {self.rtol:.0e} (largest error {self.max_error:.1e})"]
         if not self.y_error <= self.rtol:
             parts.insert(0, f"f(x) differs from the stored y (relative error {self.y_error:.1e}), so f changed since the run")
+        asym = [e for e in self.symmetry_errors if not e <= self.rtol]
+        if asym:
+            parts.append(f"the stored Hessian is not symmetric (||H v - H^T v|| / ||H v|| up to {max(asym):.1e})")
         if self.suspect is not None:
             b, i, j = self.suspect
             at = f"J[{i}, {j}] (row, column)" if b is None else f"J[{b}, {i}, {j}] (sample, row, column)"
@@ -92,6 +97,8 @@ class VerifyReport:
         for k, (a, b) in enumerate(zip(self.jvp_errors, self.vjp_errors, strict=True)):
             flag = "" if a <= self.rtol and b <= self.rtol else "   <-- past rtol"
             lines.append(f"  {k:5d}   {a:14.2e}   {b:16.2e}{flag}")
+        if self.symmetry_errors:
+            lines.append(f"  Hessian symmetry ||H v - H^T v|| / ||H v||: largest {max(self.symmetry_errors):.2e}")
         lines.append(f"  f(x) against the stored y: rel. error {self.y_error:.2e}")
         lines.append(self.verdict())
         return "\n".join(lines)
@@ -150,6 +157,9 @@ def verify(
 
     checker = _Fresh(problem)
     v, u = _probes(jac, problem, probes, seed)
+    hessian = bool(meta.get("hessian"))
+    if hessian and u.shape == v.shape:
+        u = v.copy()  # u^T H with u = v is (H^T v)^T: compared with H v, it checks symmetry
     stored_jv, stored_uj = jac.products(v, u)  # one pass over the store: (B?, M, K), (B?, N, K) or (N, K)
     fresh_jv = np.stack([checker.jvp(v[..., k]) for k in range(probes)], axis=-1)
     fresh_uj = np.stack([checker.vjp(u[..., k]) for k in range(probes)], axis=-1)
@@ -171,6 +181,7 @@ def verify(
         y_error=y_error,
         reference=checker.reference,
         seconds=0.0,
+        symmetry_errors=_relative(stored_uj, stored_jv) if hessian else (),
     )
     suspect = None if report.ok else _suspect(jac, stored_jv - fresh_jv, stored_uj - fresh_uj)
     return VerifyReport(**{**asdict(report), "suspect": suspect, "seconds": round(time.perf_counter() - started, 4)})

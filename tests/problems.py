@@ -19,6 +19,7 @@ import raijac
 
 ALL_MODES = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop")
 PLAIN_MODES = ("rev", "fwd", "loop")
+CHAIN = ("chain", "chain-fwd")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,32 @@ def module_input_batched() -> raijac.Problem:
     return raijac.Problem.from_module(_net(), _randn(5, 6, seed=23), wrt="input", batched=True)
 
 
+def sequential_mlp() -> raijac.Problem:
+    """An nn.Sequential (Linear, elementwise, LayerNorm, Linear): the chain modes apply."""
+    torch.manual_seed(30)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(23, 31), torch.nn.Tanh(), torch.nn.Linear(31, 31), torch.nn.GELU(), torch.nn.LayerNorm(31),
+        torch.nn.Linear(31, 13),
+    )  # fmt: skip
+    return raijac.Problem(net, _randn(23, seed=31))
+
+
+def sequential_wide() -> raijac.Problem:
+    """A wide nn.Sequential (M > N) starting and ending with Linear: chain-fwd applies."""
+    torch.manual_seed(32)
+    net = torch.nn.Sequential(torch.nn.Linear(11, 19), torch.nn.SiLU(), torch.nn.Linear(19, 41), torch.nn.Softplus())
+    return raijac.Problem(net, _randn(11, seed=33))
+
+
+def sequential_conv() -> raijac.Problem:
+    """Conv and Flatten stages take the generic VJP/JVP path inside the chain modes."""
+    torch.manual_seed(34)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(0), torch.nn.Linear(3 * 5 * 6, 7),
+    )  # fmt: skip
+    return raijac.Problem(net, _randn(2, 5, 6, seed=35))
+
+
 def item_call() -> raijac.Problem:
     """`.item()` on the primal: fine here, since only seeds are vmapped (not batch-aware)."""
 
@@ -260,6 +287,9 @@ CASES: list[Case] = [
     Case("params", params, params_reference, PLAIN_MODES, broken=("rev-repeat", "fwd-repeat")),
     Case("params_batched", params_batched, params_reference, ALL_MODES),
     Case("module_input_batched", module_input_batched, jacrev_reference, ALL_MODES),
+    Case("sequential_mlp", sequential_mlp, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
+    Case("sequential_wide", sequential_wide, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain-fwd"),
+    Case("sequential_conv", sequential_conv, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
     Case("item_call", item_call, autograd_reference, PLAIN_MODES, broken=("rev-repeat",), auto="fwd"),
     Case("inplace_captured", inplace_captured, autograd_reference, ("loop",), broken=("rev", "fwd", "rev-repeat"), auto="loop"),
     Case(

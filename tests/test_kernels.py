@@ -91,3 +91,33 @@ def test_zero_jacobian_when_output_ignores_input():
     problem = raijac.Problem(lambda x: torch.ones(3) * 2.0, torch.randn(4), batch_aware=False)
     for mode in ("rev", "fwd", "loop"):
         assert np.array_equal(assemble(problem, mode, 2), np.zeros((3, 4), np.float32))
+
+
+def test_chain_modes_need_a_sequential():
+    problem = BY_NAME["matmul_chain"].build()
+    for mode in ("chain", "chain-fwd"):
+        with pytest.raises(ModeError, match="needs f to be a torch.nn.Sequential"):
+            Kernel(make_target(problem), mode)
+
+
+def test_chain_skips_the_identity_gemm():
+    """The chain kernel's first product is the last Linear's weight rows themselves."""
+    import raijac
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    kernel = Kernel(make_target(raijac.Problem(net, torch.randn(5))), "chain")
+    calls = []
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("mm", "matmul", "bmm", "addmm")):
+                calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    kernel(0, 1, 0, 4)  # the kept forward pass
+    with Count():
+        kernel(0, 1, 0, 4)
+    assert len(calls) == 1  # W2 rows * tanh' then @ W1: one GEMM; rev would need two
