@@ -50,6 +50,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _explicit(address: str) -> bool:
+    """An address naming a host (not `auto`/`local`, not a Ray client `ray://` URL)."""
+    return address not in ("auto", "local") and not address.startswith("ray://")
+
+
 def _auth_failed(exc: BaseException) -> bool:
     """Whether a ray.init failure (or one it chains) is a token-authentication refusal."""
     seen = exc
@@ -78,6 +83,7 @@ class RayExecutor:
         if workers is not None and workers < 1:
             raise RaijacError(f"--workers must be at least 1, but got {workers}.")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.explicit_address = address
         self.requested_workers = workers
         self.owns_ray = False
         self.spec = spec
@@ -91,6 +97,12 @@ class RayExecutor:
         import ray
 
         if ray.is_initialized():
+            current = ray.get_runtime_context().gcs_address
+            if self.explicit_address and self.explicit_address != current and _explicit(self.explicit_address):
+                raise RaijacError(
+                    f"this process is already connected to the Ray cluster at {current}, not {self.explicit_address}; "
+                    "call ray.shutdown() first, or drop the address to use the running Ray."
+                )
             return self
         kwargs = dict(logging_level="ERROR", log_to_driver=True)
         if self.address:

@@ -304,7 +304,14 @@ def sample_block(problem: Problem, mode: str, dtype: torch.dtype, max_bytes: int
     rows = seed_axis(mode) == "rows"
     n_seed, other = (t.n_out, t.n_in) if rows else (t.n_in, t.n_out)
     k = max(1, min(32, n_seed, max_bytes // max(other * dtype.itemsize, 1)))
-    return kernel(0, 1, 0, k).detach().to(dtype)
+    while True:
+        try:
+            return kernel(0, 1, 0, k).detach().to(dtype)
+        except torch.OutOfMemoryError:
+            kernel.clear()
+            if k == 1:
+                raise
+            k //= 2
 
 
 def seed_bytes(kernel_per_seed: int, other: int, itemsize: int) -> int:

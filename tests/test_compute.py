@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -133,13 +134,15 @@ def test_failing_tile_is_named_and_finished_tiles_are_kept(store_path):
     with pytest.raises(raijac.WorkerError) as err:
         raijac.compute(raijac.Problem(Flaky(True), x, batched=True), store_path, mode="rev", workers=1, block_size=2)
     msg = str(err.value)
-    assert "tile 12" in msg and "samples 6:7" in msg and "synthetic failure at sample 6" in msg and "--resume" in msg
-    group = zarr.open_group(store_path)
-    assert store.pending_tiles(group) == [12, 13, 14, 15]
+    # Tiles 12 and 13 are sample 6's two row blocks; either may be the one reported.
+    assert re.search(r"tile 1[23] \(samples 6:7, rows [0-9:]+\) failed", msg), msg
+    assert "synthetic failure at sample 6" in msg and "--resume" in msg
+    pending = store.pending_tiles(zarr.open_group(store_path))
+    assert {12, 13} <= set(pending) and not set(pending) & set(range(12))
     fixed = raijac.compute(
         raijac.Problem(Flaky(False), x, batched=True), store_path, mode="rev", workers=1, block_size=2, resume=True
     )
-    assert fixed.summary["tiles_computed"] == 4 and fixed.summary["tiles_skipped"] == 12
+    assert fixed.summary["tiles_computed"] == len(pending) and fixed.summary["tiles_skipped"] == 16 - len(pending)
     want = torch.func.vmap(torch.func.jacrev(lambda xi: torch.tanh(xi) * 2))(x).numpy()
     assert_close(fixed.numpy(), want)
 

@@ -108,5 +108,5 @@ def test_measured_cost_scales_with_the_output_row(mode):
     for n, cost in costs.items():
         assert cost.per_seed >= other(n) * 4
         assert cost.per_seed < other(n) * 4 * 40 + 200_000  # activations, not a runaway estimate
-    if mode != "fwd":
-        assert costs[4000].per_seed > 4 * costs[500].per_seed
+    if mode != "fwd":  # 3500 more floats in every output row
+        assert costs[4000].per_seed - costs[500].per_seed >= 0.8 * 3500 * 4
