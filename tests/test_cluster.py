@@ -63,16 +63,18 @@ def _stop(temp_dir: str) -> None:
     psutil.wait_procs(mine, timeout=10)
 
 
-@pytest.fixture
-def two_node_cluster():
+def _start_cluster(dashboard_port: int | None = None):
     temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: AF_UNIX paths are limited
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    dashboard = ["--include-dashboard=false"]
+    if dashboard_port:  # the job server lives in the dashboard: bound to loopback only
+        dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     try:
         subprocess.run(
-            [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+            [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *dashboard,
              '--resources={"head_node": 1}', *common],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
@@ -84,6 +86,18 @@ def two_node_cluster():
         yield f"127.0.0.1:{port}", env
     finally:
         _stop(temp_dir)
+
+
+@pytest.fixture
+def two_node_cluster():
+    yield from _start_cluster()
+
+
+@pytest.fixture
+def two_node_cluster_with_jobs():
+    port = _free_port()
+    for _address, env in _start_cluster(dashboard_port=port):
+        yield f"http://127.0.0.1:{port}", env
 
 
 def test_job_on_two_nodes_uses_both_and_is_right(two_node_cluster, tmp_path):
@@ -113,3 +127,21 @@ def test_wrong_token_fails_with_a_clear_message(two_node_cluster, tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "token" in last.lower()
+
+
+def test_ray_job_submit_runs_raijac_compute(two_node_cluster_with_jobs, tmp_path):
+    """`ray job submit -- raijac compute ...`: the job's driver joins the cluster via RAY_ADDRESS."""
+    jobs, env = two_node_cluster_with_jobs
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "cluster_spec.py").write_text(SPEC)
+    out = str(tmp_path / "job.zarr")
+    cmd = [_ray_bin(), "job", "submit", "--address", jobs, "--working-dir", str(work), "--",
+           "raijac", "compute", "cluster_spec.py:problem", "--out", out, "--block-size", "6", "--json", "--no-progress"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
+    assert summary["complete"] and summary["workers"] == 2 and len(summary["nodes"]) == 2
+    problem = raijac.load_problem(f"{work / 'cluster_spec.py'}:problem")
+    want = torch.func.vmap(torch.func.jacrev(lambda xi: problem.f(xi[None])[0]))(problem.x).detach().numpy()
+    assert_close(raijac.open(out).numpy(), want)
