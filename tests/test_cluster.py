@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -138,7 +139,11 @@ def test_ray_job_submit_runs_raijac_compute(two_node_cluster_with_jobs, tmp_path
     out = str(tmp_path / "job.zarr")
     cmd = [_ray_bin(), "job", "submit", "--address", jobs, "--working-dir", str(work), "--",
            "raijac", "compute", "cluster_spec.py:problem", "--out", out, "--block-size", "6", "--json", "--no-progress"]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(30):  # the job server answers before its agent is up: "No available agent", retry
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in result.stdout + result.stderr:
+            break
+        time.sleep(2)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     assert summary["complete"] and summary["workers"] == 2 and len(summary["nodes"]) == 2
