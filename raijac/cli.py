@@ -67,7 +67,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--memory-budget",
                 default=None,
                 metavar="SIZE",
-                help="Memory per worker, e.g. 512MB or 2GiB (default: a share of free RAM / 80% of GPU memory).",
+                help="Memory per worker, e.g. 512MB or 2GiB, or one per worker, e.g. 256MB,1GiB (default: a share of free RAM / 80% of GPU memory).",
             ),
             click.option(
                 "--block-size",
