@@ -70,18 +70,25 @@ def _start_cluster(dashboard_port: int | None = None):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        """Every node its own agent ports: a Ray already running here (the session fixture's)
+        holds the defaults, and a head without its dashboard agent cannot take jobs."""
+        names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+        return [f"--{name}={_free_port()}" for name in names]
+
     dashboard = ["--include-dashboard=false"]
     if dashboard_port:  # the job server lives in the dashboard: bound to loopback only
         dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     try:
         subprocess.run(
             [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *dashboard,
-             '--resources={"head_node": 1}', *common],
+             '--resources={"head_node": 1}', *common, *own_ports()],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         subprocess.run(
             [_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-             '--resources={"second_node": 1}', *common],
+             '--resources={"second_node": 1}', *common, *own_ports()],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         yield f"127.0.0.1:{port}", env
