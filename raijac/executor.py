@@ -19,7 +19,7 @@ from typing import Any
 
 from raijac.errors import RaijacError, WorkerError
 from raijac.plan import Plan, WorkerCost
-from raijac.problem import Problem
+from raijac.problem import Problem, _first_line
 
 IN_FLIGHT = 2  # calls queued per actor: one running, one waiting
 MAX_TILE_FAILURES = 3
@@ -199,7 +199,7 @@ class RayExecutor:
             cause = exc.cause
             if isinstance(cause, RaijacError):
                 raise cause from None
-            raise WorkerError(f"worker {name} failed: {type(cause).__name__}: {_first(cause)}") from None
+            raise WorkerError(f"worker {name} failed: {type(cause).__name__}: {_first_line(cause)}") from None
 
     # ------------------------------------------------------------------ the run
     def run(
@@ -305,7 +305,7 @@ class RayExecutor:
         span = plan.describe_tile(type(first)(first.index, first.b0, last.b1, first.s0, last.s1))
         label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
         hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
-        what = str(cause) if isinstance(cause, _Died) else f"{type(cause).__name__}: {_first(cause)}"
+        what = str(cause) if isinstance(cause, _Died) else f"{type(cause).__name__}: {_first_line(cause)}"
         return WorkerError(
             f"{label} ({span}) failed on worker {self.names[w]}: {what}. "
             f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
@@ -351,11 +351,6 @@ class _Died(Exception):
 
     def __init__(self, exc: BaseException, times: int) -> None:
         super().__init__(f"its worker process died {times} times while computing it (last: {type(exc).__name__})")
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _progress_bar(total: int, plan: Plan, enabled: bool):

@@ -60,6 +60,7 @@ class Worker:
         self.local_workers = local_workers
         self.kernel: Kernel | None = None
         self._compute_lock = threading.Lock()
+        self.node = _node_id()  # per worker, not per tile
         self.max_seeds: int | None = None  # set after an out-of-memory split (NOTE: [OOM])
         self.oom_splits = 0
         self.problem: Problem | None = None
@@ -109,7 +110,7 @@ class Worker:
                 self._array = store.open_group(out, "r+")["jacobian"]
                 self._out = out
                 # Idle = holding the problem and the open store; growth is measured from here.
-                self.idle_rss = _reset_idle_rss()
+                self.idle_rss = _reset_peak_rss()
             start = time.perf_counter()
             data = self._compute(kernel, b0, b1, s0, s1)
             computed = time.perf_counter()
@@ -118,7 +119,7 @@ class Worker:
         store.write_block(self._array, region, data if batched else data[0])
         return {
             "worker": self.name,
-            "node": _node_id(),
+            "node": self.node,
             "pid": os.getpid(),
             "compute_s": computed - start,
             "write_s": time.perf_counter() - computed,
@@ -184,11 +185,6 @@ def bound_heap(threshold: int = 1 << 20) -> bool:
         return False
 
 
-def _reset_idle_rss() -> int | None:
-    # No gc.collect() here: it costs ~0.15 s in a process holding torch, on every run.
-    return _reset_peak_rss()
-
-
 def _peak_rss_growth(idle: int | None) -> int | None:
     """How far this process's peak RSS rose above the idle mark since it was reset."""
     peak = _proc_status("VmHWM")
@@ -232,6 +228,3 @@ class WorkerHost:
 
     def run(self, recipe: tuple[str, list, dict[str, Any]], out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
         return self._worker(recipe).run(out, b0, b1, s0, s1)
-
-    def pid(self) -> int:
-        return os.getpid()
