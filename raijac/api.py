@@ -151,8 +151,7 @@ def compute(
     check_mode(mode, allow_auto=True)
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
-    if compressor != "auto":
-        store.compressor_codec(compressor, compression_level)
+    store.compressor_codec("zstd" if compressor == "auto" else compressor, compression_level)  # bad names/levels fail now
     store_dtype = _store_dtype(problem, dtype)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it

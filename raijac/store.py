@@ -35,6 +35,10 @@ AUTO_MIN_RATIO = 1.5  # below this, compression costs more write time than the b
 
 def compressor_codec(name: str | None, level: int | None = None):
     """A zarr codec for `--compressor`: zstd (default level 1), blosc (zstd inside, shuffle), or none."""
+    levels = {None: range(-7, 23), "zstd": range(-7, 23), "blosc": range(0, 10)}
+    if level is not None and name in levels and level not in levels[name]:
+        span = levels[name]
+        raise StoreError(f"compression level {level} is out of range for {name or 'zstd'}; use {span.start}..{span.stop - 1}.")
     if name in (None, "zstd"):
         return ZstdCodec(level=1 if level is None else level)
     if name == "blosc":

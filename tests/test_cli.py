@@ -316,6 +316,13 @@ def test_overwrite_without_json_prints_one_summary_line(plain_run, existing):
 # bad input is refused before anything is deleted or written.
 BAD_SPECS = {
     "spec-syntax-error": ("def problem(:\n", "problem", [], ["importing", "SyntaxError"]),
+    "zstd-level-out-of-range": (PLAIN, "problem", ["--compression-level", 99], ["compression level 99", "-7..22"]),
+    "blosc-level-out-of-range": (
+        PLAIN,
+        "problem",
+        ["--compressor", "blosc", "--compression-level", 12],
+        ["compression level 12", "blosc", "0..9"],
+    ),
     "name-missing": (PLAIN, "nope", [], ["has no name 'nope'", "problem"]),
     "not-a-problem": (PLAIN + "\nNAME = 3\n", "NAME", [], ["must name a raijac.Problem", "int"]),
     "function-raises": (
