@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from raijac import store
-from raijac.errors import ProblemError, RaijacError, StoreError
+from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
-from raijac.kernels import check_mode, make_target, seed_axis
+from raijac.kernels import CHAIN_MODES, REPEAT_MODES, check_mode, make_target, seed_axis
 from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
+from raijac.sparsity import Colouring, choose
 from raijac.worker import TORCH_DTYPES
 
 STORE_DTYPES = ("float16", "float32", "float64")
@@ -44,6 +45,12 @@ def _store_dtype(problem: Problem, dtype: str | torch.dtype | None) -> str:
     return name
 
 
+def _sparse_plan_args(problem: Problem, colouring: Colouring | None) -> dict[str, Any]:
+    if colouring is None:
+        return {}
+    return {"colours": colouring.n_colours, "nnz": problem.pattern.nnz, "colouring": colouring.method}
+
+
 def _check_block_size(block_size: int | None) -> None:
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise RaijacError(f"--block-size must be a positive number of seeds, but got {block_size!r}.")
@@ -51,6 +58,28 @@ def _check_block_size(block_size: int | None) -> None:
 
 def _triage_rows(reports: list) -> tuple:
     return tuple((r.mode, r.status, r.note) for r in reports)
+
+
+def _sparse_mode(problem: Problem, mode: str, *, try_all: bool = False) -> tuple[str, str, list, Colouring]:
+    """Mode and colouring of a sparse problem: `auto` seeds the axis with fewer colours and
+    falls back along it (fwd -> fwd-repeat, rev -> rev-repeat -> loop), then to the other axis."""
+    if mode in CHAIN_MODES:
+        raise ModeError(f"mode {mode} has no compressed (sparse) form; use auto, rev or fwd for sparse problems.")
+    first, second = choose(problem.pattern, mode)
+    if mode != "auto":
+        chosen, reason, reports = resolve_mode(problem, mode)
+        return chosen, f"requested; {first.n_colours} colours ({first.method})", reports, first
+    stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
+    order = []
+    for c in (first, second):
+        modes = ["fwd", "fwd-repeat"] if c.axis == "cols" else ["rev", "rev-repeat", "loop"]
+        order += [m for m in modes if stackable or m not in REPEAT_MODES]
+    why = (
+        f"sparse: {first.n_colours} colours of {'columns' if first.axis == 'cols' else 'rows'} ({first.method}) vs "
+        f"{second.n_colours} of {'columns' if second.axis == 'cols' else 'rows'}"
+    )
+    chosen, reason, reports = resolve_mode(problem, "auto", try_all=try_all, order=order, why=why)
+    return chosen, reason, reports, first if seed_axis(chosen) == ("rows" if first.axis == "rows" else "cols") else second
 
 
 def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[WorkerCost], **kw: Any) -> Plan:
@@ -87,7 +116,11 @@ def plan(
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store_dtype = _store_dtype(problem, dtype)
-    chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
+    colouring = None
+    if problem.pattern is not None:
+        chosen, reason, reports, colouring = _sparse_mode(problem, mode, try_all=True)
+    else:
+        chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = torch.cuda.device_count() if device.type == "cuda" else (workers or default_workers(os.cpu_count() or 1))
     from raijac.kernels import Kernel
@@ -100,7 +133,15 @@ def plan(
     per_worker = budgets * n if budgets and len(budgets) == 1 else budgets or [default_budget(device, n)] * n
     costs = [WorkerCost(f"{device.type}{i}", device.type, b, cost.base, per_seed) for i, b in enumerate(per_worker)]
     return _plan_for(
-        problem, chosen, reason, store_dtype, costs, requested_mode=mode, block_size=block_size, triage=_triage_rows(reports)
+        problem,
+        chosen,
+        reason,
+        store_dtype,
+        costs,
+        requested_mode=mode,
+        block_size=block_size,
+        triage=_triage_rows(reports),
+        **_sparse_plan_args(problem, colouring),
     )
 
 
@@ -119,6 +160,7 @@ def compute(
     progress: bool | None = None,
     compressor: str = "auto",
     compression_level: int | None = None,
+    dense: bool = False,
 ) -> Jacobian:
     """Compute the Jacobian on Ray workers into a Zarr store at `out` and open it.
 
@@ -139,6 +181,7 @@ def compute(
         progress: show a progress bar (default: when stderr is a terminal).
         compressor: `auto` (zstd when a sample block compresses 1.5x or better, else none),
             `zstd`, `blosc` or `none`; `compression_level` sets the codec's level.
+        dense: for a sparse problem, also store the dense `jacobian` (M x N, mostly zeros).
 
     Returns:
         The opened `Jacobian`; its `summary` holds the run's figures.
@@ -155,10 +198,18 @@ def compute(
     store_dtype = _store_dtype(problem, dtype)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
+    pattern = problem.pattern  # traced or checked now: a bad pattern fails before any work
+    if dense and pattern is None:
+        raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")
     existing = store.check_out(out, resume=resume, overwrite=overwrite)
+    colouring: Colouring | None = None
     if existing is not None:
         _check_resumable(existing, out, fingerprint, problem)
         chosen, reason, reports = existing["mode"], existing["mode_reason"], []
+        if pattern is not None:
+            colouring = _stored_colouring(existing, out, pattern.digest())
+    elif pattern is not None:
+        chosen, reason, reports, colouring = _sparse_mode(problem, mode)
     else:
         chosen, reason, reports = resolve_mode(problem, mode)
     if progress is None:
@@ -179,6 +230,7 @@ def compute(
             block_size=block_size,
             grid=existing.get("layout") if existing else None,
             triage=_triage_rows(reports),
+            **_sparse_plan_args(problem, colouring),
         )
         if existing is not None:
             store.clean_partial(out)
@@ -191,13 +243,19 @@ def compute(
                 store.remove(out)
             codec, codec_reason = compressor, "requested"
             if compressor == "auto":
-                codec, codec_reason = store.choose_compressor(sample_block(problem, chosen, TORCH_DTYPES[store_dtype]).numpy())
+                seeds = None if colouring is None else torch.from_numpy(colouring.colours.astype(np.int64))
+                sample = sample_block(problem, chosen, TORCH_DTYPES[store_dtype], colours=seeds)
+                codec, codec_reason = store.choose_compressor(sample.numpy())
             group = _create(out, problem, the_plan, fingerprint, (codec, codec_reason, compression_level), started)
+            if colouring is not None:
+                _create_sparse(group, problem, the_plan, colouring, dense, codec, compression_level)
             pending = list(range(the_plan.n_tiles))
         skipped = the_plan.n_tiles - len(pending)
         stats = executor.run(the_plan, out, pending, lambda tiles, record: store.mark_done(group, tiles), progress=bool(progress))
-    seconds = time.time() - started
     done = not store.pending_tiles(group)
+    if done and colouring is not None:
+        _decompress(group, out, the_plan)
+    seconds = time.time() - started
     meta = store.update_meta(
         group,
         complete=done,
@@ -230,7 +288,79 @@ def compute(
         "peak_rss_growth": stats["rss_growth"],
         "oom_splits": stats["oom_splits"],
     }
+    if colouring is not None:
+        result.summary["sparse"] = {
+            "nnz": the_plan.nnz,
+            "colours": the_plan.colours,
+            "seed_axis": the_plan.seed_axis,
+            "colouring": the_plan.colouring,
+            "decompress_seconds": group.attrs[store.ATTR].get("sparse", {}).get("decompress_seconds"),
+        }
     return result
+
+
+def _stored_colouring(meta: dict, out: str, digest: str) -> Colouring:
+    """The colouring a store was computed with (resume keeps it: finished tiles used it)."""
+    sparse = meta.get("sparse")
+    if not sparse:
+        raise StoreError(
+            f"--resume refused: {out} holds a dense Jacobian but this problem is sparse; use --overwrite or a new --out."
+        )
+    if sparse.get("pattern") != digest:
+        raise StoreError(
+            f"--resume refused: the sparsity pattern differs from the one {out} was computed with; use the same pattern, "
+            "or --overwrite / a new --out."
+        )
+    colours = store.open_group(out)["colours"][...]
+    return Colouring(sparse["axis"], colours, int(sparse["colours"]), sparse["colouring"])
+
+
+def _create_sparse(group, problem: Problem, the_plan: Plan, colouring: Colouring, dense: bool, codec: str, level) -> None:
+    pattern = problem.pattern
+    store.create_sparse(
+        group,
+        rows=pattern.rows,
+        cols=pattern.cols,
+        colours=colouring.colours,
+        shape=pattern.shape,
+        batch_size=problem.batch_size,
+        dtype=the_plan.dtype,
+        dense=dense,
+        compressor=codec,
+        level=level,
+    )
+    store.update_meta(
+        group,
+        sparse={
+            "nnz": pattern.nnz,
+            "axis": colouring.axis,
+            "colours": colouring.n_colours,
+            "colouring": colouring.method,
+            "pattern": pattern.digest(),
+            "order": "row-major",
+            "dense": bool(dense),
+            "decompressed": False,
+        },
+    )
+
+
+def _decompress(group, out: str, the_plan: Plan) -> None:
+    """Turn the finished compressed product into the stored non-zeros; refuse a pattern that misses some."""
+    t0 = time.perf_counter()
+    strays, first = store.decompress(group, axis=the_plan.seed_axis)
+    sparse = {**group.attrs[store.ATTR]["sparse"], "decompress_seconds": round(time.perf_counter() - t0, 3)}
+    if strays:
+        b, line, colour = first
+        where = f"output row {line}" if the_plan.seed_axis == "cols" else f"input column {line}"
+        axis = "columns" if the_plan.seed_axis == "cols" else "rows"
+        sample = f"sample {b}, " if the_plan.batched else ""
+        store.update_meta(group, complete=False, sparse={**sparse, "strays": strays})
+        raise ProblemError(
+            f"the sparsity pattern misses non-zeros of J: {strays} entries of the compressed product are non-zero where "
+            f"the pattern has none (first: {sample}{where}, {axis} of colour {colour}); fix the pattern or use "
+            f"sparsity='detect'. The computed tiles are kept in {out}, marked incomplete."
+        )
+    store.update_meta(group, sparse={**sparse, "decompressed": True})
 
 
 def _check_resumable(meta: dict, out: str, fingerprint: str, problem: Problem) -> None:
@@ -287,7 +417,8 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec:
     }
     return store.create(
         out,
-        shape=the_plan.shape,
+        name="compressed" if the_plan.sparse else "jacobian",
+        shape=the_plan.array_shape,
         chunks=the_plan.chunks,
         dtype=the_plan.dtype,
         n_tiles=the_plan.n_tiles,

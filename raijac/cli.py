@@ -106,6 +106,7 @@ def cli() -> None:
     help="Chunk compression; auto picks zstd when a sample block compresses 1.5x or better, else none.",
 )
 @click.option("--compression-level", type=int, default=None, help="The codec's level (zstd default 1, blosc 3).")
+@click.option("--dense", is_flag=True, help="For a sparse problem, also store the dense jacobian array (M x N, mostly zeros).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option(
@@ -128,8 +129,10 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
         click.echo(json.dumps(s))
     else:
         shape = " x ".join(map(str, s["shape"]))
+        sparse = s.get("sparse")
+        what = f"sparse ({sparse['nnz']} non-zeros, {sparse['colours']} colours) " if sparse else ""
         click.echo(
-            f"wrote {shape} {s['dtype']} Jacobian to {out} in {s['seconds']:.2f} s "
+            f"wrote {shape} {s['dtype']} {what}Jacobian to {out} in {s['seconds']:.2f} s "
             f"(mode {s['mode']}; {s['tiles_computed']} tiles computed, {s['tiles_skipped']} skipped, "
             f"{s['workers']} workers)"
         )
@@ -209,6 +212,7 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
                 "versions",
             )
         },
+        "sparse": jac.meta.get("sparse"),
         "runs": len(runs),
         "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
         "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),
@@ -232,6 +236,11 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
         f"(w.r.t. {info['wrt']}); unflattened {tuple(info['unflattened_shape'])}"
     )
     click.echo(f"  mode      {info['mode']} ({info['mode_reason']})")
+    if info["sparse"]:
+        sp = info["sparse"]
+        axis = "columns" if sp["axis"] == "cols" else "rows"
+        dense = "; dense jacobian stored too" if sp.get("dense") else ""
+        click.echo(f"  sparse    {sp['nnz']} non-zeros per sample; {sp['colours']} colours of {axis} ({sp['colouring']}){dense}")
     ratio = f"{raw / stored:.2f}x" if stored else "n/a"
     click.echo(f"  size      {format_size(raw)} raw, {format_size(stored)} on disk (compression {ratio})")
     click.echo(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
@@ -272,6 +281,9 @@ def verify(path: str, probes: int, rtol: float | None, seed: int, as_json: bool)
 def _stored_bytes(jac: Any) -> int:
     from raijac.store import stored_bytes
 
+    if jac.sparse:
+        names = ("values", "rows", "cols", "row_ptr", "colours", "compressed", "jacobian")
+        return sum(stored_bytes(jac.path, name) for name in names if name in jac.group)
     return stored_bytes(jac.path)
 
 

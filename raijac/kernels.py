@@ -139,11 +139,21 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
 
 
 # ---------------------------------------------------------------------- seeds
-def _seeds(k: int, nb: int, s0: int, n: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Identity rows s0..s0+k of size n, broadcast over nb samples: shape (k, nb, *shape)."""
-    e = torch.zeros(k, n, dtype=like.dtype, device=like.device)
-    idx = torch.arange(k, device=like.device)
-    e[idx, s0 + idx] = 1
+def _seeds(
+    k: int, nb: int, s0: int, n: int, shape: tuple[int, ...], like: torch.Tensor, colours: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Identity rows s0..s0+k of size n, broadcast over nb samples: shape (k, nb, *shape).
+
+    With `colours` (one per seed-axis entry), seed c is instead the sum of the unit vectors
+    of colour c: the compressed seed matrix of a sparse problem (see raijac.sparsity).
+    """
+    if colours is not None:
+        wanted = torch.arange(s0, s0 + k, device=like.device)
+        e = (colours.to(like.device)[None, :] == wanted[:, None]).to(like.dtype)
+    else:
+        e = torch.zeros(k, n, dtype=like.dtype, device=like.device)
+        idx = torch.arange(k, device=like.device)
+        e[idx, s0 + idx] = 1
     return e[:, None, :].expand(k, nb, n).reshape(k, nb, *shape)
 
 
@@ -162,10 +172,12 @@ def _zeros_or(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 class Kernel:
     """One mode's block function over a Target, keeping the forward pass of the last sample block.
 
-    `kernel(b0, b1, s0, s1)` returns the dense block as `(b1-b0, rows, cols)`.
+    `kernel(b0, b1, s0, s1)` returns the dense block as `(b1-b0, rows, cols)`. With
+    `colours` set, seeds s0:s1 are colours and the block is the compressed product
+    `J S` (column modes) or `S^T J` (row modes) of a sparse problem.
     """
 
-    def __init__(self, target: Target, mode: str) -> None:
+    def __init__(self, target: Target, mode: str, colours: torch.Tensor | None = None) -> None:
         check_mode(mode)
         if mode in REPEAT_MODES and target.stacked_fn is None:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
@@ -174,8 +186,11 @@ class Kernel:
                 f"mode {mode} needs f to be a torch.nn.Sequential differentiated w.r.t. its (unbatched) input; "
                 "use rev or fwd for other functions."
             )
+        if colours is not None and mode in CHAIN_MODES:
+            raise ModeError(f"mode {mode} has no compressed (sparse) form; use rev or fwd for sparse problems.")
         self.target = target
         self.mode = mode
+        self.colours = colours
         self._key: tuple | None = None
         self._saved: tuple = ()
         self._run = {
@@ -209,7 +224,7 @@ class Kernel:
         zb, cb = t.block(b0, b1)
         nb, k = b1 - b0, s1 - s0
         _, vjp_fn = self._kept(("rev", b0, b1), lambda: torch.func.vjp(lambda z: t.block_fn(z, cb), zb))
-        (g,) = torch.func.vmap(vjp_fn)(_seeds(k, nb, s0, t.n_out, t.out_shape, zb))
+        (g,) = torch.func.vmap(vjp_fn)(_seeds(k, nb, s0, t.n_out, t.out_shape, zb, self.colours))
         return g.reshape(k, nb, t.n_in).transpose(0, 1)
 
     def _fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
@@ -220,7 +235,7 @@ class Kernel:
         def column(tangent: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(lambda z: t.block_fn(z, cb), (zb,), (tangent,))[1]
 
-        out = torch.func.vmap(column)(_seeds(k, nb, s0, t.n_in, t.in_shape, zb))
+        out = torch.func.vmap(column)(_seeds(k, nb, s0, t.n_in, t.in_shape, zb, self.colours))
         return out.reshape(k, nb, t.n_out).permute(1, 2, 0)
 
     def _stacked_forward(self, b0: int, b1: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +252,7 @@ class Kernel:
         z, y = self._stacked_forward(b0, b1, k)
         if not y.requires_grad:
             return torch.zeros(nb, k, t.n_in, dtype=z.dtype, device=z.device)
-        seeds = _seeds(k, nb, s0, t.n_out, t.out_shape, y).reshape(y.shape)
+        seeds = _seeds(k, nb, s0, t.n_out, t.out_shape, y, self.colours).reshape(y.shape)
         (g,) = torch.autograd.grad(y, z, seeds, allow_unused=True)
         return _zeros_or(g, z).reshape(k, nb, t.n_in).transpose(0, 1)
 
@@ -254,7 +269,7 @@ class Kernel:
             (g,) = torch.autograd.grad(y, z, v, create_graph=True, allow_unused=True)
         if g is None or not g.requires_grad:
             return torch.zeros(nb, t.n_out, k, dtype=y.dtype, device=y.device)
-        tangents = _seeds(k, nb, s0, t.n_in, t.in_shape, z).reshape(z.shape)
+        tangents = _seeds(k, nb, s0, t.n_in, t.in_shape, z, self.colours).reshape(z.shape)
         (u,) = torch.autograd.grad(g, v, tangents, allow_unused=True)
         return _zeros_or(u, y).reshape(k, nb, t.n_out).permute(1, 2, 0)
 
@@ -274,7 +289,11 @@ class Kernel:
         for r in range(s0, s1):
             g = None
             if y.requires_grad:
-                (g,) = torch.autograd.grad(y[:, r].sum(), z, retain_graph=True, allow_unused=True)
+                if self.colours is None:
+                    picked = y[:, r].sum()
+                else:  # colour r: the sum of its rows
+                    picked = (y * (self.colours.to(y.device) == r).to(y.dtype)).sum()
+                (g,) = torch.autograd.grad(picked, z, retain_graph=True, allow_unused=True)
             rows.append(_zeros_or(g, z).reshape(nb, t.n_in))
         return torch.stack(rows, dim=1)
 
@@ -307,7 +326,7 @@ class Kernel:
                     g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
                     continue
                 if g is None:
-                    g = _seeds(k, 1, s0, t.n_out, t.out_shape, h)[:, 0]
+                    g = _seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0]
                 if d is not None:
                     g = g * d
                 elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
@@ -317,7 +336,7 @@ class Kernel:
                         _, vjp_fn = torch.func.vjp(stage, h)
                         (g,) = torch.func.vmap(vjp_fn)(g)
         if g is None:  # an empty chain of stages
-            g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z)[:, 0]
+            g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0]
         return g.reshape(1, k, t.n_in)
 
     def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
@@ -330,7 +349,7 @@ class Kernel:
                     g = stage.weight[:, s0:s1].T  # the columns of the first Linear
                     continue
                 if g is None:
-                    g = _seeds(k, 1, s0, t.n_in, t.in_shape, h)[:, 0]
+                    g = _seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0]
                 if d is not None:
                     g = g * d
                 elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
@@ -339,5 +358,5 @@ class Kernel:
                     with torch.enable_grad():
                         g = torch.func.vmap(lambda tan, stage=stage, h=h: torch.func.jvp(stage, (h,), (tan,))[1])(g)
         if g is None:
-            g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z)[:, 0]
+            g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0]
         return g.reshape(k, t.n_out).T[None]

@@ -115,6 +115,9 @@ class Plan:
     triage: tuple[tuple[str, str, str], ...] = ()
     forced_block: bool = False
     notes: tuple[str, ...] = field(default=())
+    colours: int = 0  # sparse problems: seeds are colours (0: dense, seeds are unit vectors)
+    nnz: int = 0
+    colouring: str = ""
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -127,8 +130,22 @@ class Plan:
         return (self.batch_size, *mn) if self.batched else mn
 
     @property
+    def sparse(self) -> bool:
+        return self.colours > 0
+
+    @property
     def n_seed(self) -> int:
+        if self.sparse:
+            return self.colours
         return self.n_out if self.seed_axis == "rows" else self.n_in
+
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        """Shape of the array tiles write: J itself, or the compressed `J S` / `S^T J` when sparse."""
+        if not self.sparse:
+            return self.shape
+        mn = (self.colours, self.n_in) if self.seed_axis == "rows" else (self.n_out, self.colours)
+        return (self.batch_size, *mn) if self.batched else mn
 
     @property
     def n_other(self) -> int:
@@ -147,6 +164,9 @@ class Plan:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored result: J, or for sparse problems its values and the compressed product."""
+        if self.sparse:
+            return ((self.batch_size or 1) * self.nnz + math.prod(self.array_shape)) * self.itemsize
         return math.prod(self.shape) * self.itemsize
 
     def tile(self, index: int) -> Tile:
@@ -170,6 +190,7 @@ class Plan:
 
     def describe_tile(self, t: Tile) -> str:
         axis = "rows" if self.seed_axis == "rows" else "columns"
+        axis = f"colours of {axis}" if self.sparse else axis
         where = f"{axis} {t.s0}:{t.s1}"
         return f"samples {t.b0}:{t.b1}, {where}" if self.batched else where
 
@@ -183,8 +204,20 @@ class Plan:
         lines = []
         shape = " x ".join(str(s) for s in self.shape)
         lines.append(f"mode        {self.mode}  ({self.reason})")
-        lines.append(f"jacobian    {shape} {self.dtype}  ({format_size(self.nbytes)})")
+        if self.sparse:
+            density = self.nnz / max(self.n_out * self.n_in, 1)
+            lines.append(f"jacobian    {shape} {self.dtype}, sparse: {self.nnz} non-zeros per sample ({density:.2g} dense)")
+            axis = "rows" if self.seed_axis == "rows" else "columns"
+            lines.append(
+                f"colouring   {self.colours} colours of {axis} ({self.colouring}); {self.colours} "
+                f"{'VJPs' if self.seed_axis == 'rows' else 'JVPs'} instead of {self.n_out if self.seed_axis == 'rows' else self.n_in}"
+            )
+            compressed = " x ".join(str(s) for s in self.array_shape)
+            lines.append(f"stored      values + compressed {compressed}  ({format_size(self.nbytes)})")
+        else:
+            lines.append(f"jacobian    {shape} {self.dtype}  ({format_size(self.nbytes)})")
         seeds = "rows" if self.seed_axis == "rows" else "columns"
+        seeds = f"colours of {seeds}" if self.sparse else seeds
         lines.append(
             f"seeds       {self.n_seed} {seeds}; {self.n_tiles} tiles of {self.tile_seeds} {seeds}"
             + (f" x {self.tile_samples} samples" if self.batched else "")
@@ -233,6 +266,9 @@ def make_plan(
     chunk_bytes: int = CHUNK_BYTES,
     grid: dict | None = None,
     triage: tuple = (),
+    colours: int = 0,
+    nnz: int = 0,
+    colouring: str = "",
 ) -> Plan:
     """Size tiles and chunks so the smallest worker holds one tile; bigger workers merge tiles.
 
@@ -241,7 +277,7 @@ def make_plan(
     """
     if not workers:
         raise BudgetError("no workers to plan for; start at least one worker.")
-    n_seed = n_out if seed_axis == "rows" else n_in
+    n_seed = colours or (n_out if seed_axis == "rows" else n_in)
     n_other = n_in if seed_axis == "rows" else n_out
     samples = batch_size or 1
     for w in workers:
@@ -301,6 +337,9 @@ def make_plan(
         triage=tuple(triage),
         forced_block=bool(block_size),
         notes=tuple(notes),
+        colours=colours,
+        nnz=nnz,
+        colouring=colouring,
     )
     blocks = tuple(1 if block_size else _tiles_per_block(plan, w) for w in workers)
     return Plan(**{**plan.__dict__, "blocks": blocks})

@@ -116,15 +116,23 @@ def _check_block(target: Target, mode: str, block: torch.Tensor, k: int) -> str:
     return ""
 
 
-def resolve_mode(problem: Problem, requested: str, *, try_all: bool = False) -> tuple[str, str, list[ModeReport]]:
+def resolve_mode(
+    problem: Problem,
+    requested: str,
+    *,
+    try_all: bool = False,
+    order: list[str] | None = None,
+    why: str | None = None,
+) -> tuple[str, str, list[ModeReport]]:
     """Pick the mode to run: `(mode, reason, reports)`.
 
     `auto` takes the first candidate that runs and matches autograd, preferring ones off
     vmap's slow path; an explicit mode must run or this raises. `try_all` reports on every
-    candidate (what `raijac plan` shows).
+    candidate (what `raijac plan` shows). `order` and `why` replace auto's candidates and
+    the reason for its first choice (sparse problems order them by colour counts).
     """
     target = make_target(problem, "cpu")
-    candidates = candidate_modes(problem, "auto" if try_all else requested)
+    candidates = list(order) if order is not None else candidate_modes(problem, "auto" if try_all else requested)
     if requested != "auto" and requested not in candidates:
         candidates.insert(0, requested)
     reports: list[ModeReport] = []
@@ -149,7 +157,8 @@ def resolve_mode(problem: Problem, requested: str, *, try_all: bool = False) -> 
     chosen = good[0]
     m, n = problem.n_out, problem.n_in
     first = candidates[0]
-    why = f"M={m} <= N={n}" if seed_axis(first) == "rows" else f"M={m} > N={n}"
+    if why is None:
+        why = f"M={m} <= N={n}" if seed_axis(first) == "rows" else f"M={m} > N={n}"
     if first in ("chain", "chain-fwd"):
         why = f"{why} and f is an nn.Sequential"
     if chosen.mode == first:
@@ -299,12 +308,16 @@ def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     return Cost(int(base), int(math.ceil(per_seed)))
 
 
-def sample_block(problem: Problem, mode: str, dtype: torch.dtype, max_bytes: int = 4 * 2**20) -> torch.Tensor:
+def sample_block(
+    problem: Problem, mode: str, dtype: torch.dtype, max_bytes: int = 4 * 2**20, colours: torch.Tensor | None = None
+) -> torch.Tensor:
     """A small real block (sample 0, the first seeds) in the storage dtype, for choosing a codec."""
-    kernel = Kernel(make_target(problem, "cpu"), mode)
+    kernel = Kernel(make_target(problem, "cpu"), mode, colours)
     t = kernel.target
     rows = seed_axis(mode) == "rows"
     n_seed, other = (t.n_out, t.n_in) if rows else (t.n_in, t.n_out)
+    if colours is not None:
+        n_seed = int(colours.max()) + 1 if colours.numel() else 1
     k = max(1, min(32, n_seed, max_bytes // max(other * dtype.itemsize, 1)))
     while True:
         try:

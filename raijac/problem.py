@@ -58,6 +58,10 @@ class Problem:
             `(B, M, N)`. Batched problems are batch-aware.
         batch_aware: `f` also maps a stack `(K, *in)` to `(K, *out)` sample by sample,
             which the repeat modes (`rev-repeat`, `fwd-repeat`) need.
+        sparsity: the structural non-zeros of (one sample's) Jacobian `(M, N)`: a
+            `scipy.sparse` matrix, a `(rows, cols)` pair of flat index arrays, or `"detect"`
+            to trace them through the operations f runs. The columns (or rows) are then
+            coloured and only as many JVPs (VJPs) as colours run; the result is stored sparse.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class Problem:
         *,
         batched: bool = False,
         batch_aware: bool = False,
+        sparsity: object = None,
     ) -> None:
         if not callable(f):
             raise ProblemError(f"f must be callable, but got {type(f).__name__}; pass the function itself.")
@@ -85,6 +90,9 @@ class Problem:
         self.param_info: tuple[ParamInfo, ...] = ()
         self.spec: str | None = None
         self.kind = "function"
+        if isinstance(sparsity, str) and sparsity != "detect":
+            raise ProblemError(f"sparsity={sparsity!r} is not understood; pass a scipy.sparse matrix, (rows, cols) or 'detect'.")
+        self.sparsity = sparsity
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -140,15 +148,19 @@ class Problem:
         problem.param_info = tuple(infos)
         problem.spec = None
         problem.kind = "module"
+        problem.sparsity = None
         return problem
 
     @classmethod
-    def hessian(cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, batched: bool = False) -> Problem:
+    def hessian(
+        cls, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, batched: bool = False, sparsity: object = None
+    ) -> Problem:
         """The Hessian of a scalar-valued `f` at `x`: the Jacobian of its gradient, `(N, N)`.
 
         With `batched=True`, `f` maps `(B, *in)` to `(B,)`, one scalar per independent sample,
         and the result is the per-sample Hessians `(B, N, N)`. Any mode works; `fwd` is the
-        forward-over-reverse Hessian-vector product vmapped over seed columns.
+        forward-over-reverse Hessian-vector product vmapped over seed columns. `sparsity` is
+        the Hessian's pattern `(N, N)` (a scipy.sparse matrix or `(rows, cols)`), as for `Problem`.
         """
         _check_input(x, "x")
         x = x.detach()
@@ -168,7 +180,7 @@ class Problem:
             grad = torch.func.grad(lambda z: f(z).sum())  # samples are independent: each row is its own gradient
         else:
             grad = torch.func.grad(lambda z: f(z).reshape(()))
-        problem = cls(grad, x, batched=batched, batch_aware=batched)
+        problem = cls(grad, x, batched=batched, batch_aware=batched, sparsity=sparsity)
         problem.kind = "hessian"
         return problem
 
@@ -294,6 +306,32 @@ class Problem:
                 "samples (batch norm in training mode, or a mean over the batch?); call module.eval(), or pass batched=False."
             )
 
+    @cached_property
+    def pattern(self):
+        """The sparsity pattern as a `raijac.sparsity.Pattern` (traced once for "detect"), or None."""
+        if getattr(self, "sparsity", None) is None:
+            return None
+        from raijac.sparsity import Pattern, make_pattern
+
+        if isinstance(self.sparsity, Pattern):
+            spec = (self.sparsity.rows, self.sparsity.cols)
+        elif isinstance(self.sparsity, str):
+            from raijac.detect import detect_pattern
+
+            if self.wrt == "params":
+                raise ProblemError("sparsity='detect' traces input Jacobians only; pass the parameter pattern itself.")
+            if self.batched:  # samples share one pattern: trace sample 0
+
+                def one(z: torch.Tensor) -> torch.Tensor:
+                    return self.f(z[None])[0]
+
+                spec = detect_pattern(one, self.x[0])
+            else:
+                spec = detect_pattern(self.f, self.x)
+        else:
+            spec = self.sparsity
+        return make_pattern(spec, (self.n_out, self.n_in))
+
     # ------------------------------------------------------------------ identity
     def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
         """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters."""
@@ -312,6 +350,8 @@ class Problem:
             "mode": mode,
             "params": [[i.name, list(i.shape)] for i in self.param_info],
         }
+        if getattr(self, "sparsity", None) is not None:  # the pattern itself is checked apart (cheap workers)
+            head["sparse"] = True
         h.update(json.dumps(head, sort_keys=True).encode())
         for t in (self.x, self.params):
             if t is not None:
@@ -329,6 +369,8 @@ class Problem:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
+        if state.get("sparsity") is not None and "pattern" in state:
+            state["sparsity"] = state.pop("pattern")  # ship the traced pattern, not "detect"
         return state
 
 

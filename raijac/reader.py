@@ -34,10 +34,16 @@ class Jacobian:
         store._check_version(meta, str(path))
         self.path = str(path)
         self.group = store.open_group(self.path, "r")
-        if "jacobian" not in self.group:
-            raise StoreError(f"{path} has no 'jacobian' array; the store is damaged, recompute it with --overwrite.")
         self.meta: dict[str, Any] = meta
-        self.array = self.group["jacobian"]
+        if meta.get("sparse"):
+            if "values" not in self.group:
+                raise StoreError(f"{path} has no 'values' array; the store is damaged, recompute it with --overwrite.")
+            # Reads densify only the selected block, even when a dense copy exists.
+            self.array: Any = SparseView(self.group, meta)
+        elif "jacobian" not in self.group:
+            raise StoreError(f"{path} has no 'jacobian' array; the store is damaged, recompute it with --overwrite.")
+        else:
+            self.array = self.group["jacobian"]
         ledger = self.group["tiles"][:] if "tiles" in self.group else np.zeros(0, np.uint8)
         self.tiles_done, self.n_tiles = int(ledger.sum()), int(ledger.size)
         self.summary: dict[str, Any] | None = None
@@ -51,6 +57,35 @@ class Jacobian:
     @property
     def complete(self) -> bool:
         return bool(self.meta.get("complete")) and self.tiles_done == self.n_tiles
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the store holds the non-zeros of a sparse Jacobian (see `to_scipy`)."""
+        return bool(self.meta.get("sparse"))
+
+    @property
+    def nnz(self) -> int | None:
+        """Structural non-zeros per sample of a sparse Jacobian, else None."""
+        return int(self.meta["sparse"]["nnz"]) if self.sparse else None
+
+    def to_scipy(self, sample: int | None = None):
+        """The sparse Jacobian as a `scipy.sparse.csr_array` (one sample's for batched stores).
+
+        Dense stores convert too (zeros dropped), for code that takes either.
+        """
+        import scipy.sparse as sp
+
+        if self.batched and sample is None:
+            raise ReadError(f"{self.path} holds {self.shape[0]} per-sample Jacobians; pass sample=b (0..{self.shape[0] - 1}).")
+        if not self.batched and sample is not None:
+            raise ReadError(f"sample={sample} applies to batched stores only; {self.path} is not batched.")
+        b = None if sample is None else _select(sample, self.shape[0], "batch")[0]
+        m, n = self.shape[-2:]
+        if not self.sparse:
+            return sp.csr_array(self.array[b] if b is not None else self.array[...])
+        view: SparseView = self.array
+        values = view.values[b] if b is not None else view.values[...]
+        return sp.csr_array((values, view.cols_all(), view.row_ptr()), shape=(m, n))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -162,6 +197,8 @@ class Jacobian:
             import dask.array as da
         except ImportError as exc:
             raise ImportError("Jacobian.to_dask needs dask; install it with pip install 'dask[array]'.") from exc
+        if self.sparse:  # dense chunks made on demand from the non-zeros
+            return da.from_array(self.array, chunks=self.array.chunks, asarray=True, fancy=False)
         return da.from_zarr(self.array)
 
     # ------------------------------------------------------------------ streaming
@@ -234,11 +271,20 @@ class Jacobian:
         if jv is None and ju is None:
             return None, None
         dtype = np.result_type(*[a.dtype for a in (jv, ju) if a is not None])
-        for region, block in self.blocks():
-            blk = block.astype(dtype, copy=False)
-            if not self.batched:
+        for region, block in self._sparse_products(dtype) if self.sparse else self.blocks():
+            blk = block if self.sparse else block.astype(dtype, copy=False)
+            if not self.batched and not self.sparse:
                 blk, region = blk[None], (slice(0, 1), *region)
             bs, rs, cs = region
+            if rs is None:  # one sample's sparse J (a scipy array)
+                if vs is not None:
+                    jv[bs] += block @ vs[0][0 if shared else bs]
+                if us is not None:
+                    if shared:
+                        ju += block.T @ us[0][bs]
+                    else:
+                        ju[bs] += block.T @ us[0][bs]
+                continue
             if vs is not None:
                 jv[bs, rs] += np.matmul(blk, vs[0][slice(None) if shared else bs, cs])
             if us is not None:
@@ -253,6 +299,11 @@ class Jacobian:
         if ju is not None:
             ju = ju[..., 0] if us[1] else ju
         return jv, ju
+
+    def _sparse_products(self, dtype: np.dtype) -> Iterator[tuple[tuple, Any]]:
+        """Each sample's sparse J as a scipy array, in the form `products` consumes."""
+        for b in range(self.shape[0] if self.batched else 1):
+            yield (b, None, None), self.to_scipy(b if self.batched else None).astype(dtype)
 
     def _prepare(self, vec: Any, what: str, length: int, *, per_sample: bool) -> tuple[np.ndarray, bool] | None:
         """`vec` as float `(B or 1, length, K)` and whether it had no K axis; checks its shape."""
@@ -332,6 +383,72 @@ class Unflattened:
 
 
 # ---------------------------------------------------------------------- indexing
+class SparseView:
+    """A stored sparse Jacobian that reads like the dense `jacobian` array: `view[key]`
+    (ints, slices, 1-D int sequences per axis, orthogonal) densifies only the selected block,
+    reading the CSR rows it needs."""
+
+    def __init__(self, group: Any, meta: dict[str, Any]) -> None:
+        self.group = group
+        self.values = group["values"]
+        m, n = math.prod(meta["output_shape"]), math.prod(meta["input_shape"])
+        lead = (int(meta["batch_size"]),) if meta.get("batched") else ()
+        self.shape: tuple[int, ...] = (*lead, m, n)
+        self.dtype = self.values.dtype
+        self.ndim = len(self.shape)
+        rows = max(1, min(m, (8 << 20) // max(n * self.dtype.itemsize, 1)))
+        self.chunks: tuple[int, ...] = (*((1,) if lead else ()), rows, n)
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize  # as a dense array
+        self._ptr: np.ndarray | None = None
+        self._cols: np.ndarray | None = None
+
+    @property
+    def oindex(self) -> SparseView:
+        return self
+
+    def row_ptr(self) -> np.ndarray:
+        if self._ptr is None:
+            self._ptr = self.group["row_ptr"][...]
+        return self._ptr
+
+    def cols_all(self) -> np.ndarray:
+        if self._cols is None:
+            self._cols = self.group["cols"][...]
+        return self._cols
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        parts = _expand(key, self.ndim, self.shape)
+        names = (("batch",) if self.ndim == 3 else ()) + ("rows", "cols")
+        sel = [_select(k, n, name) for k, n, name in zip(parts, self.shape, names, strict=True)]
+        idx = [np.arange(s.start, s.stop) if isinstance(s, slice) else np.atleast_1d(s) for s, _ in sel]
+        samples = idx[0] if self.ndim == 3 else [None]
+        r_idx, c_idx = idx[-2], idx[-1]
+        out = np.zeros((len(samples), r_idx.size, c_idx.size), self.dtype)
+        if r_idx.size and c_idx.size:
+            ptr = self.row_ptr()
+            lo, hi = int(ptr[r_idx.min()]), int(ptr[r_idx.max() + 1])  # one contiguous span of entries
+            cols = self.group["cols"][lo:hi]
+            starts, lengths = ptr[r_idx] - lo, ptr[r_idx + 1] - ptr[r_idx]
+            entry = np.repeat(starts - np.cumsum(np.r_[0, lengths[:-1]]), lengths) + np.arange(lengths.sum())
+            out_row = np.repeat(np.arange(r_idx.size), lengths)
+            wanted, where = np.unique(c_idx, return_inverse=True)
+            pos = np.searchsorted(wanted, cols[entry])
+            keep = (pos < wanted.size) & (wanted[np.minimum(pos, wanted.size - 1)] == cols[entry])
+            dense = np.zeros((r_idx.size, wanted.size), self.dtype)
+            for i, b in enumerate(samples):
+                vals = self.values[(int(b), slice(lo, hi)) if b is not None else slice(lo, hi)]
+                dense[...] = 0
+                dense[out_row[keep], pos[keep]] = vals[entry[keep]]
+                out[i] = dense[:, where]
+        out = out if self.ndim == 3 else out[0]
+        drop = tuple(i for i, (s, k) in enumerate(sel) if k is None)
+        return out.squeeze(axis=drop) if drop else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype)
+
+
 def _expand(key: Any, ndim: int, shape: tuple[int, ...]) -> list[Any]:
     """A key as one entry per axis (`...` expanded, missing trailing axes are `:`)."""
     parts = list(key) if isinstance(key, tuple) else [key]

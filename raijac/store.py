@@ -7,6 +7,14 @@ Layout at `--out` (the on-disk contract of DESIGN.md):
     tiles      uint8 per tile: 1 once that tile's data is written (the completion ledger)
     attrs      "raijac": format, version, complete, mode, shapes, fingerprint, plan, ...
 
+A sparse problem (see raijac.sparsity) stores instead of `jacobian`:
+
+    compressed (M, C) = J S or (C, N) = S^T J (batched: (B, ...)): what the tiles write
+    rows, cols (nnz,) int64, the pattern in row-major (CSR) order; row_ptr (M + 1,)
+    values     (nnz,) or (B, nnz): J[rows[k], cols[k]], decompressed by the driver at the end
+    colours    int32 colour of every column (forward) or row (reverse)
+    jacobian   the dense J as well, only when asked for (`dense=True`)
+
 Workers write only their own tiles' chunks of `jacobian`; the driver alone writes
 `tiles` and the attributes, so no two processes ever write the same object.
 """
@@ -223,15 +231,16 @@ def create(
     meta: dict[str, Any],
     compressor: str | None = None,
     level: int | None = None,
+    name: str = "jacobian",
 ) -> zarr.Group:
-    """Create the group with an empty (NaN) `jacobian`, the ledger, `arrays` and the attributes.
+    """Create the group with an empty (NaN) `jacobian` (or `compressed`), the ledger, `arrays` and the attributes.
 
     `arrays` maps a name to (data, batched): batched arrays name their first axis "batch".
     """
     group = zarr.open_group(path, mode="w-")
     dims = ("batch", "output", "input") if len(shape) == 3 else ("output", "input")
     group.create_array(
-        "jacobian",
+        name,
         shape=shape,
         chunks=chunks,
         dtype=dtype,
@@ -297,3 +306,121 @@ def block_region(seed_axis: str, batched: bool, b0: int, b1: int, s0: int, s1: i
 def write_block(array: zarr.Array, region: tuple[slice, ...], block: np.ndarray) -> None:
     """Write one block (whole chunks along the seed axis, so nothing is read back)."""
     array[region] = block
+
+
+# ---------------------------------------------------------------------- sparse results
+def create_sparse(
+    group: zarr.Group,
+    *,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    colours: np.ndarray,
+    shape: tuple[int, int],
+    batch_size: int | None,
+    dtype: str,
+    dense: bool,
+    compressor: str | None = None,
+    level: int | None = None,
+) -> None:
+    """Add the pattern, the colours and the empty `values` (and dense `jacobian`) arrays."""
+    m, n = shape
+    nnz = int(rows.size)
+    index_chunk = max(1, min(nnz, CHUNK_ENTRIES))
+    ptr = np.searchsorted(rows, np.arange(m + 1), side="left").astype(np.int64)
+    for name, data, dim in (("rows", rows, "nonzero"), ("cols", cols, "nonzero"), ("row_ptr", ptr, "output_ptr")):
+        arr = group.create_array(name, shape=data.shape, chunks=(max(1, min(data.size, CHUNK_ENTRIES)),), dtype=data.dtype,
+                                 dimension_names=(dim,), compressors=compressor_codec("zstd"))  # fmt: skip
+        arr[...] = data
+    arr = group.create_array("colours", shape=colours.shape, chunks=(max(1, min(colours.size, CHUNK_ENTRIES)),),
+                             dtype="int32", dimension_names=("seed",), compressors=compressor_codec("zstd"))  # fmt: skip
+    arr[...] = colours.astype(np.int32)
+    lead = (batch_size,) if batch_size is not None else ()
+    group.create_array(
+        "values",
+        shape=(*lead, nnz),
+        chunks=(*((1,) if lead else ()), index_chunk),
+        dtype=dtype,
+        fill_value=np.nan,
+        dimension_names=(*(("batch",) if lead else ()), "nonzero"),
+        compressors=compressor_codec(compressor, level),
+    )
+    if dense:
+        itemsize = np.dtype(dtype).itemsize
+        col_chunk = max(1, min(n, CHUNK_ENTRIES * 4 // itemsize))
+        row_chunk = max(1, min(m, CHUNK_ENTRIES * 4 // (col_chunk * itemsize)))
+        group.create_array(
+            "jacobian",
+            shape=(*lead, m, n),
+            chunks=(*((1,) if lead else ()), row_chunk, col_chunk),
+            dtype=dtype,
+            fill_value=np.nan,
+            dimension_names=(*(("batch",) if lead else ()), "output", "input"),
+            compressors=compressor_codec(compressor, level),
+        )
+
+
+CHUNK_ENTRIES = 2 * 2**20  # entries per chunk of the sparse arrays (8 MiB of float32 values)
+
+
+def decompress(group: zarr.Group, *, axis: str, max_bytes: int = 64 * 2**20) -> tuple[int, tuple[int, int, int] | None]:
+    """Fill `values` (and a dense `jacobian`) from the finished `compressed` array.
+
+    Each entry `(i, j)` is read from the compressed product at its row (or column) and the
+    colour of its column (row). Entries of the compressed product that no pattern entry
+    accounts for must be zero; returns how many are not, and the first as (sample, line,
+    colour), where line is the output row (forward) or input column (reverse): a pattern
+    that misses non-zeros shows up there. Reads and writes go in bounded blocks.
+    """
+    comp = group["compressed"]
+    rows, cols = group["rows"][...], group["cols"][...]
+    colours = group["colours"][...].astype(np.int64)
+    batched = comp.ndim == 3
+    n_colours = comp.shape[-1] if axis == "cols" else comp.shape[-2]
+    seed_idx, other_idx = (cols, rows) if axis == "cols" else (rows, cols)
+    entry_colour = colours[seed_idx]
+    n_other = comp.shape[-2] if axis == "cols" else comp.shape[-1]
+    order = np.arange(rows.size) if axis == "cols" else np.argsort(cols, kind="stable")
+    ptr = np.searchsorted(other_idx[order], np.arange(n_other + 1), side="left")
+    step = max(1, max_bytes // max(n_colours * comp.dtype.itemsize, 1))
+    strays, first = 0, None
+    samples = comp.shape[0] if batched else 1
+    for b in range(samples):
+        vals = np.empty(rows.size, comp.dtype)
+        for o0 in range(0, n_other, step):
+            o1 = min(o0 + step, n_other)
+            lead = (b,) if batched else ()
+            block = comp[(*lead, slice(o0, o1), slice(None))] if axis == "cols" else comp[(*lead, slice(None), slice(o0, o1))].T
+            idx = order[ptr[o0] : ptr[o1]]
+            oi, ci = other_idx[idx] - o0, entry_colour[idx]
+            vals[idx] = block[oi, ci]
+            hit = np.zeros(block.shape, bool)
+            hit[oi, ci] = True
+            with np.errstate(invalid="ignore"):
+                stray = (block != 0) & ~hit & ~np.isnan(block)
+            count = int(stray.sum())
+            if count and first is None:
+                o, c = np.argwhere(stray)[0]
+                first = (b, o0 + int(o), int(c))
+            strays += count
+        values = group["values"]
+        if batched:
+            values[b] = vals
+        else:
+            values[...] = vals
+        if "jacobian" in group:
+            _write_dense(group["jacobian"], rows, cols, vals, b if batched else None, max_bytes)
+    return strays, first
+
+
+def _write_dense(array: zarr.Array, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, b: int | None, max_bytes: int) -> None:
+    """Write one sample's dense J from its row-major entries, a band of whole row chunks at a time."""
+    m, n = array.shape[-2:]
+    ptr = np.searchsorted(rows, np.arange(m + 1), side="left")
+    chunk_rows = array.chunks[-2]
+    step = max(chunk_rows, (max_bytes // max(n * array.dtype.itemsize, 1)) // chunk_rows * chunk_rows)
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        dense = np.zeros((r1 - r0, n), array.dtype)
+        sel = slice(ptr[r0], ptr[r1])
+        dense[rows[sel] - r0, cols[sel]] = vals[sel]
+        array[(*(() if b is None else (b,)), slice(r0, r1), slice(None))] = dense

@@ -53,6 +53,7 @@ class VerifyReport:
     seconds: float
     suspect: tuple[int | None, int, int] | None = None
     symmetry_errors: tuple[float, ...] = ()  # Hessians: ||H v - H^T v|| / ||H v|| per probe
+    sparse: bool = False  # the store holds a sparse J: a failure most likely means a wrong pattern
 
     @property
     def max_error(self) -> float:
@@ -86,6 +87,12 @@ class VerifyReport:
             b, i, j = self.suspect
             at = f"J[{i}, {j}] (row, column)" if b is None else f"J[{b}, {i}, {j}] (sample, row, column)"
             parts.append(f"the largest disagreements point at {at}")
+        if self.sparse and self.y_error <= self.rtol:
+            return (
+                "FAILED: " + "; ".join(parts) + "; the sparsity pattern misses non-zeros of J (hidden from the run's own "
+                "check where they share a colour with a pattern entry): fix the pattern, or use sparsity='detect', and "
+                "recompute with --overwrite."
+            )
         return "FAILED: " + "; ".join(parts) + "; recompute the store with --overwrite."
 
     def __str__(self) -> str:
@@ -182,6 +189,7 @@ def verify(
         reference=checker.reference,
         seconds=0.0,
         symmetry_errors=_relative(stored_uj, stored_jv) if hessian else (),
+        sparse=jac.sparse,
     )
     suspect = None if report.ok else _suspect(jac, stored_jv - fresh_jv, stored_uj - fresh_uj)
     return VerifyReport(**{**asdict(report), "suspect": suspect, "seconds": round(time.perf_counter() - started, 4)})

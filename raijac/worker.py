@@ -107,7 +107,13 @@ class Worker:
         with self._compute_lock:
             kernel = self._ready()
             if self._out != out:
-                self._array = store.open_group(out, "r+")["jacobian"]
+                group = store.open_group(out, "r+")
+                if "compressed" in group:  # a sparse problem: seeds are the stored colours
+                    kernel.colours = torch.from_numpy(group["colours"][...].astype("int64")).to(self.device)
+                    self._array = group["compressed"]
+                else:
+                    kernel.colours = None
+                    self._array = group["jacobian"]
                 self._out = out
                 # Idle = holding the problem and the open store; growth is measured from here.
                 self.idle_rss = _reset_peak_rss()
