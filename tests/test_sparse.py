@@ -25,7 +25,12 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-from sparse_pde import laplacian_pattern, reaction_diffusion_jacobian, reaction_diffusion_residual  # noqa: E402
+from sparse_pde import laplacian_pattern, reaction_diffusion_jacobian  # noqa: E402 (driver-side helpers only)
+
+
+def reaction_diffusion_residual(u):  # as in examples/sparse_pde.py, importable by workers from here
+    p = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * u - u**3
 
 
 def _band(n: int, offsets: list[int]) -> sp.csr_array:
