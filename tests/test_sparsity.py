@@ -22,7 +22,9 @@ def _laplacian(n: int) -> sp.csr_array:
 
 
 def _random(m: int, n: int, density: float, seed: int) -> sp.csr_array:
-    return sp.random_array((m, n), density=density, rng=np.random.default_rng(seed), format="csr")
+    rng = np.random.default_rng(seed)
+    k = int(m * n * density)
+    return sp.csr_array((np.ones(k), (rng.integers(0, m, k), rng.integers(0, n, k))), shape=(m, n))
 
 
 def _arrow(n: int) -> sp.csr_array:
