@@ -168,7 +168,7 @@ class RayExecutor:
         per_worker = (budgets * n if len(budgets) == 1 else budgets) if budgets else [None] * n
         run_id = uuid.uuid4().hex
         self.recipes = [
-            (run_id, [source], dict(name=name, device=device, threads=threads, local_workers=n, budget=b, **worker_kwargs))
+            (run_id, [source, _import_paths()], dict(name=name, device=device, threads=threads, local_workers=n, budget=b, **worker_kwargs))
             for name, b in zip(self.names, per_worker, strict=True)
         ]
         try:
@@ -314,6 +314,12 @@ class RayExecutor:
 
 # Worker hosts kept between runs on a Ray the caller owns: session -> (resources, hosts).
 _POOLS: dict[tuple, tuple[str, list[Any]]] = {}
+
+
+def _import_paths() -> tuple[str, ...]:
+    """The driver's import folders: a problem pickled from a module the driver imported
+    (a script's neighbour, say) unpickles on workers of this machine too."""
+    return tuple(p for p in sys.path if p and os.path.isdir(p))
 
 
 def _session_key() -> tuple:

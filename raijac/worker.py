@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -221,6 +222,9 @@ class WorkerHost:
     def _build(self, run_id: str, boxed: list, kwargs: dict[str, Any]) -> Worker:
         if self.worker is None or self.run_id != run_id:
             source = boxed[0]
+            for path in boxed[1] if len(boxed) > 1 else ():
+                if path not in sys.path and os.path.isdir(path):
+                    sys.path.append(path)  # after the worker's own: never shadow what it has
             if not isinstance(source, str | Problem):
                 import ray
 
