@@ -334,3 +334,17 @@ def test_cli_sparse_compute_plan_inspect_verify(tmp_path):
     )
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "sparse problems only" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_plot_of_a_sparse_store_reads_the_nonzeros_not_a_dense_matrix(store_path, tmp_path):
+    from raijac.plot import downsample, plot_jacobian
+
+    x = torch.randn(600, dtype=torch.float64)
+    jac = raijac.compute(raijac.Problem(stencil, x, sparsity=_band(600, [-1, 0, 1])), store_path)
+    ref = np.abs(_reference(stencil, x))
+    d = downsample(jac, max_pixels=100)  # 6 x 6 blocks per pixel
+    expected = ref.reshape(100, 6, 100, 6).max(axis=(1, 3))
+    np.testing.assert_allclose(d.absmax, expected, rtol=1e-12)
+    np.testing.assert_allclose(d.nonzero, (ref != 0).reshape(100, 6, 100, 6).mean(axis=(1, 3)))
+    plot_jacobian(jac, str(tmp_path / "j.png"))
+    assert os.path.getsize(tmp_path / "j.png") > 1000
