@@ -166,6 +166,12 @@ class Worker:
             raise
 
 
+def rebuild_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
+    """A private copy of a tensor shipped as raw bytes (see NOTE: [shipping] in executor)."""
+    t = torch.from_numpy(np.array(data, copy=True)).view(getattr(torch, dtype)).reshape(shape)
+    return t.requires_grad_(True) if requires_grad else t
+
+
 def _node_id() -> str:
     """The Ray node this worker runs on (several nodes may share one host), else the host name."""
     try:

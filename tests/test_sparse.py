@@ -348,3 +348,47 @@ def test_plot_of_a_sparse_store_reads_the_nonzeros_not_a_dense_matrix(store_path
     np.testing.assert_allclose(d.nonzero, (ref != 0).reshape(100, 6, 100, 6).mean(axis=(1, 3)))
     plot_jacobian(jac, str(tmp_path / "j.png"))
     assert os.path.getsize(tmp_path / "j.png") > 1000
+
+
+@pytest.mark.parametrize("name", ["stencil", "periodic", "pentadiagonal", "two_outputs", "laplace_2d", "arrow"])
+def test_detected_pattern_gives_the_same_jacobian(name, store_path):
+    case = BY_NAME[name]
+    x = case.x()
+    problem = raijac.Problem(case.f, x, sparsity="detect")
+    jac = raijac.compute(problem, store_path)
+    ref = _reference(case.f, x)
+    np.testing.assert_allclose(jac.to_scipy().toarray(), ref, **_tol(x))
+    assert jac.nnz == int((ref != 0).sum())  # the traced pattern is exact for these
+
+
+def test_batched_detect_traces_one_sample(store_path):
+    xb = torch.randn(3, 20, dtype=torch.float64)
+
+    def g(u):
+        return torch.roll(u, 1, dims=1) * u + u**2
+
+    jac = raijac.compute(raijac.Problem(g, xb, batched=True, sparsity="detect"), store_path)
+    ref = torch.func.vmap(torch.func.jacrev(lambda z: g(z[None])[0]))(xb).numpy()
+    np.testing.assert_allclose(jac[...], ref, rtol=1e-12, atol=1e-12)
+    assert jac.nnz == 40
+
+
+def test_detect_refuses_an_unsupported_op_before_any_work(store_path):
+    w = torch.randn(1, 1, 3, dtype=torch.float64)
+
+    def smooth(u):
+        return torch.nn.functional.conv1d(u[None, None], w, padding=1)[0, 0]
+
+    with pytest.raises(ProblemError, match=r"cannot trace aten\.convolution.*pass the pattern"):
+        raijac.compute(raijac.Problem(smooth, torch.randn(30, dtype=torch.float64), sparsity="detect"), store_path)
+    assert not os.path.exists(store_path)
+
+
+def test_cli_detect_example(tmp_path):
+    spec = os.path.join(ROOT, "examples", "sparse_pde.py") + ":reaction_diffusion_detect"
+    out = str(tmp_path / "rd.zarr")
+    run = _cli("compute", spec, "--out", out, "--json", "--workers", "2", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    jac = raijac.open(out)
+    u = torch.from_numpy(jac.x)
+    assert abs(jac.to_scipy() - reaction_diffusion_jacobian(u)).max() == 0.0
