@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -216,6 +217,12 @@ def compute(
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
 
+    codec_job = None
+    if existing is None and compressor == "auto":  # on a thread, while the workers start and probe
+        pool = ThreadPoolExecutor(max_workers=1)
+        codec_job = pool.submit(_auto_codec, problem, chosen, store_dtype, colouring)
+        pool.shutdown(wait=False)
+
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
         costs = executor.start(
             source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budgets=budgets
@@ -241,11 +248,7 @@ def compute(
                 store.remove_empty_dir(out)  # an empty folder made for the output
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
-            codec, codec_reason = compressor, "requested"
-            if compressor == "auto":
-                seeds = None if colouring is None else torch.from_numpy(colouring.colours.astype(np.int64))
-                sample = sample_block(problem, chosen, TORCH_DTYPES[store_dtype], colours=seeds)
-                codec, codec_reason = store.choose_compressor(sample.numpy())
+            codec, codec_reason = codec_job.result() if codec_job is not None else (compressor, "requested")
             group = _create(out, problem, the_plan, fingerprint, (codec, codec_reason, compression_level), started)
             if colouring is not None:
                 _create_sparse(group, problem, the_plan, colouring, dense, codec, compression_level)
@@ -297,6 +300,12 @@ def compute(
             "decompress_seconds": group.attrs[store.ATTR].get("sparse", {}).get("decompress_seconds"),
         }
     return result
+
+
+def _auto_codec(problem: Problem, mode: str, dtype: str, colouring: Colouring | None) -> tuple[str, str]:
+    """`--compressor auto`: try zstd on a real sample block (the first seeds of sample 0)."""
+    seeds = None if colouring is None else torch.from_numpy(colouring.colours.astype(np.int64))
+    return store.choose_compressor(sample_block(problem, mode, TORCH_DTYPES[dtype], colours=seeds).numpy())
 
 
 def _stored_colouring(meta: dict, out: str, digest: str) -> Colouring:

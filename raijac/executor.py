@@ -176,8 +176,18 @@ class RayExecutor:
             for name, b in zip(self.names, per_worker, strict=True)
         ]
         try:
-            refs = [a.probe.remote(r) for a, r in zip(self.actors, self.recipes, strict=True)]
-            return [self._get(ref, name) for ref, name in zip(refs, self.names, strict=True)]
+            # CPU workers run one torch build on one kind of device: one of them measures the
+            # memory cost for all (alone, so the probe has the memory bandwidth to itself), the
+            # others only build the problem. Every GPU measures its own.
+            shared = device == "cpu"
+            refs = [
+                a.probe.remote(r, not shared or i == 0) for i, (a, r) in enumerate(zip(self.actors, self.recipes, strict=True))
+            ]
+            costs = [self._get(ref, name) for ref, name in zip(refs, self.names, strict=True)]
+            if shared:
+                first = costs[0]
+                costs = [WorkerCost(c.name, c.device, c.budget, first.base, first.per_seed) for c in costs]
+            return costs
         except BaseException:
             self.discard()
             raise

@@ -245,6 +245,13 @@ class _PeakHeap(TorchDispatchMode):
 
 def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     """Peak memory `run()` adds above what was live before it (its result included)."""
+    return max(peak_parts(run, device))
+
+
+def peak_parts(run: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """`(tensor peak, resident-set growth)` of `run()`: the second catches scratch memory
+    inside single ops (BLAS packing buffers), but also pages malloc gave back and faults
+    in again, so it is noisy; 0 where it is not measured (CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -253,7 +260,7 @@ def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
-        return max(int(peak), 0)
+        return max(int(peak), 0), 0
     used = _heap_bytes()
     rss_before = _reset_peak_rss()
     before = used()
@@ -265,7 +272,7 @@ def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     # the kernel's peak-RSS mark catches it when it raised the resident set.
     hwm = _proc_status("VmHWM")
     rss_growth = hwm - rss_before if hwm is not None and rss_before is not None else 0
-    return max(heap, rss_growth)
+    return heap, max(rss_growth, 0)
 
 
 @dataclass(frozen=True)
@@ -276,35 +283,62 @@ class Cost:
     per_seed: int
 
 
+_WARM: set[str] = set()
+
+
+def _warm_up(device: torch.device) -> None:
+    """Once per process and device: the one-off costs of a first probe (importing what the
+    dispatch mode needs, functorch's first vmap/vjp/jvp) are not any block's memory."""
+    if device.type in _WARM:
+        return
+    z = torch.ones(2, device=device)
+
+    def tiny() -> object:
+        _, vjp_fn = torch.func.vjp(torch.tanh, z)
+        torch.func.vmap(vjp_fn)(torch.eye(2, device=device))
+        return torch.func.vmap(lambda t: torch.func.jvp(torch.tanh, (z,), (t,))[1])(torch.eye(2, device=device))
+
+    peak_parts(tiny, device)
+    _WARM.add(device.type)
+
+
 def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     """Measure a kernel's fixed and per-seed memory from two probe blocks on sample 0."""
     device = torch.device(device)
+    _warm_up(device)
     t = kernel.target
     n_seed = t.n_out if seed_axis(kernel.mode) == "rows" else t.n_in
     itemsize = t.z.element_size()
     other = t.n_in if seed_axis(kernel.mode) == "rows" else t.n_out
     floor = other * itemsize  # a seed costs at least its slice of the output block
-    # The second probe is wide enough (up to 32 seeds, ~2 MiB of output) that the per-seed
-    # slope stands well above allocator and page-fault noise on a busy machine.
-    k1, k2 = min(2, n_seed), min(n_seed, max(10, min(32, (2 * 2**20) // max(floor, 1))))
-    try:
-        kernel(0, 1, 0, k2)  # warm-up: lazy initialisation and one-off caches are not block memory
-    except torch.OutOfMemoryError:
-        k2 = k1  # even a small probe is too big for this device now: estimate from the smallest
+    # The second probe is wide enough (10 to 32 seeds, ~512 KiB of output) that the per-seed
+    # slope stands well above allocator noise on a busy machine, and no wider: on an MLP-8192
+    # every probe seed is two 8192-wide GEMV rows.
+    k1, k2 = min(2, n_seed), min(n_seed, max(10, min(32, (512 * 2**10) // max(floor, 1))))
+    # NOTE: [probe cost] A run keeps a sample's forward pass across its blocks, and so do
+    # the probes: the first block (fresh, forward included) gives the forward's memory, the
+    # others cost seeds only. Every probe of an MLP-8192 streams its 512 MiB of weights
+    # (~50 ms here even for 2 seeds), so six runs, not one per measurement plus warm-ups.
     kernel.clear()
-
-    def measure(k: int) -> int:
-        """Steady state: the smallest of three runs (noise only ever adds memory)."""
-        runs = []
-        for _ in range(3):
-            runs.append(peak_bytes(lambda: kernel(0, 1, 0, k), device))
-            kernel.clear()
-        return min(runs)
-
-    p1 = measure(k1)
-    p2 = measure(k2) if k2 > k1 else p1
-    per_seed = max((p2 - p1) / (k2 - k1), floor) if k2 > k1 else max(p1 / k1, floor)
-    base = max(p1 - k1 * per_seed, 0)
+    # Tensor memory only: a first call's resident-set growth is mostly library code paged in.
+    fresh = peak_parts(lambda: kernel(0, 1, 0, k1), device)[0]
+    h1, r1 = (min(v) for v in zip(*(peak_parts(lambda: kernel(0, 1, 0, k1), device) for _ in range(2)), strict=True))
+    h2, r2 = h1, r1
+    if k2 > k1:
+        try:
+            runs = [peak_parts(lambda: kernel(0, 1, 0, k2), device) for _ in range(3)]
+            # The median tensor peak: the first run after another block size can read low
+            # (memory of the previous size is freed inside it); page faults only add to the
+            # resident-set growth, so its smallest.
+            h2, r2 = sorted(r[0] for r in runs)[1], min(r[1] for r in runs)
+        except torch.OutOfMemoryError:
+            k2 = k1  # even this small probe is too big for this device now: estimate from the smallest
+    kernel.clear()
+    # The slope comes from tensor memory alone (resident-set noise would bend it); scratch
+    # memory that only the resident set shows is per block, not per seed: it joins the base.
+    per_seed = max((h2 - h1) / (k2 - k1), floor) if k2 > k1 else max(max(h1, r1) / k1, floor)
+    p1 = max(h1, r1, r2 - (k2 - k1) * per_seed)
+    base = max(p1 - k1 * per_seed, 0) + max(fresh - p1, 0)
     return Cost(int(base), int(math.ceil(per_seed)))
 
 
