@@ -10,7 +10,6 @@ import datetime as _dt
 import os
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -217,15 +216,21 @@ def compute(
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
 
-    codec_job = None
-    if existing is None and compressor == "auto":  # on a thread, while the workers start and probe
-        pool = ThreadPoolExecutor(max_workers=1)
-        codec_job = pool.submit(_auto_codec, problem, chosen, store_dtype, colouring)
-        pool.shutdown(wait=False)
+    codec = {"choice": (compressor, "requested")}
+
+    def sample_codec() -> None:  # runs while the workers build and probe (after the problem is shipped)
+        if existing is None and compressor == "auto":
+            codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring)
 
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
         costs = executor.start(
-            source, fingerprint=fingerprint, fingerprint_args=fp_args, mode=chosen, dtype=store_dtype, budgets=budgets
+            source,
+            fingerprint=fingerprint,
+            fingerprint_args=fp_args,
+            mode=chosen,
+            dtype=store_dtype,
+            budgets=budgets,
+            while_probing=sample_codec,
         )
         the_plan = _plan_for(
             problem,
@@ -248,10 +253,10 @@ def compute(
                 store.remove_empty_dir(out)  # an empty folder made for the output
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
-            codec, codec_reason = codec_job.result() if codec_job is not None else (compressor, "requested")
-            group = _create(out, problem, the_plan, fingerprint, (codec, codec_reason, compression_level), started)
+            codec_name, codec_reason = codec["choice"]
+            group = _create(out, problem, the_plan, fingerprint, (codec_name, codec_reason, compression_level), started)
             if colouring is not None:
-                _create_sparse(group, problem, the_plan, colouring, dense, codec, compression_level)
+                _create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
             pending = list(range(the_plan.n_tiles))
         skipped = the_plan.n_tiles - len(pending)
         stats = executor.run(the_plan, out, pending, lambda tiles, record: store.mark_done(group, tiles), progress=bool(progress))

@@ -140,9 +140,17 @@ class RayExecutor:
             ray.shutdown()
 
     # ------------------------------------------------------------------ actors
-    def start(self, source: str | Problem, *, budgets: list[int] | None = None, **worker_kwargs: Any) -> list[WorkerCost]:
+    def start(
+        self,
+        source: str | Problem,
+        *,
+        budgets: list[int] | None = None,
+        while_probing: Callable[[], None] | None = None,
+        **worker_kwargs: Any,
+    ) -> list[WorkerCost]:
         """Get the actors (one per GPU, else CPU actors), let each build the problem and
-        measure its own memory cost."""
+        measure its own memory cost; `while_probing` runs here meanwhile (the problem is
+        already shipped, so it may use the problem)."""
         import ray
 
         resources = ray.cluster_resources()
@@ -183,6 +191,8 @@ class RayExecutor:
             refs = [
                 a.probe.remote(r, not shared or i == 0) for i, (a, r) in enumerate(zip(self.actors, self.recipes, strict=True))
             ]
+            if while_probing is not None:
+                while_probing()
             costs = [self._get(ref, name) for ref, name in zip(refs, self.names, strict=True)]
             if shared:
                 first = costs[0]
