@@ -193,14 +193,16 @@ class Kernel:
         self.colours = colours
         self._key: tuple | None = None
         self._saved: tuple = ()
+        # Method names, not bound methods: a bound method stored on self is a reference cycle,
+        # which would keep a finished run's problem (its weights) alive until the next gc pass.
         self._run = {
-            "rev": self._rev,
-            "fwd": self._fwd,
-            "rev-repeat": self._rev_repeat,
-            "fwd-repeat": self._fwd_repeat,
-            "loop": self._loop,
-            "chain": self._chain_rev,
-            "chain-fwd": self._chain_fwd,
+            "rev": "_rev",
+            "fwd": "_fwd",
+            "rev-repeat": "_rev_repeat",
+            "fwd-repeat": "_fwd_repeat",
+            "loop": "_loop",
+            "chain": "_chain_rev",
+            "chain-fwd": "_chain_fwd",
         }[mode]
 
     def clear(self) -> None:
@@ -208,7 +210,7 @@ class Kernel:
         self._key, self._saved = None, ()
 
     def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
-        return self._run(b0, b1, s0, s1)
+        return getattr(self, self._run)(b0, b1, s0, s1)
 
     def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
         if self._key != key:

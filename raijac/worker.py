@@ -235,7 +235,6 @@ class WorkerHost:
             # The last run's problem goes first: measured here, unpickling 512 MiB of weights
             # took 0.1 s into freed memory but 1.2 s while the old copy was still held.
             self.worker, self.run_id = None, None
-            gc.collect()
             source = boxed[0]
             for path in boxed[1] if len(boxed) > 1 else ():
                 if path not in sys.path and os.path.isdir(path):
