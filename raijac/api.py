@@ -79,7 +79,7 @@ def _sparse_mode(problem: Problem, mode: str, *, try_all: bool = False) -> tuple
         f"{second.n_colours} of {'columns' if second.axis == 'cols' else 'rows'}"
     )
     chosen, reason, reports = resolve_mode(problem, "auto", try_all=try_all, order=order, why=why)
-    return chosen, reason, reports, first if seed_axis(chosen) == ("rows" if first.axis == "rows" else "cols") else second
+    return chosen, reason, reports, first if seed_axis(chosen) == first.axis else second
 
 
 def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[WorkerCost], **kw: Any) -> Plan:
@@ -316,6 +316,11 @@ def _auto_codec(problem: Problem, mode: str, dtype: str, colouring: Colouring | 
 def _stored_colouring(meta: dict, out: str, digest: str) -> Colouring:
     """The colouring a store was computed with (resume keeps it: finished tiles used it)."""
     sparse = meta.get("sparse")
+    if not sparse and "compressed" in store.open_group(out):
+        raise StoreError(
+            f"--resume refused: {out} was interrupted while it was being created, before any tile ran; "
+            "use --overwrite to start it again."
+        )
     if not sparse:
         raise StoreError(
             f"--resume refused: {out} holds a dense Jacobian but this problem is sparse; use --overwrite or a new --out."
@@ -335,6 +340,7 @@ def _create_sparse(group, problem: Problem, the_plan: Plan, colouring: Colouring
         group,
         rows=pattern.rows,
         cols=pattern.cols,
+        row_ptr=pattern.row_ptr(),
         colours=colouring.colours,
         shape=pattern.shape,
         batch_size=problem.batch_size,

@@ -322,15 +322,22 @@ def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     kernel.clear()
     # Tensor memory only: a first call's resident-set growth is mostly library code paged in.
     fresh = peak_parts(lambda: kernel(0, 1, 0, k1), device)[0]
-    h1, r1 = (min(v) for v in zip(*(peak_parts(lambda: kernel(0, 1, 0, k1), device) for _ in range(2)), strict=True))
+
+    def runs(k: int, times: int) -> tuple[list[int], list[int]]:
+        """Tensor peaks and resident-set growths of `times` blocks of k seeds."""
+        heaps, rss = zip(*(peak_parts(lambda: kernel(0, 1, 0, k), device) for _ in range(times)), strict=True)
+        return sorted(heaps), list(rss)
+
+    heaps, rss = runs(k1, 2)
+    h1, r1 = heaps[0], min(rss)
     h2, r2 = h1, r1
     if k2 > k1:
         try:
-            runs = [peak_parts(lambda: kernel(0, 1, 0, k2), device) for _ in range(3)]
+            heaps, rss = runs(k2, 3)
             # The median tensor peak: the first run after another block size can read low
             # (memory of the previous size is freed inside it); page faults only add to the
             # resident-set growth, so its smallest.
-            h2, r2 = sorted(r[0] for r in runs)[1], min(r[1] for r in runs)
+            h2, r2 = heaps[1], min(rss)
         except torch.OutOfMemoryError:
             k2 = k1  # even this small probe is too big for this device now: estimate from the smallest
     kernel.clear()

@@ -309,11 +309,19 @@ def write_block(array: zarr.Array, region: tuple[slice, ...], block: np.ndarray)
 
 
 # ---------------------------------------------------------------------- sparse results
+CHUNK_ENTRIES = 2 * 2**20  # entries per chunk of the sparse arrays (8 MiB of float32 values)
+
+
+def _entries_chunk(size: int) -> tuple[int]:
+    return (max(1, min(size, CHUNK_ENTRIES)),)
+
+
 def create_sparse(
     group: zarr.Group,
     *,
     rows: np.ndarray,
     cols: np.ndarray,
+    row_ptr: np.ndarray,
     colours: np.ndarray,
     shape: tuple[int, int],
     batch_size: int | None,
@@ -324,21 +332,17 @@ def create_sparse(
 ) -> None:
     """Add the pattern, the colours and the empty `values` (and dense `jacobian`) arrays."""
     m, n = shape
-    nnz = int(rows.size)
-    index_chunk = max(1, min(nnz, CHUNK_ENTRIES))
-    ptr = np.searchsorted(rows, np.arange(m + 1), side="left").astype(np.int64)
-    for name, data, dim in (("rows", rows, "nonzero"), ("cols", cols, "nonzero"), ("row_ptr", ptr, "output_ptr")):
-        arr = group.create_array(name, shape=data.shape, chunks=(max(1, min(data.size, CHUNK_ENTRIES)),), dtype=data.dtype,
+    index = (("rows", rows, "nonzero"), ("cols", cols, "nonzero"), ("row_ptr", row_ptr, "output_ptr"),
+             ("colours", colours.astype(np.int32), "seed"))  # fmt: skip
+    for name, data, dim in index:
+        arr = group.create_array(name, shape=data.shape, chunks=_entries_chunk(data.size), dtype=data.dtype,
                                  dimension_names=(dim,), compressors=compressor_codec("zstd"))  # fmt: skip
         arr[...] = data
-    arr = group.create_array("colours", shape=colours.shape, chunks=(max(1, min(colours.size, CHUNK_ENTRIES)),),
-                             dtype="int32", dimension_names=("seed",), compressors=compressor_codec("zstd"))  # fmt: skip
-    arr[...] = colours.astype(np.int32)
     lead = (batch_size,) if batch_size is not None else ()
     group.create_array(
         "values",
-        shape=(*lead, nnz),
-        chunks=(*((1,) if lead else ()), index_chunk),
+        shape=(*lead, int(rows.size)),
+        chunks=(*((1,) if lead else ()), *_entries_chunk(int(rows.size))),
         dtype=dtype,
         fill_value=np.nan,
         dimension_names=(*(("batch",) if lead else ()), "nonzero"),
@@ -359,9 +363,6 @@ def create_sparse(
         )
 
 
-CHUNK_ENTRIES = 2 * 2**20  # entries per chunk of the sparse arrays (8 MiB of float32 values)
-
-
 def decompress(group: zarr.Group, *, axis: str, max_bytes: int = 64 * 2**20) -> tuple[int, tuple[int, int, int] | None]:
     """Fill `values` (and a dense `jacobian`) from the finished `compressed` array.
 
@@ -372,18 +373,22 @@ def decompress(group: zarr.Group, *, axis: str, max_bytes: int = 64 * 2**20) -> 
     that misses non-zeros shows up there. Reads and writes go in bounded blocks.
     """
     comp = group["compressed"]
-    rows, cols = group["rows"][...], group["cols"][...]
+    rows, cols, row_ptr = group["rows"][...], group["cols"][...], group["row_ptr"][...]
     colours = group["colours"][...].astype(np.int64)
     batched = comp.ndim == 3
     n_colours = comp.shape[-1] if axis == "cols" else comp.shape[-2]
     seed_idx, other_idx = (cols, rows) if axis == "cols" else (rows, cols)
     entry_colour = colours[seed_idx]
     n_other = comp.shape[-2] if axis == "cols" else comp.shape[-1]
-    order = np.arange(rows.size) if axis == "cols" else np.argsort(cols, kind="stable")
-    ptr = np.searchsorted(other_idx[order], np.arange(n_other + 1), side="left")
+    if axis == "cols":  # entries are already grouped by row
+        order, ptr = np.arange(rows.size), row_ptr
+    else:
+        order = np.argsort(cols, kind="stable")
+        ptr = np.searchsorted(cols[order], np.arange(n_other + 1), side="left")
     step = max(1, max_bytes // max(n_colours * comp.dtype.itemsize, 1))
     strays, first = 0, None
     samples = comp.shape[0] if batched else 1
+    values = group["values"]
     for b in range(samples):
         vals = np.empty(rows.size, comp.dtype)
         for o0 in range(0, n_other, step):
@@ -402,25 +407,23 @@ def decompress(group: zarr.Group, *, axis: str, max_bytes: int = 64 * 2**20) -> 
                 o, c = np.argwhere(stray)[0]
                 first = (b, o0 + int(o), int(c))
             strays += count
-        values = group["values"]
         if batched:
             values[b] = vals
         else:
             values[...] = vals
         if "jacobian" in group:
-            _write_dense(group["jacobian"], rows, cols, vals, b if batched else None, max_bytes)
+            _write_dense(group["jacobian"], row_ptr, cols, vals, b if batched else None, max_bytes)
     return strays, first
 
 
-def _write_dense(array: zarr.Array, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, b: int | None, max_bytes: int) -> None:
-    """Write one sample's dense J from its row-major entries, a band of whole row chunks at a time."""
+def _write_dense(array: zarr.Array, ptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, b: int | None, max_bytes: int) -> None:
+    """Write one sample's dense J from its CSR entries, a band of whole row chunks at a time."""
     m, n = array.shape[-2:]
-    ptr = np.searchsorted(rows, np.arange(m + 1), side="left")
     chunk_rows = array.chunks[-2]
     step = max(chunk_rows, (max_bytes // max(n * array.dtype.itemsize, 1)) // chunk_rows * chunk_rows)
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
         dense = np.zeros((r1 - r0, n), array.dtype)
         sel = slice(ptr[r0], ptr[r1])
-        dense[rows[sel] - r0, cols[sel]] = vals[sel]
+        dense[np.repeat(np.arange(r1 - r0), np.diff(ptr[r0 : r1 + 1])), cols[sel]] = vals[sel]
         array[(*(() if b is None else (b,)), slice(r0, r1), slice(None))] = dense

@@ -392,3 +392,17 @@ def test_cli_detect_example(tmp_path):
     jac = raijac.open(out)
     u = torch.from_numpy(jac.x)
     assert abs(jac.to_scipy() - reaction_diffusion_jacobian(u)).max() == 0.0
+
+
+def test_resume_of_a_sparse_store_cut_off_while_being_created_is_refused(store_path):
+    x = torch.randn(20, dtype=torch.float64)
+    problem = raijac.Problem(stencil, x, sparsity=_band(20, [-1, 0, 1]))
+    raijac.compute(problem, store_path)
+    g = zarr.open_group(store_path, mode="r+")
+    meta = dict(g.attrs["raijac"])
+    del meta["sparse"]  # as if the driver died between creating the group and its sparse arrays
+    g.attrs["raijac"] = {**meta, "complete": False}
+    before = g["values"][...].copy()
+    with pytest.raises(StoreError, match="interrupted while it was being created"):
+        raijac.compute(problem, store_path, resume=True)
+    np.testing.assert_array_equal(zarr.open_group(store_path)["values"][...], before)
