@@ -205,24 +205,26 @@ def compute(
     colouring: Colouring | None = None
     if existing is not None:
         _check_resumable(existing, out, fingerprint, problem)
-        chosen, reason, reports = existing["mode"], existing["mode_reason"], []
         if pattern is not None:
             colouring = _stored_colouring(existing, out, pattern.digest())
-    elif pattern is not None:
-        chosen, reason, reports, colouring = _sparse_mode(problem, mode)
-    else:
-        chosen, reason, reports = resolve_mode(problem, mode)
     if progress is None:
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
 
-    codec = {"choice": (compressor, "requested")}
-
-    def sample_codec() -> None:  # runs while the workers build and probe (after the problem is shipped)
-        if existing is None and compressor == "auto":
-            codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring)
-
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
+        executor.boot(budgets)  # the actors start while the driver triages (NOTE: [boot] in executor)
+        if existing is not None:
+            chosen, reason, reports = existing["mode"], existing["mode_reason"], []
+        elif pattern is not None:
+            chosen, reason, reports, colouring = _sparse_mode(problem, mode)
+        else:
+            chosen, reason, reports = resolve_mode(problem, mode)
+        codec = {"choice": (compressor, "requested")}
+
+        def sample_codec() -> None:  # runs while the workers build and probe (after the problem is shipped)
+            if existing is None and compressor == "auto":
+                codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring)
+
         costs = executor.start(
             source,
             fingerprint=fingerprint,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -107,6 +108,7 @@ class RayExecutor:
         kwargs = dict(logging_level="ERROR", log_to_driver=True)
         if self.address:
             _check_reachable(self.address)
+        warm = _warm_driver()  # while ray.init waits for its processes (see NOTE: [boot])
         try:
             if self.address:
                 # On a cluster the spec file may exist only on this machine: ship it to every
@@ -127,6 +129,8 @@ class RayExecutor:
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RaijacError(f"cannot start or reach {where}: {msg}; check --address / RAY_ADDRESS.") from exc
+        finally:
+            warm.join()
         self.owns_ray = True
         return self
 
@@ -140,6 +144,29 @@ class RayExecutor:
             ray.shutdown()
 
     # ------------------------------------------------------------------ actors
+    def boot(self, budgets: list[int] | None = None) -> None:
+        """Get the actors now (one per GPU, else CPU actors) without waiting for them: their
+        processes start and import torch while the driver goes on (see NOTE: [boot])."""
+        import ray
+
+        if self.actors:
+            return
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(float(resources.get("CPU", 1)), 1.0)
+        if gpus:
+            n, self.device = gpus, "cuda"
+            options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / gpus)}
+            self.threads = None
+        else:
+            n = self.requested_workers or (len(budgets) if budgets and len(budgets) > 1 else default_workers(int(cpus)))
+            self.device = "cpu"
+            options = {"num_cpus": cpus / n}
+            self.threads = max(1, int(cpus / n))
+        if budgets and len(budgets) not in (1, n):
+            raise RaijacError(f"--memory-budget lists {len(budgets)} budgets for {n} workers; give one, or one per worker.")
+        self.actors = _hosts(n, options)
+        self.names = [f"{self.device}{i}" for i in range(n)]
+
     def start(
         self,
         source: str | Problem,
@@ -148,31 +175,16 @@ class RayExecutor:
         while_probing: Callable[[], None] | None = None,
         **worker_kwargs: Any,
     ) -> list[WorkerCost]:
-        """Get the actors (one per GPU, else CPU actors), let each build the problem and
-        measure its own memory cost; `while_probing` runs here meanwhile (the problem is
-        already shipped, so it may use the problem)."""
-        import ray
-
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(float(resources.get("CPU", 1)), 1.0)
-        if gpus:
-            n, device = gpus, "cuda"
-            options = {"num_gpus": 1, "num_cpus": min(1.0, cpus / gpus)}
-            threads = None
-        else:
-            n = self.requested_workers or (len(budgets) if budgets and len(budgets) > 1 else default_workers(int(cpus)))
-            device = "cpu"
-            options = {"num_cpus": cpus / n}
-            threads = max(1, int(cpus / n))
+        """Let each actor build the problem and measure its own memory cost (booting the
+        actors first if `boot` was not called); `while_probing` runs here meanwhile (the
+        problem is already shipped, so it may use the problem)."""
+        self.boot(budgets)
+        n, device, threads = len(self.actors), self.device, self.threads
         if not isinstance(source, str):
             source = _put_problem(source)
         elif self.shipped and _spec_file(source):
             path, name = _spec_file(source)  # shipped as a module when Ray was joined: import it by name
             source = f"{os.path.splitext(os.path.basename(path))[0]}:{name}"
-        self.actors = _hosts(n, options)
-        self.names = [f"{device}{i}" for i in range(n)]
-        if budgets and len(budgets) not in (1, n):
-            raise RaijacError(f"--memory-budget lists {len(budgets)} budgets for {n} workers; give one, or one per worker.")
         per_worker = (budgets * n if len(budgets) == 1 else budgets) if budgets else [None] * n
         run_id = uuid.uuid4().hex
         self.recipes = [
@@ -334,6 +346,22 @@ class RayExecutor:
             f"{label} ({span}) failed on worker {self.names[w]}: {what}. "
             f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
         )
+
+
+def _warm_driver() -> threading.Thread:
+    """Pay this process's one-off torch.func costs in a background thread.
+
+    NOTE: [boot] A process's first vjp imports torch._dynamo: ~1.1 s here, in the driver
+    (for the triage) and in every worker. So the driver pays it while ray.init waits on its
+    processes, and `boot` starts the actors before the triage, each paying it in its own
+    process start (WorkerHost.__init__) while the driver triages. Measured on MLP-4096, the
+    first call on a fresh Ray went from 5.9 s to X s.
+    """
+    from raijac.probe import warm_up
+
+    thread = threading.Thread(target=warm_up, name="raijac-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 # Worker hosts kept between runs on a Ray the caller owns: session -> (resources, hosts).

@@ -286,6 +286,14 @@ class Cost:
 _WARM: set[str] = set()
 
 
+def warm_up(device: torch.device | str = "cpu") -> None:
+    """Pay a process's one-off torch.func costs now (see NOTE: [boot] in executor); never raises."""
+    try:
+        _warm_up(torch.device(device))
+    except Exception:  # a later real call reports whatever is wrong
+        pass
+
+
 def _warm_up(device: torch.device) -> None:
     """Once per process and device: the one-off costs of a first probe (importing what the
     dispatch mode needs, functorch's first vmap/vjp/jvp) are not any block's memory."""

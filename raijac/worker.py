@@ -26,7 +26,7 @@ from raijac import store
 from raijac.errors import ProblemError
 from raijac.kernels import Kernel, make_target, seed_axis
 from raijac.plan import WorkerCost
-from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes
+from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -221,6 +221,7 @@ class WorkerHost:
 
     def __init__(self) -> None:
         bound_heap()  # see NOTE: [heap]
+        warm_up("cpu")  # while the driver triages (see NOTE: [boot] in executor)
         self.worker: Worker | None = None
         self.run_id: str | None = None
         self._swap = threading.Lock()  # two calls run at once (see NOTE: [pipeline])
