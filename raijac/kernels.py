@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from raijac.errors import ModeError
-from raijac.problem import Problem
+from raijac.problem import Problem, chain_stages
 
 Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
 MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
@@ -68,7 +68,8 @@ class Target:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     why_not_stacked: str = ""
-    stages: tuple[torch.nn.Module, ...] | None = None  # an unbatched nn.Sequential, for the chain modes
+    stages: tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None = None  # for the chain modes (chain_stages)
+    stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
 
     @property
     def n_in(self) -> int:
@@ -93,6 +94,10 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         problem.module.to(device)
     elif isinstance(problem.f, torch.nn.Module):
         problem.f.to(device)
+    stages = chain_stages(problem)
+    for stage in stages or ():
+        if isinstance(stage, torch.nn.Module):
+            stage.to(device)
     x = problem.x.to(device)
     in_shape, out_shape = problem.input_shape, problem.output_shape
     no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
@@ -125,7 +130,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return f(z)
 
-        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape)
+        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape, stages=stages, stages_batched=True)
 
     def single(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return f(z[0])[None]
@@ -134,7 +139,6 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         return f(z)
 
     stack_fn = stacked_plain if problem.batch_aware else None
-    stages = tuple(f) if isinstance(f, torch.nn.Sequential) and len(f) else None
     return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, "" if stack_fn else no_stack, stages)
 
 
@@ -183,8 +187,8 @@ class Kernel:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
         if mode in CHAIN_MODES and target.stages is None:
             raise ModeError(
-                f"mode {mode} needs f to be a torch.nn.Sequential differentiated w.r.t. its (unbatched) input; "
-                "use rev or fwd for other functions."
+                f"mode {mode} needs f to be a torch.nn.Sequential or a Problem.chain of stages, differentiated "
+                "w.r.t. its input; use rev or fwd for other functions."
             )
         if colours is not None and mode in CHAIN_MODES:
             raise ModeError(f"mode {mode} has no compressed (sparse) form; use rev or fwd for sparse problems.")
@@ -303,10 +307,12 @@ class Kernel:
     # identity rows by W_L first, a full GEMM that only yields W_L's rows: the chain modes
     # start from those rows (or W_1's columns) instead, apply elementwise stages as scalings
     # by their derivative, Linear stages as one GEMM, and any other stage by its VJP/JVP.
-    def _chain_forward(self) -> tuple:
+    # Batched stages map a stack of samples: seeds stay shared (k, ...) until the first
+    # per-sample factor, then carry the samples in front (nb, k, ...).
+    def _chain_forward(self, b0: int, b1: int) -> tuple:
         """Each stage's input and, for elementwise stages, the derivative there."""
         t = self.target
-        h = t.z[0].detach()
+        h = (t.z[b0:b1] if t.stages_batched else t.z[0]).detach()
         inputs, derivs = [], []
         with torch.no_grad():
             for stage in t.stages:
@@ -318,47 +324,64 @@ class Kernel:
                 h = stage(h)
         return inputs, derivs
 
+    def _chain_saved(self, b0: int, b1: int) -> tuple:
+        key = ("chain", b0, b1) if self.target.stages_batched else ("chain",)
+        return self._kept(key, lambda: self._chain_forward(b0, b1))
+
+    def _chain_step(self, stage: Callable, h: torch.Tensor, d: torch.Tensor | None, g: torch.Tensor, shared: bool, rev: bool):
+        """One stage applied to the seeds g (k, ...) or (nb, k, ...): (new g, still shared)."""
+        batched = self.target.stages_batched
+        if d is not None:  # elementwise: a scaling by the derivative
+            return (g[None] * d[:, None], False) if batched and shared else ((g * d[:, None]) if batched else g * d, shared)
+        if isinstance(stage, torch.nn.Linear) and h.ndim == 1 + batched:
+            return (g @ stage.weight if rev else g @ stage.weight.T), shared
+        with torch.enable_grad():
+            if not batched:
+                if rev:
+                    _, vjp_fn = torch.func.vjp(stage, h)
+                    return torch.func.vmap(vjp_fn)(g)[0], shared
+                return torch.func.vmap(lambda tan: torch.func.jvp(stage, (h,), (tan,))[1])(g), shared
+            if shared:
+                g = g[None].expand(h.shape[0], *g.shape)
+            if rev:
+                _, vjp_fn = torch.func.vjp(stage, h)
+                return torch.func.vmap(lambda c: vjp_fn(c)[0], in_dims=1, out_dims=1)(g), False
+            return torch.func.vmap(lambda tan: torch.func.jvp(stage, (h,), (tan,))[1], in_dims=1, out_dims=1)(g), False
+
+    def _chain_end(self, g: torch.Tensor, shared: bool, nb: int, k: int, n: int) -> torch.Tensor:
+        """The seeds' final values as (nb, k, n)."""
+        if not self.target.stages_batched:
+            return g.reshape(1, k, n)
+        return (g.reshape(k, n)[None].expand(nb, k, n) if shared else g.reshape(nb, k, n)).contiguous()
+
     def _chain_rev(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
-        inputs, derivs = self._kept(("chain",), self._chain_forward)
-        k, g = s1 - s0, None
+        inputs, derivs = self._chain_saved(b0, b1)
+        k, g, shared = s1 - s0, None, True
         with torch.no_grad():
             for stage, h, d in reversed(list(zip(t.stages, inputs, derivs, strict=True))):
-                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0]
-                if d is not None:
-                    g = g * d
-                elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
-                    g = g @ stage.weight
-                else:
-                    with torch.enable_grad():
-                        _, vjp_fn = torch.func.vjp(stage, h)
-                        (g,) = torch.func.vmap(vjp_fn)(g)
+                g, shared = self._chain_step(stage, h, d, g, shared, rev=True)
         if g is None:  # an empty chain of stages
             g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0]
-        return g.reshape(1, k, t.n_in)
+        return self._chain_end(g, shared, b1 - b0, k, t.n_in)
 
     def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
-        inputs, derivs = self._kept(("chain",), self._chain_forward)
-        k, g = s1 - s0, None  # g: (k, *stage shape), one tangent per column
+        inputs, derivs = self._chain_saved(b0, b1)
+        k, g, shared = s1 - s0, None, True  # g: (k, *stage shape), one tangent per column
         with torch.no_grad():
             for stage, h, d in zip(t.stages, inputs, derivs, strict=True):
-                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1:
+                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[:, s0:s1].T  # the columns of the first Linear
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0]
-                if d is not None:
-                    g = g * d
-                elif isinstance(stage, torch.nn.Linear) and h.ndim == 1:
-                    g = g @ stage.weight.T
-                else:
-                    with torch.enable_grad():
-                        g = torch.func.vmap(lambda tan, stage=stage, h=h: torch.func.jvp(stage, (h,), (tan,))[1])(g)
+                g, shared = self._chain_step(stage, h, d, g, shared, rev=False)
         if g is None:
             g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0]
-        return g.reshape(k, t.n_out).T[None]
+        return self._chain_end(g, shared, b1 - b0, k, t.n_out).transpose(1, 2)

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raijac.errors import ModeError, ProblemError
 from raijac.kernels import REPEAT_MODES, Kernel, Target, check_mode, make_target, seed_axis
-from raijac.problem import Problem, _first_line
+from raijac.problem import Problem, _first_line, chain_stages
 
 SLOW_PATH_HINTS = ("performance drop", "batching rule", "fallback")
 
@@ -56,7 +56,7 @@ def candidate_modes(problem: Problem, requested: str) -> list[str]:
         order = ["rev", "rev-repeat", "loop"]
     else:
         order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
-    if isinstance(problem.f, torch.nn.Sequential) and not problem.batched and problem.wrt == "input":
+    if chain_stages(problem) is not None:
         order.insert(0, "chain" if problem.n_out <= problem.n_in else "chain-fwd")  # NOTE: [chain] in kernels
     stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
     return [m for m in order if stackable or m not in REPEAT_MODES]
@@ -160,7 +160,7 @@ def resolve_mode(
     if why is None:
         why = f"M={m} <= N={n}" if seed_axis(first) == "rows" else f"M={m} > N={n}"
     if first in ("chain", "chain-fwd"):
-        why = f"{why} and f is an nn.Sequential"
+        why = f"{why} and f is a chain of stages"
     if chosen.mode == first:
         reason = f"auto: {why}, so {first}"
     else:

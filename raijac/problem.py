@@ -21,7 +21,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -44,6 +44,34 @@ class ParamInfo:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+
+class Chain:
+    """A function given as its stages, first to last (`Problem.chain`); picklable when they are."""
+
+    def __init__(self, stages: tuple[Callable[[torch.Tensor], torch.Tensor], ...]) -> None:
+        self.stages = stages
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(type(s).__name__ if isinstance(s, torch.nn.Module) else getattr(s, '__name__', '?') for s in self.stages)})"
+
+
+def chain_stages(problem: Problem) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
+    """The stages the chain modes walk: a `Problem.chain`'s, or a non-empty `nn.Sequential`'s,
+    differentiated w.r.t. its input; None for any other problem."""
+    if problem.wrt != "input":
+        return None
+    f = problem.f
+    if isinstance(f, Chain):
+        return f.stages
+    if isinstance(f, torch.nn.Sequential) and len(f):
+        return tuple(f)
+    return None
 
 
 class Problem:
@@ -95,6 +123,27 @@ class Problem:
         self.sparsity = sparsity
 
     # ------------------------------------------------------------------ builders
+    @classmethod
+    def chain(
+        cls, stages: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, *, batched: bool = False
+    ) -> Problem:
+        """f(x) = stages[-1](...stages[0](x)): a declared chain of stages, for the chain modes.
+
+        Any callables will do (modules or functions): an `nn.Linear` is applied as a GEMM,
+        an elementwise module (Tanh, GELU, ...) as a scaling, any other stage by its VJP/JVP.
+        An `nn.Linear` at the seed end skips reverse mode's identity GEMM (NOTE: [chain] in
+        kernels). With `batched=True`, every stage maps `(B, ...)` to `(B, ...)` sample by sample.
+        """
+        stages = tuple(stages)
+        if not stages:
+            raise ProblemError("Problem.chain needs at least one stage; pass the stages f applies, first to last.")
+        for i, stage in enumerate(stages):
+            if not callable(stage):
+                raise ProblemError(
+                    f"stage {i} of the chain is a {type(stage).__name__}, not callable; pass modules or functions."
+                )
+        return cls(Chain(stages), x, batched=batched, batch_aware=batched)
+
     @classmethod
     def from_module(
         cls,

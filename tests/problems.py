@@ -190,6 +190,46 @@ def sequential_conv() -> raijac.Problem:
     return raijac.Problem(net, _randn(2, 5, 6, seed=35))
 
 
+_WD = _randn(29, 29, seed=37) / 5
+
+
+def _sin_mix(h: torch.Tensor) -> torch.Tensor:
+    return torch.sin(h) @ _WD.T
+
+
+def declared_chain() -> raijac.Problem:
+    """A Problem.chain of modules and plain functions: Linear, GELU, a function (generic
+    VJP/JVP), LayerNorm, a lambda, Linear; the chain modes apply."""
+    torch.manual_seed(36)
+    stages = [torch.nn.Linear(17, 29), torch.nn.GELU(), _sin_mix, torch.nn.LayerNorm(29), lambda h: h * h.sum(),
+              torch.nn.Linear(29, 11)]  # fmt: skip
+    return raijac.Problem.chain(stages, _randn(17, seed=38))
+
+
+def sequential_batched() -> raijac.Problem:
+    """A per-sample batched nn.Sequential: the chain modes walk a block's samples at once."""
+    torch.manual_seed(39)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(13, 21), torch.nn.Tanh(), torch.nn.LayerNorm(21), torch.nn.Linear(21, 21), torch.nn.SiLU(),
+        torch.nn.Linear(21, 9),
+    )  # fmt: skip
+    return raijac.Problem(net, _randn(7, 13, seed=40), batched=True)
+
+
+def chain_batched_wide() -> raijac.Problem:
+    """A batched Problem.chain with M > N (chain-fwd); softmax takes the generic JVP path."""
+    torch.manual_seed(41)
+    stages = [torch.nn.Linear(6, 15), torch.nn.Softplus(), lambda h: torch.softmax(h, dim=-1), torch.nn.Linear(15, 19)]
+    return raijac.Problem.chain(stages, _randn(5, 6, seed=42), batched=True)
+
+
+def linear_only_batched() -> raijac.Problem:
+    """Linear stages only: every sample has the same Jacobian, which stays shared to the end."""
+    torch.manual_seed(43)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 5))
+    return raijac.Problem(net, _randn(4, 8, seed=44), batched=True)
+
+
 def item_call() -> raijac.Problem:
     """`.item()` on the primal: fine here, since only seeds are vmapped (not batch-aware)."""
 
@@ -286,10 +326,14 @@ CASES: list[Case] = [
     Case("batched_mlp", batched_mlp, jacrev_reference, ALL_MODES),
     Case("params", params, params_reference, PLAIN_MODES, broken=("rev-repeat", "fwd-repeat")),
     Case("params_batched", params_batched, params_reference, ALL_MODES),
-    Case("module_input_batched", module_input_batched, jacrev_reference, ALL_MODES),
+    Case("module_input_batched", module_input_batched, jacrev_reference, ALL_MODES + CHAIN, auto="chain"),
     Case("sequential_mlp", sequential_mlp, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
     Case("sequential_wide", sequential_wide, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain-fwd"),
     Case("sequential_conv", sequential_conv, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
+    Case("declared_chain", declared_chain, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
+    Case("sequential_batched", sequential_batched, jacrev_reference, ALL_MODES + CHAIN, auto="chain"),
+    Case("chain_batched_wide", chain_batched_wide, jacrev_reference, ALL_MODES + CHAIN, auto="chain-fwd"),
+    Case("linear_only_batched", linear_only_batched, jacrev_reference, ALL_MODES + CHAIN, auto="chain"),
     Case("item_call", item_call, autograd_reference, PLAIN_MODES, broken=("rev-repeat",), auto="fwd"),
     Case("inplace_captured", inplace_captured, autograd_reference, ("loop",), broken=("rev", "fwd", "rev-repeat"), auto="loop"),
     Case(

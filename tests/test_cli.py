@@ -194,6 +194,26 @@ def test_compute_batched(ray_session, tmp_path):
     assert info["input_shape"] == [6] and info["output_shape"] == [4]
 
 
+CHAIN_SPEC = """
+def problem():
+    torch.manual_seed(6)
+    stages = [torch.nn.Linear(9, 14), torch.nn.Tanh(), lambda h: torch.sin(h) * h.mean(-1, keepdim=True), torch.nn.Linear(14, 7)]
+    x = torch.randn(3, 9, generator=torch.Generator().manual_seed(7))
+    return raijac.Problem.chain(stages, x, batched=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "chain", "chain-fwd"])
+def test_compute_declared_batched_chain(ray_session, tmp_path, mode):
+    """A spec declaring its stages (one a lambda) runs the chain modes per sample from the CLI."""
+    spec = write_spec(tmp_path / "spec", CHAIN_SPEC)
+    out = tmp_path / "chain.zarr"
+    s = compute(spec, out, "--mode", mode, "--block-size", 4)
+    assert s["mode"] == ("chain" if mode == "auto" else mode) and s["tiles_total"] > 1
+    assert stored(out).shape == (3, 7, 9)
+    assert_matches(out, spec)
+
+
 def test_compute_parameter_jacobian(ray_session, tmp_path):
     spec = write_spec(tmp_path / "spec", PARAMS)
     out = tmp_path / "params.zarr"

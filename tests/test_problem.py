@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from ray import cloudpickle
 
 import raijac
 from raijac.errors import ProblemError
@@ -190,3 +191,22 @@ def test_pickling_drops_the_cached_output():
     clone = cloudpickle.loads(cloudpickle.dumps(p))
     assert "y" not in clone.__dict__
     np.testing.assert_array_equal(clone.y.numpy(), p.y.numpy())
+
+
+def test_problem_chain_is_its_stages_composed():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 6)
+    problem = raijac.Problem.chain([lin, torch.tanh, lambda h: h * 2], torch.randn(4))
+    assert torch.allclose(problem.f(problem.x), torch.tanh(lin(problem.x)) * 2)
+    assert problem.jacobian_shape == (6, 4) and "Linear" in repr(problem.f)
+    shipped = cloudpickle.loads(cloudpickle.dumps(problem))  # as Ray ships it, lambda included
+    assert torch.allclose(shipped.f(problem.x), problem.f(problem.x))
+
+
+@pytest.mark.parametrize(
+    "stages,message",
+    [([], "needs at least one stage"), ([torch.nn.Tanh(), 3], "stage 1 of the chain is a int, not callable")],
+)
+def test_problem_chain_refuses_bad_stages(stages, message):
+    with pytest.raises(ProblemError, match=message):
+        raijac.Problem.chain(stages, torch.randn(3))
