@@ -94,11 +94,11 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         problem.module.to(device)
     elif isinstance(problem.f, torch.nn.Module):
         problem.f.to(device)
-    stages = chain_stages(problem)
+    x = problem.x.to(device)
+    stages = chain_stages(problem, x)
     for stage in stages or ():
         if isinstance(stage, torch.nn.Module):
             stage.to(device)
-    x = problem.x.to(device)
     in_shape, out_shape = problem.input_shape, problem.output_shape
     no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
 
@@ -322,31 +322,30 @@ class Kernel:
                 else:
                     derivs.append(None)
                 h = stage(h)
-        return inputs, derivs
+        return inputs, derivs, {}  # {}: each generic stage's vjp_fn, made once per sample block
 
     def _chain_saved(self, b0: int, b1: int) -> tuple:
         key = ("chain", b0, b1) if self.target.stages_batched else ("chain",)
         return self._kept(key, lambda: self._chain_forward(b0, b1))
 
-    def _chain_step(self, stage: Callable, h: torch.Tensor, d: torch.Tensor | None, g: torch.Tensor, shared: bool, rev: bool):
-        """One stage applied to the seeds g (k, ...) or (nb, k, ...): (new g, still shared)."""
-        batched = self.target.stages_batched
+    def _chain_step(self, i: int, h: torch.Tensor, d: torch.Tensor | None, g: torch.Tensor, shared: bool, rev: bool):
+        """Stage i applied to the seeds g (k, ...) or (nb, k, ...): (new g, still shared)."""
+        stage, batched = self.target.stages[i], self.target.stages_batched
         if d is not None:  # elementwise: a scaling by the derivative
             return (g[None] * d[:, None], False) if batched and shared else ((g * d[:, None]) if batched else g * d, shared)
         if isinstance(stage, torch.nn.Linear) and h.ndim == 1 + batched:
             return (g @ stage.weight if rev else g @ stage.weight.T), shared
+        if batched and shared:
+            g = g[None].expand(h.shape[0], *g.shape)
+        dims = dict(in_dims=1, out_dims=1) if batched else {}
         with torch.enable_grad():
-            if not batched:
-                if rev:
-                    _, vjp_fn = torch.func.vjp(stage, h)
-                    return torch.func.vmap(vjp_fn)(g)[0], shared
-                return torch.func.vmap(lambda tan: torch.func.jvp(stage, (h,), (tan,))[1])(g), shared
-            if shared:
-                g = g[None].expand(h.shape[0], *g.shape)
             if rev:
-                _, vjp_fn = torch.func.vjp(stage, h)
-                return torch.func.vmap(lambda c: vjp_fn(c)[0], in_dims=1, out_dims=1)(g), False
-            return torch.func.vmap(lambda tan: torch.func.jvp(stage, (h,), (tan,))[1], in_dims=1, out_dims=1)(g), False
+                vjps = self._saved[2]
+                if i not in vjps:  # kept across the blocks of this sample block, as rev keeps its vjp_fn
+                    vjps[i] = torch.func.vjp(stage, h)[1]
+                vjp_fn = vjps[i]
+                return torch.func.vmap(lambda c: vjp_fn(c)[0], **dims)(g), shared and not batched
+            return torch.func.vmap(lambda tan: torch.func.jvp(stage, (h,), (tan,))[1], **dims)(g), shared and not batched
 
     def _chain_end(self, g: torch.Tensor, shared: bool, nb: int, k: int, n: int) -> torch.Tensor:
         """The seeds' final values as (nb, k, n)."""
@@ -356,32 +355,33 @@ class Kernel:
 
     def _chain_rev(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
-        inputs, derivs = self._chain_saved(b0, b1)
+        inputs, derivs, _ = self._chain_saved(b0, b1)
         k, g, shared = s1 - s0, None, True
         with torch.no_grad():
-            for stage, h, d in reversed(list(zip(t.stages, inputs, derivs, strict=True))):
+            for i in reversed(range(len(t.stages))):
+                stage, h, d = t.stages[i], inputs[i], derivs[i]
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0]
-                g, shared = self._chain_step(stage, h, d, g, shared, rev=True)
+                g, shared = self._chain_step(i, h, d, g, shared, rev=True)
         if g is None:  # an empty chain of stages
             g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0]
         return self._chain_end(g, shared, b1 - b0, k, t.n_in)
 
     def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
-        inputs, derivs = self._chain_saved(b0, b1)
+        inputs, derivs, _ = self._chain_saved(b0, b1)
         k, g, shared = s1 - s0, None, True  # g: (k, *stage shape), one tangent per column
         with torch.no_grad():
-            for stage, h, d in zip(t.stages, inputs, derivs, strict=True):
+            for i, (stage, h, d) in enumerate(zip(t.stages, inputs, derivs, strict=True)):
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[:, s0:s1].T  # the columns of the first Linear
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0]
-                g, shared = self._chain_step(stage, h, d, g, shared, rev=False)
+                g, shared = self._chain_step(i, h, d, g, shared, rev=False)
         if g is None:
             g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0]
         return self._chain_end(g, shared, b1 - b0, k, t.n_out).transpose(1, 2)

@@ -61,9 +61,11 @@ class Chain:
         return f"Chain({', '.join(type(s).__name__ if isinstance(s, torch.nn.Module) else getattr(s, '__name__', '?') for s in self.stages)})"
 
 
-def chain_stages(problem: Problem) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
-    """The stages the chain modes walk: a `Problem.chain`'s, or a non-empty `nn.Sequential`'s,
-    differentiated w.r.t. its input; None for any other problem."""
+def chain_stages(problem: Problem, x: torch.Tensor | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
+    """The stages the chain modes walk, for a problem differentiated w.r.t. its input: a
+    `Problem.chain`'s, a non-empty `nn.Sequential`'s, or for another unbatched function
+    ending in a constant linear layer, the rest and that layer (raijac.peel, traced at `x`,
+    by default the problem's, once per device); None for any other problem."""
     if problem.wrt != "input":
         return None
     f = problem.f
@@ -71,7 +73,15 @@ def chain_stages(problem: Problem) -> tuple[Callable[[torch.Tensor], torch.Tenso
         return f.stages
     if isinstance(f, torch.nn.Sequential) and len(f):
         return tuple(f)
-    return None
+    if problem.batched or problem.kind not in ("function", "module") or problem.sparsity is not None:
+        return None
+    x = problem.x if x is None else x
+    peeled = problem.__dict__.setdefault("_peeled", {})
+    if str(x.device) not in peeled:
+        from raijac.peel import peel_last_linear
+
+        peeled[str(x.device)] = peel_last_linear(f, x)
+    return peeled[str(x.device)]
 
 
 class Problem:
@@ -418,6 +428,7 @@ class Problem:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
+        state.pop("_peeled", None)  # traced again where it is used (raijac.peel)
         if state.get("sparsity") is not None and "pattern" in state:
             state["sparsity"] = state.pop("pattern")  # ship the traced pattern, not "detect"
         return state

@@ -288,8 +288,67 @@ _WC = _randn(33, 12, seed=26) / 3
 
 
 def no_forward_rule() -> raijac.Problem:
-    """Wide output (auto prefers fwd) through a Function without jvp: fwd must fall back."""
+    """Wide output (auto prefers fwd) through a Function without jvp: fwd must fall back.
+    (The final scaling keeps raijac.peel from finding a last linear layer.)"""
+    return raijac.Problem(lambda x: (_Cube.apply(x) @ _WC.T) * 2, _randn(12, seed=27), batch_aware=True)
+
+
+def no_forward_rule_tail() -> raijac.Problem:
+    """The same ending in the product: peeled, chain-fwd runs forward mode through the traced
+    x**3 (the peel checked its derivative against the Function's backward)."""
     return raijac.Problem(lambda x: _Cube.apply(x) @ _WC.T, _randn(12, seed=27), batch_aware=True)
+
+
+class _MLP(torch.nn.Module):
+    """A model that is not an nn.Sequential: raijac.peel finds its output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = torch.nn.Linear(19, 27), torch.nn.Linear(27, 14)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        return self.out(torch.tanh(h) * torch.sigmoid(h))
+
+
+def module_mlp() -> raijac.Problem:
+    torch.manual_seed(45)
+    return raijac.Problem.from_module(_MLP(), _randn(19, seed=46), wrt="input")
+
+
+_WT, _BT = _randn(23, 16, seed=47) / 4, _randn(23, seed=48)
+
+
+def linear_tail() -> raijac.Problem:
+    """F.linear with a bias after a softmax, on a (4, 4) input: peeled; M > N so chain-fwd."""
+    return raijac.Problem(
+        lambda x: torch.nn.functional.linear(torch.softmax(x, -1).reshape(-1) * x.reshape(-1), _WT, _BT),
+        _randn(4, 4, seed=49),
+    )
+
+
+class _ClipGrad(torch.autograd.Function):
+    """Identity forward, clipped backward: its backward is not its forward's derivative."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 1.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-0.05, 0.05)
+
+
+def clipped_backward_tail() -> raijac.Problem:
+    """Ends in a product, but a traced chain would lose the clipped backward: the peel's
+    check refuses it and auto keeps rev (jacrev's answer, through the custom backward)."""
+    return raijac.Problem(lambda x: _WC[:7] @ _ClipGrad.apply(torch.tanh(x * 3)), _randn(12, seed=50))
 
 
 class _OldStyle(torch.autograd.Function):
@@ -312,7 +371,11 @@ def old_style_function() -> raijac.Problem:
 
 def _cube_reference(problem: raijac.Problem) -> np.ndarray:
     x = problem.x
-    return (_WC * (3 * x**2)[None, :]).numpy()
+    return (_WC * (3 * x**2)[None, :]).numpy() * 2
+
+
+def _cube_tail_reference(problem: raijac.Problem) -> np.ndarray:
+    return _cube_reference(problem) / 2
 
 
 CASES: list[Case] = [
@@ -352,6 +415,17 @@ CASES: list[Case] = [
         broken=("fwd",),
         auto="fwd-repeat",
     ),
+    Case(
+        "no_forward_rule_tail",
+        no_forward_rule_tail,
+        _cube_tail_reference,
+        ("rev", "loop", "chain", "chain-fwd"),
+        broken=("fwd",),
+        auto="chain-fwd",
+    ),  # fmt: skip
+    Case("module_mlp", module_mlp, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain"),
+    Case("linear_tail", linear_tail, jacrev_reference, PLAIN_MODES + CHAIN, auto="chain-fwd"),
+    Case("clipped_backward_tail", clipped_backward_tail, autograd_reference, ("rev", "loop"), broken=("fwd",), auto="rev"),
     Case("old_style_function", old_style_function, autograd_reference, ("loop",), broken=("rev", "fwd"), auto="loop"),
 ]
 

@@ -1,0 +1,168 @@
+"""peel: finds a final linear layer in a plain function, so the chain modes apply to it too.
+
+`f(x) = W g(x) + b` for a constant matrix W is common (a model's output layer). Its
+Jacobian is `W J_g`: row i is the VJP of g with cotangent W[i], so reverse mode's first
+step, multiplying identity rows by W, is a GEMM that only yields W's rows (NOTE: [chain] in
+kernels). The function is traced once with `make_fx` at the point x; when its graph ends in
+a matrix-vector product with a constant matrix (mv, addmv, or mm/addmm with one row, then
+only reshapes and a constant bias), the chain is `(g, Linear(W))`, g being the traced graph
+cut at that product's vector input. Anything else, or any tracing failure, gives None.
+
+Tracing at x bakes in x's control flow and `.item()` values; the result is only ever used
+at x, and the triage checks every mode against plain autograd before a run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+# Ops that only relabel a contiguous result's shape: the flat (row-major) order is unchanged.
+RESHAPES = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.squeeze.dim, aten.squeeze.default,
+    aten.squeeze_.dim, aten.squeeze_.default, aten.unsqueeze.default, aten.alias.default, aten.clone.default,
+    aten.flatten.using_ints,
+}  # fmt: skip
+ADDS = {aten.add.Tensor}
+# Ops whose result is still a constant when their input is one (a transposed or cast weight).
+CONSTANT_OPS = {
+    aten.t.default, aten.permute.default, aten.transpose.int, aten._to_copy.default, aten.detach.default,
+    aten.clone.default, aten.alias.default, aten.contiguous.default,
+}  # fmt: skip
+
+
+class Traced(torch.nn.Module):
+    """The traced function cut at the last product's vector input, flattened."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(x).reshape(-1)
+
+
+def peel_last_linear(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.nn.Module, ...] | None:
+    """`(g, Linear(W))` with `f(x) = W g(x) + b` near x, or None when f does not end so."""
+    try:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        gm = make_fx(f)(x.detach())
+        return _peel(gm, f, x)
+    except Exception:  # tracing is an optimisation: any failure just means no chain
+        return None
+
+
+def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.nn.Module, ...] | None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    if len(placeholders) != 1 or not isinstance(output.args[0], fx.Node):
+        return None
+    node = output.args[0]
+    n_out = math.prod(_shape(node))
+    while node.op == "call_function":  # through reshapes and a constant bias
+        if node.target in RESHAPES:
+            node = node.args[0]
+        elif node.target in ADDS and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            if isinstance(b, fx.Node) and _constant(gm, b) is not None and isinstance(a, fx.Node):
+                node_next = a
+            elif isinstance(a, fx.Node) and _constant(gm, a) is not None and isinstance(b, fx.Node):
+                node_next = b
+            else:
+                return None
+            if _shape(node_next) != _shape(node):  # the bias must not broadcast the product out
+                return None
+            node = node_next
+        else:
+            break
+    found = _product(gm, node)
+    if found is None:
+        return None
+    weight, vector = found
+    if weight.ndim != 2 or weight.shape[0] != n_out or not weight.is_floating_point() or weight.dtype != x.dtype:
+        return None
+    output.args = (vector,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    g = Traced(gm)
+    with torch.no_grad():
+        h = g(x.detach())
+    if h.numel() != weight.shape[1]:
+        return None
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)  # a view of the model's weight, no copy
+    return (g, linear) if _agrees(f, g, linear.weight, x) else None
+
+
+def _agrees(f: Callable, g: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the peeled chain has f's derivatives: v^T J (and J t, where f has forward-mode
+    rules) for one random v (t) from plain autograd on f and through the chain. A custom
+    autograd.Function whose backward is not its forward's derivative is traced as its
+    forward, so it fails here and f keeps its own modes."""
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    tol = 1e-4 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        scale = max(float(a.detach().abs().max()), float(b.detach().abs().max()), 1.0) if a.numel() else 1.0
+        return a.shape == b.shape and bool(((a - b).detach().abs() <= tol * scale).all())
+
+    z = x.detach()
+    y, vjp_f = torch.func.vjp(f, z)
+    v = torch.randn(y.shape, generator=gen, device=x.device, dtype=y.dtype)
+    _, vjp_g = torch.func.vjp(g, z)
+    if not close(vjp_f(v)[0], vjp_g(v.reshape(-1) @ weight)[0]):
+        return False
+    t = torch.randn(z.shape, generator=gen, device=x.device, dtype=z.dtype)
+    try:
+        jt = torch.func.jvp(f, (z,), (t,))[1]
+    except Exception:  # no forward-mode rule in f: the reverse check above must do
+        return True
+    return close(jt.reshape(-1), weight @ torch.func.jvp(g, (z,), (t,))[1])
+
+
+def _product(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, fx.Node] | None:
+    """(W, the node of the vector W multiplies) for a matrix-vector product with constant W."""
+    if node.op != "call_function":
+        return None
+    args = node.args
+    if node.target in (aten.mv.default, aten.addmv.default):
+        if node.target is aten.addmv.default and (node.kwargs or _constant(gm, args[0]) is None):
+            return None
+        w_node, v_node = args[-2], args[-1]
+        w = _constant(gm, w_node)
+        return None if w is None or not isinstance(v_node, fx.Node) else (w, v_node)
+    if node.target in (aten.mm.default, aten.addmm.default):
+        if node.target is aten.addmm.default and (node.kwargs or _constant(gm, args[0]) is None):
+            return None
+        u_node, p_node = args[-2], args[-1]
+        p = _constant(gm, p_node)
+        if p is not None and isinstance(u_node, fx.Node) and _shape(u_node)[:1] == (1,):
+            return p.T, u_node  # (1, H) @ (H, M): W = P^T
+        p = _constant(gm, u_node)
+        if p is not None and isinstance(p_node, fx.Node) and _shape(p_node)[1:] == (1,):
+            return p, p_node  # (M, H) @ (H, 1)
+    return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The value of a node that depends on no input (a captured tensor, or ops on them)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = getattr(gm, node.target)
+        return value if isinstance(value, torch.Tensor) else None
+    if node.op != "call_function" or node.target not in CONSTANT_OPS:
+        return None
+    inner = _constant(gm, node.args[0])
+    return None if inner is None else node.target(inner, *node.args[1:], **node.kwargs)

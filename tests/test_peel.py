@@ -1,0 +1,119 @@
+"""raijac.peel: the last linear layer of a plain function, found by tracing, checked by AD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import raijac
+from raijac.kernels import Kernel, make_target
+from raijac.peel import peel_last_linear
+from raijac.problem import chain_stages
+from tests.problems import assert_close
+
+G = torch.Generator().manual_seed(0)
+W1, W2, B2 = torch.randn(9, 7, generator=G), torch.randn(5, 9, generator=G), torch.randn(5, generator=G)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = torch.nn.Linear(7, 9), torch.nn.Linear(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) + x.sum())
+
+
+class _Clip(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 1.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(-0.01, 0.01)
+
+
+class _CountProducts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith(("mm", "mv", "matmul", "bmm", "addmm")):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+PEELED = {
+    "mv": lambda x: W2 @ torch.tanh(W1 @ x),
+    "mm-transposed+bias": lambda x: torch.tanh(x @ W1.T) @ W2.T + B2,
+    "F.linear": lambda x: torch.nn.functional.linear(torch.sin(W1 @ x), W2, B2),
+    "module": _Net(),
+    "cast weight, float64": lambda x: W2.double() @ torch.tanh(W1.double() @ x),
+    "reshape after": lambda x: (W2 @ torch.tanh(W1 @ x)).reshape(1, 5, 1),
+}
+REFUSED = {
+    "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
+    "matrix depends on x": lambda x: torch.outer(x, x) @ x,
+    "bias broadcasts the product": lambda x: (W2 @ torch.tanh(W1 @ x)) + torch.ones(3, 5),
+    "custom backward": lambda x: W2 @ _Clip.apply(torch.tanh(W1 @ x)),
+    "untraceable": lambda x: torch.from_numpy((W1 @ x).numpy()) @ W1,
+}
+
+
+@pytest.mark.parametrize("name", PEELED)
+def test_peeled_chain_equals_jacrev(name):
+    dtype = torch.float64 if "float64" in name else torch.float32
+    f, x = PEELED[name], torch.randn(7, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    stages = peel_last_linear(f, x)
+    assert stages is not None
+    g, linear = stages
+    want = torch.func.jacrev(f)(x).reshape(-1, 7)
+    got = linear.weight @ torch.func.jacrev(g)(x).reshape(-1, 7)
+    assert_close(got.detach().numpy(), want.detach().to(got.dtype).numpy())
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_not_peeled(name):
+    assert peel_last_linear(REFUSED[name], torch.randn(7, generator=torch.Generator().manual_seed(3))) is None
+
+
+def test_auto_runs_chain_on_a_plain_mlp_with_one_gemm_fewer():
+    """A plain-function MLP: auto picks chain, whose block needs one GEMM where rev needs two."""
+    problem = raijac.Problem(PEELED["mm-transposed+bias"], torch.randn(7))
+    assert raijac.plan(problem).mode == "chain"
+    counts = {}
+    for mode in ("rev", "chain"):
+        kernel = Kernel(make_target(problem), mode)
+        kernel(0, 1, 0, 5)  # the kept forward pass
+        with _CountProducts() as count:
+            block = kernel(0, 1, 0, 5)
+        counts[mode] = len(count.calls)
+        assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
+    assert counts["chain"] == counts["rev"] - 1
+
+
+def test_peel_is_traced_once_per_device_and_not_shipped():
+    from ray import cloudpickle
+
+    problem = raijac.Problem(PEELED["mv"], torch.randn(7))
+    first = chain_stages(problem)
+    assert first is not None and chain_stages(problem) is first
+    shipped = cloudpickle.loads(cloudpickle.dumps(problem))
+    assert "_peeled" not in shipped.__dict__ and chain_stages(shipped) is not None
+
+
+def test_batched_and_parameter_problems_are_not_traced():
+    batched = raijac.Problem(lambda x: torch.tanh(x @ W1.T) @ W2.T, torch.randn(3, 7), batched=True)
+    params = raijac.Problem.from_module(_Net(), torch.randn(7), wrt="params")
+    assert chain_stages(batched) is None and chain_stages(params) is None
+    assert "_peeled" not in batched.__dict__
