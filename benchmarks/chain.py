@@ -3,7 +3,10 @@
 An MLP with N = H = M (Linear, tanh, Linear) as an nn.Sequential; jacrev and the kernels run
 in this process with the same threads; the end-to-end runs use 2 workers x 1 thread.
 
-    python benchmarks/chain.py [--sizes 4096 8192] [--e2e]
+    python benchmarks/chain.py [--sizes 4096 8192] [--e2e] [--batched]
+
+End to end, the MLP runs as an nn.Sequential (chain, then rev), as a custom nn.Module and as a
+plain function (both auto: raijac.peel finds their last layer).
 """
 
 from __future__ import annotations
@@ -28,10 +31,41 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
+class MLP(torch.nn.Module):
+    """The same MLP as a model that is not an nn.Sequential: auto finds its chain by tracing (raijac.peel)."""
+
+    def __init__(self, net: torch.nn.Sequential) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](torch.tanh(self.net[0](x)))
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tempfile.mkdtemp() + "/w.zarr", workers=2)
+
+
+def e2e(problem: raijac.Problem, mode: str, repeats: int = 1) -> tuple[float, str]:
+    out = tempfile.mkdtemp() + "/chain.zarr"
+    times, chosen = [], ""
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jac = raijac.compute(problem, out, mode=mode, workers=2, overwrite=True)
+        times.append(time.perf_counter() - start)
+        chosen = jac.mode
+    return min(times), chosen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--e2e", action="store_true", help="also time raijac.compute end to end on a warm Ray")
+    ap.add_argument("--batched", action="store_true", help="also a per-sample MLP (B=64, 256-1024-256), end to end")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in this process")
     for n in args.sizes:
@@ -48,18 +82,39 @@ def main() -> None:
             row[mode] = best(lambda kernel=kernel, n=n: kernel(0, 1, 0, n), repeats)
         print(
             f"MLP-{n}: jacrev {t_jacrev:.2f} s | kernel chain {row['chain']:.2f} s = {row['chain'] / t_jacrev:.2f}x | "
-            f"kernel rev {row['rev']:.2f} s = {row['rev'] / t_jacrev:.2f}x"
+            f"kernel rev {row['rev']:.2f} s = {row['rev'] / t_jacrev:.2f}x",
+            flush=True,
         )
         if args.e2e:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-                raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tempfile.mkdtemp() + "/w.zarr", workers=2)
-            out = tempfile.mkdtemp() + "/chain.zarr"
-            for mode in ("chain", "rev"):
-                t = best(lambda mode=mode, p=problem, out=out: raijac.compute(p, out, mode=mode, workers=2, overwrite=True), 1)
-                print(f"MLP-{n}: end to end {mode} {t:.2f} s = {t / t_jacrev:.2f}x jacrev")
+            ensure_ray()
+            w1, b1, w2, b2 = net[0].weight, net[0].bias, net[2].weight, net[2].bias
+            variants = {
+                "nn.Sequential, chain": (problem, "chain"),
+                "nn.Sequential, rev": (problem, "rev"),
+                "custom nn.Module, auto": (raijac.Problem(MLP(net), x), "auto"),
+                "plain function, auto": (
+                    raijac.Problem(lambda z, w1=w1, b1=b1, w2=w2, b2=b2: torch.tanh(z @ w1.T + b1) @ w2.T + b2, x),
+                    "auto",
+                ),
+            }
+            for what, (p, mode) in variants.items():
+                t, chosen = e2e(p, mode)
+                print(f"MLP-{n}: end to end, {what} ({chosen}): {t:.2f} s = {t / t_jacrev:.2f}x jacrev", flush=True)
+            t_jacrev = best(lambda net=net, x=x: torch.func.jacrev(net)(x), 1)
+            print(f"MLP-{n}: jacrev again after the runs: {t_jacrev:.2f} s", flush=True)
+    if args.batched:
+        ensure_ray()
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)).requires_grad_(False)
+        xs = torch.randn(64, 256)
+        t_ref = best(lambda: torch.func.vmap(torch.func.jacrev(net))(xs), 3)
+        problem = raijac.Problem(net, xs, batched=True)
+        for mode in ("chain", "rev", "auto"):
+            t, chosen = e2e(problem, mode, repeats=2)
+            print(
+                f"per-sample MLP B=64 256-1024-256: end to end {mode} ({chosen}) {t:.2f} s = {t / t_ref:.2f}x vmap(jacrev) ({t_ref:.2f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

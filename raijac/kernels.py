@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from raijac.errors import ModeError
-from raijac.problem import Problem, chain_stages
+from raijac.peel import Traced, forward_agrees
+from raijac.problem import Chain, Problem, chain_stages
 
 Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
 MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
@@ -68,8 +69,18 @@ class Target:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     why_not_stacked: str = ""
-    stages: tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None = None  # for the chain modes (chain_stages)
+    find_stages: Callable[[], tuple | None] | None = None  # the chain modes' stages (chain_stages), found on first use
     stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
+    peel_forward_ok: bool | None = None  # a peeled chain's forward check, once run (_peel_forward_ok)
+    _stages: tuple | None = field(default=None, init=False, repr=False)
+    _looked: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
+        """Found on first use: tracing a plain function (raijac.peel) is paid by the chain modes only."""
+        if not self._looked:
+            self._stages, self._looked = (self.find_stages() if self.find_stages else None), True
+        return self._stages
 
     @property
     def n_in(self) -> int:
@@ -95,10 +106,13 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
     elif isinstance(problem.f, torch.nn.Module):
         problem.f.to(device)
     x = problem.x.to(device)
-    stages = chain_stages(problem, x)
-    for stage in stages or ():
+    for stage in problem.f.stages if isinstance(problem.f, Chain) else ():
         if isinstance(stage, torch.nn.Module):
             stage.to(device)
+
+    def stages() -> tuple | None:
+        return chain_stages(problem, x)
+
     in_shape, out_shape = problem.input_shape, problem.output_shape
     no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
 
@@ -130,7 +144,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return f(z)
 
-        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape, stages=stages, stages_batched=True)
+        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape, find_stages=stages, stages_batched=True)
 
     def single(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return f(z[0])[None]
@@ -172,6 +186,13 @@ def _zeros_or(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
+def _peel_forward_ok(target: Target) -> bool:
+    """The forward check of a peeled chain (NOTE: [peel check] in raijac.peel), once per target."""
+    if target.peel_forward_ok is None:
+        target.peel_forward_ok = forward_agrees(lambda z: target.block_fn(z[None], None)[0], target.stages, target.z[0])
+    return target.peel_forward_ok
+
+
 # ---------------------------------------------------------------------- kernels
 class Kernel:
     """One mode's block function over a Target, keeping the forward pass of the last sample block.
@@ -189,6 +210,11 @@ class Kernel:
             raise ModeError(
                 f"mode {mode} needs f to be a torch.nn.Sequential or a Problem.chain of stages, differentiated "
                 "w.r.t. its input; use rev or fwd for other functions."
+            )
+        if mode == "chain-fwd" and isinstance(target.stages[0], Traced) and not _peel_forward_ok(target):
+            raise ModeError(
+                "mode chain-fwd cannot differentiate this problem: forward mode through its traced layers disagrees with "
+                "f's own (a custom autograd.Function's jvp?); use chain, rev or fwd."
             )
         if colours is not None and mode in CHAIN_MODES:
             raise ModeError(f"mode {mode} has no compressed (sparse) form; use rev or fwd for sparse problems.")

@@ -9,7 +9,7 @@ only reshapes and a constant bias), the chain is `(g, Linear(W))`, g being the t
 cut at that product's vector input. Anything else, or any tracing failure, gives None.
 
 Tracing at x bakes in x's control flow and `.item()` values; the result is only ever used
-at x, and the triage checks every mode against plain autograd before a run.
+at x. The cut is checked against autograd on f itself (NOTE: [peel check]).
 """
 
 from __future__ import annotations
@@ -89,41 +89,50 @@ def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torc
         return None
     output.args = (vector,)
     gm.graph.eliminate_dead_code()
+    for n in gm.graph.nodes:
+        n.meta.clear()  # make_fx keeps every intermediate's value there
     gm.recompile()
     g = Traced(gm)
     with torch.no_grad():
         h = g(x.detach())
     if h.numel() != weight.shape[1]:
         return None
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no init, no memory
     linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)  # a view of the model's weight, no copy
-    return (g, linear) if _agrees(f, g, linear.weight, x) else None
+    return (g, linear) if _reverse_agrees(f, g, linear.weight, x) else None
 
 
-def _agrees(f: Callable, g: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the peeled chain has f's derivatives: v^T J (and J t, where f has forward-mode
-    rules) for one random v (t) from plain autograd on f and through the chain. A custom
-    autograd.Function whose backward is not its forward's derivative is traced as its
-    forward, so it fails here and f keeps its own modes."""
-    gen = torch.Generator(device=x.device).manual_seed(0)
-    tol = 1e-4 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+# NOTE: [peel check] A custom autograd.Function whose backward (or jvp) is not its forward's
+# derivative is traced as its forward, so the cut chain would differentiate it differently
+# from f. Comparing one random projection v^T J (J t) of f with the chain's catches that with
+# probability one: a nonzero difference D has v^T D = 0 only for v in a null set. The reverse
+# check runs when the chain is found; the forward one only when chain-fwd is built on it.
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 1e-4 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    a, b = a.detach(), b.detach()
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1.0) if a.numel() else 1.0
+    return a.shape == b.shape and bool(((a - b).abs() <= tol * scale).all())
 
-    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        scale = max(float(a.detach().abs().max()), float(b.detach().abs().max()), 1.0) if a.numel() else 1.0
-        return a.shape == b.shape and bool(((a - b).detach().abs() <= tol * scale).all())
 
+def _reverse_agrees(f: Callable, g: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
     z = x.detach()
     y, vjp_f = torch.func.vjp(f, z)
-    v = torch.randn(y.shape, generator=gen, device=x.device, dtype=y.dtype)
+    v = torch.randn(y.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device, dtype=y.dtype)
     _, vjp_g = torch.func.vjp(g, z)
-    if not close(vjp_f(v)[0], vjp_g(v.reshape(-1) @ weight)[0]):
-        return False
-    t = torch.randn(z.shape, generator=gen, device=x.device, dtype=z.dtype)
+    return _close(vjp_f(v)[0], vjp_g(v.reshape(-1) @ weight)[0])
+
+
+def forward_agrees(f: Callable, stages: tuple[torch.nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether forward mode through a peeled chain gives f's J t (True where f has no
+    forward-mode rules to compare with: the reverse check stands)."""
+    g, linear = stages
+    z = x.detach()
+    t = torch.randn(z.shape, generator=torch.Generator(device=x.device).manual_seed(1), device=x.device, dtype=z.dtype)
     try:
         jt = torch.func.jvp(f, (z,), (t,))[1]
-    except Exception:  # no forward-mode rule in f: the reverse check above must do
+    except Exception:
         return True
-    return close(jt.reshape(-1), weight @ torch.func.jvp(g, (z,), (t,))[1])
+    return _close(jt.reshape(-1), linear.weight @ torch.func.jvp(g, (z,), (t,))[1])
 
 
 def _product(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, fx.Node] | None:

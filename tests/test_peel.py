@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import raijac
 from raijac.kernels import Kernel, make_target
 from raijac.peel import peel_last_linear
+from raijac.probe import resolve_mode
 from raijac.problem import chain_stages
 from tests.problems import assert_close
 
@@ -117,3 +118,36 @@ def test_batched_and_parameter_problems_are_not_traced():
     params = raijac.Problem.from_module(_Net(), torch.randn(7), wrt="params")
     assert chain_stages(batched) is None and chain_stages(params) is None
     assert "_peeled" not in batched.__dict__
+
+
+class _WrongJvp(torch.autograd.Function):
+    """A right backward but a jvp that is not its forward's derivative."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 1.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * t
+
+
+def test_chain_fwd_is_refused_where_forward_mode_through_the_cut_disagrees():
+    wide = torch.randn(20, 9, generator=torch.Generator().manual_seed(4))
+    problem = raijac.Problem(lambda x: wide @ _WrongJvp.apply(torch.tanh(W1 @ x)), torch.randn(7))
+    with pytest.raises(raijac.errors.ModeError, match="chain-fwd cannot differentiate this problem"):
+        Kernel(make_target(problem), "chain-fwd")
+    block = Kernel(make_target(problem), "chain")(0, 1, 0, 20)  # the reverse check passed
+    assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
+    mode, reason, _ = resolve_mode(problem, "auto")  # chain-fwd first (M > N); fwd disagrees with autograd too
+    assert mode == "rev" and "chain-fwd fails" in reason
