@@ -615,12 +615,8 @@ def cell(res: dict[str, Any], method: str) -> str:
 
 def main_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     head = ["problem", "J shape", "MiB", "torch.func", "afj(vec)", "loop", "repeat"]
+    head += [m.replace("-repeat", "-rep") for m in MODES]
     head += [
-        "auto",
-        "rev",
-        "fwd",
-        "rev-rep",
-        "fwd-rep",
         "auto ran",
         "auto/best anchor",
         "best raijac/best anchor",

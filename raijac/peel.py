@@ -14,6 +14,7 @@ at x. The cut is checked against autograd on f itself (NOTE: [peel check]).
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,12 @@ def peel_last_linear(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
         return _peel(gm, f, x)
     except Exception:  # tracing is an optimisation: any failure just means no chain
         return None
+    finally:
+        # NOTE: [peel garbage] make_fx's tracer leaves reference cycles that hold the
+        # model's tensors; freed now, while they are young (cheap), or the weights would
+        # outlive the problem until a full gc pass (a worker's next problem then loads
+        # 1 s slower next to them: see WorkerHost._build).
+        gc.collect(1)
 
 
 def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.nn.Module, ...] | None:
@@ -92,6 +99,7 @@ def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torc
     for n in gm.graph.nodes:
         n.meta.clear()  # make_fx keeps every intermediate's value there
     gm.recompile()
+    gm.graph.owning_module = None  # the compiled forward needs no graph: no module <-> graph cycle
     g = Traced(gm)
     with torch.no_grad():
         h = g(x.detach())

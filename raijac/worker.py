@@ -235,11 +235,7 @@ class WorkerHost:
         if self.worker is None or self.run_id != run_id:
             # The last run's problem goes first: measured here, unpickling 512 MiB of weights
             # took 0.1 s into freed memory but 1.2 s while the old copy was still held.
-            old = self.worker
-            traced = old is not None and old.problem is not None and "_peeled" in old.problem.__dict__
-            self.worker, self.run_id, old = None, None, None
-            if traced:  # a traced graph (raijac.peel) is a reference cycle holding the weights
-                gc.collect()
+            self.worker, self.run_id = None, None  # (a traced chain holds no cycle: NOTE: [peel garbage])
             source = boxed[0]
             for path in boxed[1] if len(boxed) > 1 else ():
                 if path not in sys.path and os.path.isdir(path):

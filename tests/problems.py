@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import raijac
 
@@ -430,6 +431,19 @@ CASES: list[Case] = [
 ]
 
 BY_NAME = {c.name: c for c in CASES}
+
+
+class CountProducts(TorchDispatchMode):
+    """Counts the matrix products (mm, mv, bmm, addmm, ...) dispatched inside its `with`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith(("mm", "mv", "matmul", "bmm", "addmm", "addmv")):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def tolerance(dtype: np.dtype | torch.dtype) -> dict[str, float]:

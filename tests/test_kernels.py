@@ -8,7 +8,7 @@ import torch
 
 from raijac.errors import ModeError
 from raijac.kernels import Kernel, make_target, seed_axis
-from tests.problems import BY_NAME, CASES, assert_close
+from tests.problems import BY_NAME, CASES, CountProducts, assert_close
 
 PAIRS = [(c.name, m) for c in CASES for m in c.modes]
 
@@ -107,20 +107,10 @@ def test_chain_skips_the_identity_gemm():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     kernel = Kernel(make_target(raijac.Problem(net, torch.randn(5))), "chain")
-    calls = []
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.startswith(("mm", "matmul", "bmm", "addmm")):
-                calls.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     kernel(0, 1, 0, 4)  # the kept forward pass
-    with Count():
+    with CountProducts() as count:
         kernel(0, 1, 0, 4)
-    assert len(calls) == 1  # W2 rows * tanh' then @ W1: one GEMM; rev would need two
+    assert len(count.calls) == 1  # W2 rows * tanh' then @ W1: one GEMM; rev would need two
 
 
 def test_batched_chain_keeps_seeds_shared_until_a_sample_factor():
@@ -132,20 +122,10 @@ def test_batched_chain_keeps_seeds_shared_until_a_sample_factor():
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
     x = torch.randn(3, 5)
     kernel = Kernel(make_target(raijac.Problem(net, x, batched=True)), "chain")
-    calls = []
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.startswith(("mm", "matmul", "bmm", "addmm")):
-                calls.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     kernel(0, 3, 0, 4)  # the kept forward pass
-    with Count():
+    with CountProducts() as count:
         block = kernel(0, 3, 0, 4)
-    assert len(calls) == 1
+    assert len(count.calls) == 1
     want = torch.func.vmap(torch.func.jacrev(net))(x)
     assert_close(block.numpy(), want.detach().numpy())
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import raijac
 from raijac.kernels import Kernel, make_target
 from raijac.peel import peel_last_linear
 from raijac.probe import resolve_mode
 from raijac.problem import chain_stages
-from tests.problems import assert_close
+from tests.problems import CountProducts, _ClipGrad, assert_close
 
 G = torch.Generator().manual_seed(0)
 W1, W2, B2 = torch.randn(9, 7, generator=G), torch.randn(5, 9, generator=G), torch.randn(5, generator=G)
@@ -27,33 +26,6 @@ class _Net(torch.nn.Module):
         return self.b(torch.relu(self.a(x)) + x.sum())
 
 
-class _Clip(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x * 1.0
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.clamp(-0.01, 0.01)
-
-
-class _CountProducts(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.startswith(("mm", "mv", "matmul", "bmm", "addmm")):
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 PEELED = {
     "mv": lambda x: W2 @ torch.tanh(W1 @ x),
     "mm-transposed+bias": lambda x: torch.tanh(x @ W1.T) @ W2.T + B2,
@@ -66,7 +38,7 @@ REFUSED = {
     "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
     "matrix depends on x": lambda x: torch.outer(x, x) @ x,
     "bias broadcasts the product": lambda x: (W2 @ torch.tanh(W1 @ x)) + torch.ones(3, 5),
-    "custom backward": lambda x: W2 @ _Clip.apply(torch.tanh(W1 @ x)),
+    "custom backward": lambda x: W2 @ _ClipGrad.apply(torch.tanh(W1 @ x)),
     "untraceable": lambda x: torch.from_numpy((W1 @ x).numpy()) @ W1,
 }
 
@@ -96,7 +68,7 @@ def test_auto_runs_chain_on_a_plain_mlp_with_one_gemm_fewer():
     for mode in ("rev", "chain"):
         kernel = Kernel(make_target(problem), mode)
         kernel(0, 1, 0, 5)  # the kept forward pass
-        with _CountProducts() as count:
+        with CountProducts() as count:
             block = kernel(0, 1, 0, 5)
         counts[mode] = len(count.calls)
         assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
@@ -151,3 +123,21 @@ def test_chain_fwd_is_refused_where_forward_mode_through_the_cut_disagrees():
     assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
     mode, reason, _ = resolve_mode(problem, "auto")  # chain-fwd first (M > N); fwd disagrees with autograd too
     assert mode == "rev" and "chain-fwd fails" in reason
+
+
+def test_a_traced_problem_frees_its_weights_without_a_gc_pass():
+    """Workers drop a finished run's problem before loading the next (NOTE: [peel garbage])."""
+    import gc
+    import weakref
+
+    def traced() -> weakref.ref:
+        w1, w2 = torch.randn(50, 40), torch.randn(30, 50)
+        problem = raijac.Problem(lambda x: w2 @ torch.tanh(w1 @ x), torch.randn(40))
+        assert chain_stages(problem) is not None
+        return weakref.ref(w2)
+
+    gc.disable()
+    try:
+        assert traced()() is None  # the problem is gone: so are its weights, with no gc pass
+    finally:
+        gc.enable()
