@@ -316,6 +316,11 @@ def bench_problem(b: P.Bench, cfg: dict[str, Any], tmp: str) -> dict[str, Any]:
             f"repeat trick skipped: needs ~{repeat_bytes(b) / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
         )
         methods.remove("repeat")
+    from raijac.problem import chain_stages
+
+    if "raijac:chain" in methods and chain_stages(b.problem()) is None:
+        methods.remove("raijac:chain")
+        res["notes"].append("chain: f is not a chain of stages (nor ends in a constant linear layer), so no chain column")
     ref: torch.Tensor | None = None
 
     def record(method: str, seconds: float, got: Any) -> None:

@@ -212,7 +212,14 @@ def compute(
     source: str | Problem = problem.spec if problem.spec else problem
 
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
-        executor.boot(budgets)  # the actors start while the driver triages (NOTE: [boot] in executor)
+        # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
+        executor.preload(
+            source,
+            budgets=budgets,
+            fingerprint=fingerprint,
+            fingerprint_args=fp_args,
+            chain=(existing["mode"] if existing else mode) in ("auto", *CHAIN_MODES),
+        )
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
         elif pattern is not None:

@@ -208,8 +208,8 @@ class Kernel:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
         if mode in CHAIN_MODES and target.stages is None:
             raise ModeError(
-                f"mode {mode} needs f to be a torch.nn.Sequential or a Problem.chain of stages, differentiated "
-                "w.r.t. its input; use rev or fwd for other functions."
+                f"mode {mode} needs f to be a torch.nn.Sequential, a Problem.chain of stages, or an unbatched function "
+                "ending in a constant linear layer, differentiated w.r.t. its input; use rev or fwd for other functions."
             )
         if mode == "chain-fwd" and isinstance(target.stages[0], Traced) and not _peel_forward_ok(target):
             raise ModeError(

@@ -24,7 +24,7 @@ import torch
 
 from raijac import store
 from raijac.errors import ProblemError
-from raijac.kernels import Kernel, make_target, seed_axis
+from raijac.kernels import Kernel, Target, make_target, seed_axis
 from raijac.plan import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
@@ -48,8 +48,10 @@ class Worker:
         threads: int | None = None,
         budget: int | None = None,
         local_workers: int = 1,
+        loaded: tuple[Problem, Target] | None = None,
     ) -> None:
         self.source = source
+        self.loaded = loaded  # (problem, target) when the host preloaded them
         self.name = name
         self.fingerprint = fingerprint
         self.fingerprint_args = fingerprint_args
@@ -70,18 +72,10 @@ class Worker:
 
     def _ready(self) -> Kernel:
         if self.kernel is None:
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            src = self.source
-            problem = load_problem(src, device=self.device) if isinstance(src, str) else src
-            got = problem.fingerprint(**self.fingerprint_args)
-            if got != self.fingerprint:
-                raise ProblemError(
-                    f"the problem built on worker {self.name} differs from the driver's (fingerprint {got} != "
-                    f"{self.fingerprint}); building it must be deterministic: seed every RNG in the spec."
-                )
-            self.problem = problem
-            self.kernel = Kernel(make_target(problem, self.device), self.mode)
+            if self.loaded is None:
+                self.loaded = load(self.source, self.name, self.fingerprint, self.fingerprint_args, self.device, self.threads)
+            self.problem, target = self.loaded
+            self.kernel = Kernel(target, self.mode)
         return self.kernel
 
     def probe(self, measure: bool = True) -> WorkerCost:
@@ -171,6 +165,27 @@ class Worker:
             raise
 
 
+def load(
+    source: str | Problem,
+    name: str,
+    fingerprint: str,
+    fingerprint_args: dict[str, Any],
+    device: torch.device,
+    threads: int | None,
+) -> tuple[Problem, Target]:
+    """Build a worker's problem, check it is the driver's, and put it on the device."""
+    if threads:
+        torch.set_num_threads(threads)
+    problem = load_problem(source, device=device) if isinstance(source, str) else source
+    got = problem.fingerprint(**fingerprint_args)
+    if got != fingerprint:
+        raise ProblemError(
+            f"the problem built on worker {name} differs from the driver's (fingerprint {got} != "
+            f"{fingerprint}); building it must be deterministic: seed every RNG in the spec."
+        )
+    return problem, make_target(problem, device)
+
+
 def rebuild_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
     """A private copy of a tensor shipped as raw bytes (see NOTE: [shipping] in executor)."""
     t = torch.from_numpy(np.array(data, copy=True)).view(getattr(torch, dtype)).reshape(shape)
@@ -224,6 +239,7 @@ class WorkerHost:
         warm_up("cpu")  # while the driver triages (see NOTE: [boot] in executor)
         self.worker: Worker | None = None
         self.run_id: str | None = None
+        self.preloaded: tuple[str, tuple | None, Exception | None] | None = None  # (run_id, loaded, error)
         self._swap = threading.Lock()  # two calls run at once (see NOTE: [pipeline])
 
     def _worker(self, recipe: tuple[str, list, dict[str, Any]]) -> Worker:
@@ -231,20 +247,56 @@ class WorkerHost:
         with self._swap:
             return self._build(run_id, boxed, kwargs)
 
+    def _source(self, boxed: list) -> str | Problem:
+        """This run's problem source, the driver's import folders added to sys.path first."""
+        for path in boxed[1] if len(boxed) > 1 else ():
+            if path not in sys.path and os.path.isdir(path):
+                sys.path.append(path)  # after the worker's own: never shadow what it has
+        source = boxed[0]
+        if not isinstance(source, str | Problem):
+            import ray
+
+            source = ray.get(source)
+        return source
+
+    def _drop(self) -> None:
+        # The last run's problem goes first: measured here, unpickling 512 MiB of weights
+        # took 0.1 s into freed memory but 1.2 s while the old copy was still held.
+        # (A traced chain holds no cycle: NOTE: [peel garbage] in raijac.peel.)
+        self.worker, self.run_id, self.preloaded = None, None, None
+
+    def preload(self, run_id: str, boxed: list, kwargs: dict[str, Any], chain: bool) -> None:
+        """Load a run's problem before its first call (while the driver triages); a failure
+        is kept and raised by that run's first call."""
+        with self._swap:
+            if self.run_id == run_id:
+                return
+            self._drop()
+            try:
+                device = torch.device("cuda:0" if kwargs["device"] == "cuda" else kwargs["device"])
+                loaded = load(
+                    self._source(boxed),
+                    kwargs["name"],
+                    kwargs["fingerprint"],
+                    kwargs["fingerprint_args"],
+                    device,
+                    kwargs["threads"],
+                )
+                if chain:
+                    loaded[1].stages  # noqa: B018  (traced now: raijac.peel)
+                self.preloaded = (run_id, loaded, None)
+            except Exception as exc:
+                self.preloaded = (run_id, None, exc)
+
     def _build(self, run_id: str, boxed: list, kwargs: dict[str, Any]) -> Worker:
         if self.worker is None or self.run_id != run_id:
-            # The last run's problem goes first: measured here, unpickling 512 MiB of weights
-            # took 0.1 s into freed memory but 1.2 s while the old copy was still held.
-            self.worker, self.run_id = None, None  # (a traced chain holds no cycle: NOTE: [peel garbage])
-            source = boxed[0]
-            for path in boxed[1] if len(boxed) > 1 else ():
-                if path not in sys.path and os.path.isdir(path):
-                    sys.path.append(path)  # after the worker's own: never shadow what it has
-            if not isinstance(source, str | Problem):
-                import ray
-
-                source = ray.get(source)
-            self.worker, self.run_id = Worker(source, **kwargs), run_id
+            pre = self.preloaded if self.preloaded is not None and self.preloaded[0] == run_id else None
+            self._drop()
+            if pre is not None and pre[2] is not None:
+                raise pre[2]
+            loaded = pre[1] if pre is not None else None
+            source = loaded[0] if loaded is not None else self._source(boxed)
+            self.worker, self.run_id = Worker(source, loaded=loaded, **kwargs), run_id
         return self.worker
 
     def probe(self, recipe: tuple[str, list, dict[str, Any]], measure: bool = True) -> WorkerCost:
