@@ -21,7 +21,7 @@ from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import CHAIN_MODES, REPEAT_MODES, check_mode, make_target, seed_axis
 from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
-from raijac.problem import Problem, load_problem
+from raijac.problem import Problem, chain_stages, load_problem
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose
@@ -54,6 +54,12 @@ def _sparse_plan_args(problem: Problem, colouring: Colouring | None) -> dict[str
 def _check_block_size(block_size: int | None) -> None:
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise RaijacError(f"--block-size must be a positive number of seeds, but got {block_size!r}.")
+
+
+def _may_chain(problem: Problem, mode: str) -> bool:
+    """Whether workers should find the chain while the driver triages: for a chain mode, or
+    for auto where the driver finds one (its trace, raijac.peel, is the triage's first step)."""
+    return mode in CHAIN_MODES or (mode == "auto" and chain_stages(problem, auto=True) is not None)
 
 
 def _triage_rows(reports: list) -> tuple:
@@ -218,7 +224,7 @@ def compute(
             budgets=budgets,
             fingerprint=fingerprint,
             fingerprint_args=fp_args,
-            chain=(existing["mode"] if existing else mode) in ("auto", *CHAIN_MODES),
+            chain=_may_chain(problem, existing["mode"] if existing else mode),
         )
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []

@@ -77,6 +77,12 @@ def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torc
             node = node.args[0]
         elif node.target in ADDS and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
+            if isinstance(b, int | float) and isinstance(a, fx.Node):  # a scalar bias
+                node = a
+                continue
+            if isinstance(a, int | float) and isinstance(b, fx.Node):
+                node = b
+                continue
             if isinstance(b, fx.Node) and _constant(gm, b) is not None and isinstance(a, fx.Node):
                 node_next = a
             elif isinstance(a, fx.Node) and _constant(gm, a) is not None and isinstance(b, fx.Node):

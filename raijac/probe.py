@@ -56,7 +56,7 @@ def candidate_modes(problem: Problem, requested: str) -> list[str]:
         order = ["rev", "rev-repeat", "loop"]
     else:
         order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
-    if chain_stages(problem) is not None:
+    if chain_stages(problem, auto=True) is not None:
         order.insert(0, "chain" if problem.n_out <= problem.n_in else "chain-fwd")  # NOTE: [chain] in kernels
     stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
     return [m for m in order if stackable or m not in REPEAT_MODES]

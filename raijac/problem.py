@@ -61,11 +61,17 @@ class Chain:
         return f"Chain({', '.join(type(s).__name__ if isinstance(s, torch.nn.Module) else getattr(s, '__name__', '?') for s in self.stages)})"
 
 
-def chain_stages(problem: Problem, x: torch.Tensor | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
+PEEL_MIN_OUTPUTS = 256  # below this many outputs raijac.peel is not tried (a trace costs ~10-40 ms)
+
+
+def chain_stages(
+    problem: Problem, x: torch.Tensor | None = None, *, auto: bool = False
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
     """The stages the chain modes walk, for a problem differentiated w.r.t. its input: a
     `Problem.chain`'s, a non-empty `nn.Sequential`'s, or for another unbatched function
     ending in a constant linear layer, the rest and that layer (raijac.peel, traced at `x`,
-    by default the problem's, once per device); None for any other problem."""
+    by default the problem's, once per device); None for any other problem. For `auto`'s
+    choice a function with fewer than PEEL_MIN_OUTPUTS outputs is not traced."""
     if problem.wrt != "input":
         return None
     f = problem.f
@@ -74,6 +80,8 @@ def chain_stages(problem: Problem, x: torch.Tensor | None = None) -> tuple[Calla
     if isinstance(f, torch.nn.Sequential) and len(f):
         return tuple(f)
     if problem.batched or problem.kind not in ("function", "module") or problem.sparsity is not None:
+        return None
+    if auto and problem.n_out < PEEL_MIN_OUTPUTS:  # chain would skip an M x M x H GEMM: too small to pay a trace
         return None
     x = problem.x if x is None else x
     peeled = problem.__dict__.setdefault("_peeled", {})

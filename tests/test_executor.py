@@ -204,13 +204,18 @@ def test_killed_driver_then_resume_computes_only_the_rest(tmp_path):
 def test_planned_run_stays_inside_its_budget(store_path, mode):
     """A 16 MiB Jacobian under an 8 MB budget: many tiles, and every worker's peak RSS grows
     by at most 1.5x the budget above the idle worker holding the problem (measured in the
-    real worker processes from /proc)."""
+    real worker processes from /proc). A first run on the same workers pays the processes'
+    one-off costs (Zarr's I/O threads, allocator arenas: 10.5-11.7 MB growth on fresh workers
+    here against 5.3 MB in steady state), and must stay within 2x."""
     torch.manual_seed(0)
     n = 2048
     w1, w2 = torch.randn(n, n) / n**0.5, torch.randn(n, n) / n**0.5
     problem = raijac.Problem(lambda x: torch.tanh(torch.tanh(x @ w1) @ w2), torch.randn(n))
     budget = 8_000_000
+    first = raijac.compute(problem, store_path + "-first", mode=mode, workers=2, memory_budget=budget)
     jac = raijac.compute(problem, store_path, mode=mode, workers=2, memory_budget=budget)
+    if first.summary["peak_rss_growth"] is not None:  # one-offs included, still far from a ratcheting heap (3.6x)
+        assert first.summary["peak_rss_growth"] <= 2 * budget
     assert jac.summary["tiles_total"] >= 8
     growth = jac.summary["peak_rss_growth"]
     if growth is None:

@@ -33,6 +33,7 @@ PEELED = {
     "module": _Net(),
     "cast weight, float64": lambda x: W2.double() @ torch.tanh(W1.double() @ x),
     "reshape after": lambda x: (W2 @ torch.tanh(W1 @ x)).reshape(1, 5, 1),
+    "scalar bias": lambda x: 2.0 + W2 @ torch.tanh(W1 @ x),
 }
 REFUSED = {
     "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
@@ -60,19 +61,41 @@ def test_not_peeled(name):
     assert peel_last_linear(REFUSED[name], torch.randn(7, generator=torch.Generator().manual_seed(3))) is None
 
 
+W_IN, W_OUT = torch.randn(9, 400, generator=G) / 20, torch.randn(300, 9, generator=G) / 3
+
+
+def _wide_mlp(x: torch.Tensor) -> torch.Tensor:
+    """300 outputs (PEEL_MIN_OUTPUTS or more: auto traces) of 400 inputs (M <= N: chain)."""
+    return torch.tanh(x @ W_IN.T) @ W_OUT.T + 1.0
+
+
 def test_auto_runs_chain_on_a_plain_mlp_with_one_gemm_fewer():
     """A plain-function MLP: auto picks chain, whose block needs one GEMM where rev needs two."""
-    problem = raijac.Problem(PEELED["mm-transposed+bias"], torch.randn(7))
+    problem = raijac.Problem(_wide_mlp, torch.randn(400))
     assert raijac.plan(problem).mode == "chain"
     counts = {}
     for mode in ("rev", "chain"):
         kernel = Kernel(make_target(problem), mode)
         kernel(0, 1, 0, 5)  # the kept forward pass
         with CountProducts() as count:
-            block = kernel(0, 1, 0, 5)
+            block = kernel(0, 1, 0, 300)
         counts[mode] = len(count.calls)
         assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
     assert counts["chain"] == counts["rev"] - 1
+
+
+def test_auto_traces_only_functions_with_enough_outputs():
+    small = raijac.Problem(PEELED["mv"], torch.randn(7))  # 5 outputs: the GEMM chain would skip is tiny
+    assert chain_stages(small, auto=True) is None and "_peeled" not in small.__dict__
+    assert chain_stages(small) is not None  # an explicit chain mode still gets it
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_compute_auto_chain_of_a_plain_function(tmp_path):
+    problem = raijac.Problem(_wide_mlp, torch.randn(400, generator=torch.Generator().manual_seed(5)))
+    jac = raijac.compute(problem, str(tmp_path / "c.zarr"), workers=2, block_size=64)
+    assert jac.mode == "chain" and jac.summary["tiles_total"] > 2
+    assert_close(jac.numpy(), torch.func.jacrev(_wide_mlp)(problem.x).numpy())
 
 
 def test_peel_is_traced_once_per_device_and_not_shipped():
@@ -115,11 +138,11 @@ class _WrongJvp(torch.autograd.Function):
 
 
 def test_chain_fwd_is_refused_where_forward_mode_through_the_cut_disagrees():
-    wide = torch.randn(20, 9, generator=torch.Generator().manual_seed(4))
+    wide = torch.randn(300, 9, generator=torch.Generator().manual_seed(4))  # enough outputs for auto to trace
     problem = raijac.Problem(lambda x: wide @ _WrongJvp.apply(torch.tanh(W1 @ x)), torch.randn(7))
     with pytest.raises(raijac.errors.ModeError, match="chain-fwd cannot differentiate this problem"):
         Kernel(make_target(problem), "chain-fwd")
-    block = Kernel(make_target(problem), "chain")(0, 1, 0, 20)  # the reverse check passed
+    block = Kernel(make_target(problem), "chain")(0, 1, 0, 300)  # the reverse check passed
     assert_close(block[0].numpy(), torch.func.jacrev(problem.f)(problem.x).numpy())
     mode, reason, _ = resolve_mode(problem, "auto")  # chain-fwd first (M > N); fwd disagrees with autograd too
     assert mode == "rev" and "chain-fwd fails" in reason
