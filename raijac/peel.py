@@ -53,7 +53,7 @@ def peel_last_linear(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     try:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        gm = make_fx(f)(x.detach())
+        gm = make_fx(lambda z: f(z))(x.detach())  # one positional input, whatever f's signature (defaults, *args)
         return _peel(gm, f, x)
     except Exception:  # tracing is an optimisation: any failure just means no chain
         return None

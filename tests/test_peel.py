@@ -34,6 +34,7 @@ PEELED = {
     "cast weight, float64": lambda x: W2.double() @ torch.tanh(W1.double() @ x),
     "reshape after": lambda x: (W2 @ torch.tanh(W1 @ x)).reshape(1, 5, 1),
     "scalar bias": lambda x: 2.0 + W2 @ torch.tanh(W1 @ x),
+    "captured by default arguments": lambda x, w1=W1, w2=W2, b=B2: torch.tanh(x @ w1.T) @ w2.T + b,
 }
 REFUSED = {
     "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
