@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -71,16 +72,19 @@ class Target:
     why_not_stacked: str = ""
     find_stages: Callable[[], tuple | None] | None = None  # the chain modes' stages (chain_stages), found on first use
     stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
-    peel_forward_ok: bool | None = None  # a peeled chain's forward check, once run (_peel_forward_ok)
-    _stages: tuple | None = field(default=None, init=False, repr=False)
-    _looked: bool = field(default=False, init=False, repr=False)
 
-    @property
+    @cached_property
     def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
         """Found on first use: tracing a plain function (raijac.peel) is paid by the chain modes only."""
-        if not self._looked:
-            self._stages, self._looked = (self.find_stages() if self.find_stages else None), True
-        return self._stages
+        return self.find_stages() if self.find_stages else None
+
+    @cached_property
+    def chain_fwd_ok(self) -> bool:
+        """Whether forward mode through the stages gives f's own J t: checked for a traced
+        chain only (NOTE: [peel check] in raijac.peel)."""
+        if not isinstance(self.stages[0], Traced):
+            return True
+        return forward_agrees(lambda z: self.block_fn(z[None], None)[0], self.stages, self.z[0])
 
     @property
     def n_in(self) -> int:
@@ -186,13 +190,6 @@ def _zeros_or(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _peel_forward_ok(target: Target) -> bool:
-    """The forward check of a peeled chain (NOTE: [peel check] in raijac.peel), once per target."""
-    if target.peel_forward_ok is None:
-        target.peel_forward_ok = forward_agrees(lambda z: target.block_fn(z[None], None)[0], target.stages, target.z[0])
-    return target.peel_forward_ok
-
-
 # ---------------------------------------------------------------------- kernels
 class Kernel:
     """One mode's block function over a Target, keeping the forward pass of the last sample block.
@@ -211,7 +208,7 @@ class Kernel:
                 f"mode {mode} needs f to be a torch.nn.Sequential, a Problem.chain of stages, or an unbatched function "
                 "ending in a constant linear layer, differentiated w.r.t. its input; use rev or fwd for other functions."
             )
-        if mode == "chain-fwd" and isinstance(target.stages[0], Traced) and not _peel_forward_ok(target):
+        if mode == "chain-fwd" and not target.chain_fwd_ok:
             raise ModeError(
                 "mode chain-fwd cannot differentiate this problem: forward mode through its traced layers disagrees with "
                 "f's own (a custom autograd.Function's jvp?); use chain, rev or fwd."
@@ -357,8 +354,10 @@ class Kernel:
     def _chain_step(self, i: int, h: torch.Tensor, d: torch.Tensor | None, g: torch.Tensor, shared: bool, rev: bool):
         """Stage i applied to the seeds g (k, ...) or (nb, k, ...): (new g, still shared)."""
         stage, batched = self.target.stages[i], self.target.stages_batched
-        if d is not None:  # elementwise: a scaling by the derivative
-            return (g[None] * d[:, None], False) if batched and shared else ((g * d[:, None]) if batched else g * d, shared)
+        if d is not None:  # elementwise: a scaling by the derivative, per sample when batched
+            if not batched:
+                return g * d, shared
+            return (g[None] if shared else g) * d[:, None], False
         if isinstance(stage, torch.nn.Linear) and h.ndim == 1 + batched:
             return (g @ stage.weight if rev else g @ stage.weight.T), shared
         if batched and shared:

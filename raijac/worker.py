@@ -73,7 +73,14 @@ class Worker:
     def _ready(self) -> Kernel:
         if self.kernel is None:
             if self.loaded is None:
-                self.loaded = load(self.source, self.name, self.fingerprint, self.fingerprint_args, self.device, self.threads)
+                self.loaded = load(
+                    self.source,
+                    name=self.name,
+                    fingerprint=self.fingerprint,
+                    fingerprint_args=self.fingerprint_args,
+                    device=self.device,
+                    threads=self.threads,
+                )
             self.problem, target = self.loaded
             self.kernel = Kernel(target, self.mode)
         return self.kernel
@@ -167,13 +174,15 @@ class Worker:
 
 def load(
     source: str | Problem,
+    *,
     name: str,
     fingerprint: str,
     fingerprint_args: dict[str, Any],
-    device: torch.device,
+    device: torch.device | str,
     threads: int | None,
 ) -> tuple[Problem, Target]:
     """Build a worker's problem, check it is the driver's, and put it on the device."""
+    device = torch.device("cuda:0" if device == "cuda" else device)
     if threads:
         torch.set_num_threads(threads)
     problem = load_problem(source, device=device) if isinstance(source, str) else source
@@ -273,15 +282,7 @@ class WorkerHost:
                 return
             self._drop()
             try:
-                device = torch.device("cuda:0" if kwargs["device"] == "cuda" else kwargs["device"])
-                loaded = load(
-                    self._source(boxed),
-                    kwargs["name"],
-                    kwargs["fingerprint"],
-                    kwargs["fingerprint_args"],
-                    device,
-                    kwargs["threads"],
-                )
+                loaded = load(self._source(boxed), **kwargs)
                 if chain:
                     loaded[1].stages  # noqa: B018  (traced now: raijac.peel)
                 self.preloaded = (run_id, loaded, None)
