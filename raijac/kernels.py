@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from raijac import blas
 from raijac.errors import ModeError
 from raijac.peel import Traced, forward_agrees
 from raijac.problem import Chain, Problem, chain_stages
@@ -359,7 +360,7 @@ class Kernel:
                 return g * d, shared
             return (g[None] if shared else g) * d[:, None], False
         if isinstance(stage, torch.nn.Linear) and h.ndim == 1 + batched:
-            return (g @ stage.weight if rev else g @ stage.weight.T), shared
+            return blas.matmul(g, stage.weight if rev else stage.weight.T), shared  # NOTE: [BLAS] in raijac.blas
         if batched and shared:
             g = g[None].expand(h.shape[0], *g.shape)
         dims = dict(in_dims=1, out_dims=1) if batched else {}

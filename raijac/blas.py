@@ -1,0 +1,99 @@
+"""blas: the chain modes' big CPU matrix products, on whichever BLAS is faster here (torch's or numpy's).
+
+NOTE: [BLAS] torch's x86 CPU wheels multiply with Intel MKL; numpy's wheels bundle OpenBLAS.
+On this project's AMD EPYC machines OpenBLAS runs a big float32 GEMM ~10% faster: one
+thread, 1024 x 8192 @ 8192 x 8192 takes 1.35 s against MKL's 1.50 s (two such processes
+at once), 1024 x 2048 @ 2048 x 2048 is 1.09-1.12x faster, 128 x 8192 @ 8192 x 8192 1.07x;
+but with 2 to 32 rows OpenBLAS is 1.1-2x slower, so short products stay with MKL. That
+product is most of the chain mode's run time on an MLP. Timing both on a small product at
+start-up proved too noisy to choose by (1024 x 1024 @ 1024 x 512 read 1.01-1.08x), so the
+rule is fixed: OpenBLAS on AMD CPUs (where MKL does not pick its best kernels), MKL
+elsewhere; `RAIJAC_BLAS=torch|numpy` overrides it. numpy gets the same thread count as
+torch (threadpoolctl), so a worker never runs more BLAS threads than its CPU share. Small
+products, other devices and dtypes, and batched operands stay with torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+MIN_MACS = 1 << 27  # products smaller than this (~134M multiply-adds, ~1-2 ms) stay with torch
+MIN_ROWS = 128  # and ones with fewer rows: OpenBLAS is slower on short, wide operands (2 x 8192 @ 8192 x 8192: 2x)
+_CHOICE: str | None = None  # "torch" | "numpy", decided once per process
+_CONTROLLER = None
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for 2-D CPU float32/float64 operands of a big product on the faster BLAS; else torch's."""
+    if not _eligible(a, b) or choice() == "torch":
+        return a @ b
+    return _numpy_matmul(a, b)
+
+
+def _eligible(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.ndim == 2
+        and b.ndim == 2
+        and a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.dtype == b.dtype
+        and a.dtype in (torch.float32, torch.float64)
+        and a.layout == torch.strided
+        and b.layout == torch.strided
+        and a.shape[0] >= MIN_ROWS
+        and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
+    )
+
+
+def _numpy_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with _threads(torch.get_num_threads()):
+        return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
+
+
+def _threads(n: int):
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n, user_api="blas")
+
+
+def choice() -> str:
+    """The BLAS this process uses for big products: `RAIJAC_BLAS` (`torch` or `numpy`) when
+    set, else numpy's on AMD CPUs where numpy bundles OpenBLAS, else torch's (NOTE: [BLAS])."""
+    global _CHOICE
+    if _CHOICE is None:
+        forced = os.environ.get("RAIJAC_BLAS", "").strip().lower()
+        if forced in ("torch", "numpy"):
+            _CHOICE = forced
+        else:
+            _CHOICE = "numpy" if _cpu_vendor() == "AuthenticAMD" and _numpy_blas() == "openblas" else "torch"
+    return _CHOICE
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _numpy_blas() -> str:
+    """The BLAS numpy calls (`openblas`, `mkl`, ...), or "" when threadpoolctl cannot tell."""
+    try:
+        import numpy.linalg  # noqa: F401  (loads numpy's BLAS, so threadpoolctl sees it)
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return ""
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+            return str(lib.get("internal_api", ""))
+    return ""
