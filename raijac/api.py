@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import platform
 import time
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -219,13 +220,13 @@ def compute(
 
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
-        executor.preload(
-            source,
-            budgets=budgets,
-            fingerprint=fingerprint,
-            fingerprint_args=fp_args,
-            chain=_may_chain(problem, existing["mode"] if existing else mode),
-        )
+        chain: Future[bool] = Future()  # known after the driver's own trace: shipping starts meanwhile
+        executor.preload(source, budgets=budgets, fingerprint=fingerprint, fingerprint_args=fp_args, chain=chain)
+        try:
+            chain.set_result(_may_chain(problem, existing["mode"] if existing else mode))
+        except BaseException as exc:
+            chain.set_exception(exc)
+            raise
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
         elif pattern is not None:

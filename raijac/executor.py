@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any
 
 from raijac.errors import RaijacError, WorkerError
@@ -93,6 +94,7 @@ class RayExecutor:
         self.names: list[str] = []
         self.source: str | Any = None  # this run's problem as the actors get it (see _ship)
         self.run_id: str | None = None
+        self._shipping: _Background | None = None  # a preload's shipping thread
 
     # ------------------------------------------------------------------ Ray session
     def __enter__(self) -> RayExecutor:
@@ -139,6 +141,12 @@ class RayExecutor:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         import ray
 
+        if self._shipping is not None:  # never leave a put running into ray.shutdown
+            try:
+                self._shipped()
+            except Exception:
+                if exc_type is None:
+                    raise
         if exc_type is not None:
             self.discard()
         if self.owns_ray:
@@ -180,15 +188,33 @@ class RayExecutor:
         self.source, self.run_id = source, uuid.uuid4().hex
 
     def preload(
-        self, source: str | Problem, *, chain: bool = False, budgets: list[int] | None = None, **load_kwargs: Any
+        self,
+        source: str | Problem,
+        *,
+        chain: bool | Future = False,
+        budgets: list[int] | None = None,
+        **load_kwargs: Any,
     ) -> None:
-        """Ship the problem now and let every actor load it (build it, check its fingerprint,
-        put it on its device, trace its chain when `chain`) while the driver triages; `start`
-        then finds it loaded. Errors surface from `start`."""
-        self._ship(source, budgets)
-        for actor, name in zip(self.actors, self.names, strict=True):
-            kwargs = dict(name=name, device=self.device, threads=self.threads, **load_kwargs)
-            actor.preload.remote(self.run_id, [self.source, _import_paths()], kwargs, chain)
+        """Ship the problem and let every actor load it (build it, check its fingerprint, put
+        it on its device, trace its chain when `chain`, a bool or a Future of one) while the
+        driver triages; `start` then finds it loaded. Shipping runs in a background thread
+        (NOTE: [background put]); its errors, and the actors', surface from `start`."""
+        self.boot(budgets)
+
+        def ship() -> None:
+            self._ship(source, budgets)
+            flag = chain.result() if isinstance(chain, Future) else chain
+            for actor, name in zip(self.actors, self.names, strict=True):
+                kwargs = dict(name=name, device=self.device, threads=self.threads, **load_kwargs)
+                actor.preload.remote(self.run_id, [self.source, _import_paths()], kwargs, flag)
+
+        self._shipping = _Background(ship)
+
+    def _shipped(self) -> None:
+        """Wait for a background `preload`'s shipping; re-raise its error."""
+        shipping, self._shipping = self._shipping, None
+        if shipping is not None:
+            shipping.join()
 
     def start(
         self,
@@ -201,6 +227,7 @@ class RayExecutor:
         """Let each actor build the problem (unless `preload` did) and measure its own memory
         cost (booting the actors first if `boot` was not called); `while_probing` runs here
         meanwhile (the problem is already shipped, so it may use the problem)."""
+        self._shipped()
         if self.run_id is None:
             self._ship(source, budgets)
         n, device, threads, source, run_id = len(self.actors), self.device, self.threads, self.source, self.run_id
@@ -459,6 +486,32 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)
     return hosts[:n]
+
+
+class _Background(threading.Thread):
+    """A daemon thread whose exception `join` re-raises in the caller.
+
+    NOTE: [background put] `ray.put` of a problem copies its tensors into the object store:
+    0.03 s for 512 MiB where the store reuses freed pages, up to 0.8 s where it must fault in
+    fresh ones (measured here, MLP-8192). In a thread it overlaps the driver's triage instead
+    of delaying it; the actors' loads start when it is done."""
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        super().__init__(name="raijac-ship", daemon=True)
+        self._work, self.error = target, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:  # handed to the caller by join
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class _Died(Exception):
