@@ -6,7 +6,7 @@ in this process with the same threads; the end-to-end runs use 2 workers x 1 thr
     python benchmarks/chain.py [--sizes 4096 8192] [--e2e] [--batched]
 
 End to end, the MLP runs as an nn.Sequential (chain, then rev), as a custom nn.Module and as a
-plain function (both auto: raijac.peel finds their last layer).
+plain function (both auto: raijac.peel finds their layers).
 """
 
 from __future__ import annotations

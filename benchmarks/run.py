@@ -320,7 +320,9 @@ def bench_problem(b: P.Bench, cfg: dict[str, Any], tmp: str) -> dict[str, Any]:
 
     if "raijac:chain" in methods and chain_stages(b.problem()) is None:
         methods.remove("raijac:chain")
-        res["notes"].append("chain: f is not a chain of stages (nor ends in a constant linear layer), so no chain column")
+        res["notes"].append(
+            "chain: f is not a chain of stages (raijac.peel finds no linear layer at its end), so no chain column"
+        )
     ref: torch.Tensor | None = None
 
     def record(method: str, seconds: float, got: Any) -> None:

@@ -19,7 +19,7 @@ import torch
 from raijac import store
 from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
-from raijac.kernels import CHAIN_MODES, REPEAT_MODES, check_mode, make_target, seed_axis
+from raijac.kernels import CHAIN_MODES, REPEAT_MODES, Kernel, check_mode, make_target, seed_axis
 from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
 from raijac.problem import Problem, chain_stages, load_problem
@@ -130,8 +130,6 @@ def plan(
         chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = torch.cuda.device_count() if device.type == "cuda" else (workers or default_workers(os.cpu_count() or 1))
-    from raijac.kernels import Kernel
-
     cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
     other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
     per_seed = seed_bytes(cost.per_seed, other, np.dtype(store_dtype).itemsize)
@@ -229,6 +227,8 @@ def compute(
             raise
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
+            if chosen in CHAIN_MODES:  # workers trust the driver's check of a traced chain: made here too
+                Kernel(make_target(problem, "cpu"), chosen)
         elif pattern is not None:
             chosen, reason, reports, colouring = _sparse_mode(problem, mode)
         else:

@@ -30,7 +30,7 @@ import torch
 
 from raijac import blas
 from raijac.errors import ModeError
-from raijac.peel import Traced, forward_agrees
+from raijac.peel import Peeled, Pointwise, forward_agrees
 from raijac.problem import Chain, Problem, chain_stages
 
 Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
@@ -40,7 +40,7 @@ CHAIN_MODES = frozenset({"chain", "chain-fwd"})
 # Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
 ELEMENTWISE = (
     torch.nn.Tanh, torch.nn.ReLU, torch.nn.GELU, torch.nn.Sigmoid, torch.nn.SiLU, torch.nn.Softplus, torch.nn.ELU,
-    torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity,
+    torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity, Pointwise,
 )  # fmt: skip
 REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
 
@@ -73,6 +73,7 @@ class Target:
     why_not_stacked: str = ""
     find_stages: Callable[[], tuple | None] | None = None  # the chain modes' stages (chain_stages), found on first use
     stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
+    trusted: bool = False  # a traced chain was checked by the driver (make_target)
 
     @cached_property
     def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
@@ -83,7 +84,7 @@ class Target:
     def chain_fwd_ok(self) -> bool:
         """Whether forward mode through the stages gives f's own J t: checked for a traced
         chain only (NOTE: [peel check] in raijac.peel)."""
-        if not isinstance(self.stages[0], Traced):
+        if not isinstance(self.stages, Peeled) or self.trusted:
             return True
         return forward_agrees(lambda z: self.block_fn(z[None], None)[0], self.stages, self.z[0])
 
@@ -103,8 +104,11 @@ class Target:
         return self.z[b0:b1], None if self.ctx is None else self.ctx[b0:b1]
 
 
-def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
-    """Put `problem` in stacked form on `device` (modules and tensors are moved there)."""
+def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted: bool = False) -> Target:
+    """Put `problem` in stacked form on `device` (modules and tensors are moved there).
+
+    `trusted`: a worker's target, whose driver already checked a traced chain against
+    autograd before choosing a chain mode (NOTE: [peel check]): the worker does not again."""
     device = torch.device(device)
     if problem.module is not None:
         problem.module.to(device)
@@ -116,7 +120,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
             stage.to(device)
 
     def stages() -> tuple | None:
-        return chain_stages(problem, x)
+        return chain_stages(problem, x, check=not trusted)
 
     in_shape, out_shape = problem.input_shape, problem.output_shape
     no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
@@ -149,7 +153,9 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
             return f(z)
 
-        return Target(x, None, stacked, stacked, stacked, in_shape, out_shape, find_stages=stages, stages_batched=True)
+        return Target(
+            x, None, stacked, stacked, stacked, in_shape, out_shape, find_stages=stages, stages_batched=True, trusted=trusted
+        )
 
     def single(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return f(z[0])[None]
@@ -158,7 +164,8 @@ def make_target(problem: Problem, device: torch.device | str = "cpu") -> Target:
         return f(z)
 
     stack_fn = stacked_plain if problem.batch_aware else None
-    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, "" if stack_fn else no_stack, stages)
+    why = "" if stack_fn else no_stack
+    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, why, stages, trusted=trusted)
 
 
 # ---------------------------------------------------------------------- seeds
@@ -207,7 +214,8 @@ class Kernel:
         if mode in CHAIN_MODES and target.stages is None:
             raise ModeError(
                 f"mode {mode} needs f to be a torch.nn.Sequential, a Problem.chain of stages, or an unbatched function "
-                "ending in a constant linear layer, differentiated w.r.t. its input; use rev or fwd for other functions."
+                "with a constant linear layer followed only by elementwise ops, differentiated w.r.t. its input; "
+                "use rev or fwd for other functions."
             )
         if mode == "chain-fwd" and not target.chain_fwd_ok:
             raise ModeError(
@@ -383,31 +391,51 @@ class Kernel:
         t = self.target
         inputs, derivs, _ = self._chain_saved(b0, b1)
         k, g, shared = s1 - s0, None, True
+        scale = None  # elementwise stages at the seed end: a scaling of the identity rows, kept lazy
         with torch.no_grad():
             for i in reversed(range(len(t.stages))):
                 stage, h, d = t.stages[i], inputs[i], derivs[i]
+                if g is None and d is not None and self.colours is None and not t.stages_batched:
+                    scale = d.reshape(-1)[s0:s1] if scale is None else scale * d.reshape(-1)[s0:s1]
+                    continue
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
+                    if scale is not None:
+                        g = scale[:, None] * g
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0]
+                    if scale is not None:
+                        g = g * scale.reshape(k, *[1] * (g.ndim - 1))
                 g, shared = self._chain_step(i, h, d, g, shared, rev=True)
-        if g is None:  # an empty chain of stages
+        if g is None:  # an empty chain of stages, or only elementwise ones
             g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0]
+            if scale is not None:
+                g = g * scale.reshape(k, *[1] * (g.ndim - 1))
         return self._chain_end(g, shared, b1 - b0, k, t.n_in)
 
     def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
         inputs, derivs, _ = self._chain_saved(b0, b1)
         k, g, shared = s1 - s0, None, True  # g: (k, *stage shape), one tangent per column
+        scale = None  # elementwise stages at the seed end: a scaling of the identity columns, kept lazy
         with torch.no_grad():
             for i, (stage, h, d) in enumerate(zip(t.stages, inputs, derivs, strict=True)):
+                if g is None and d is not None and self.colours is None and not t.stages_batched:
+                    scale = d.reshape(-1)[s0:s1] if scale is None else scale * d.reshape(-1)[s0:s1]
+                    continue
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
                     g = stage.weight[:, s0:s1].T  # the columns of the first Linear
+                    if scale is not None:
+                        g = scale[:, None] * g
                     continue
                 if g is None:
                     g = _seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0]
+                    if scale is not None:
+                        g = g * scale.reshape(k, *[1] * (g.ndim - 1))
                 g, shared = self._chain_step(i, h, d, g, shared, rev=False)
         if g is None:
             g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0]
+            if scale is not None:
+                g = g * scale.reshape(k, *[1] * (g.ndim - 1))
         return self._chain_end(g, shared, b1 - b0, k, t.n_out).transpose(1, 2)

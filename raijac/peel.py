@@ -1,15 +1,17 @@
-"""peel: finds a final linear layer in a plain function, so the chain modes apply to it too.
+"""peel: finds the layers of a plain function (or custom module), so the chain modes apply to it too.
 
-`f(x) = W g(x) + b` for a constant matrix W is common (a model's output layer). Its
-Jacobian is `W J_g`: row i is the VJP of g with cotangent W[i], so reverse mode's first
-step, multiplying identity rows by W, is a GEMM that only yields W's rows (NOTE: [chain] in
-kernels). The function is traced once with `make_fx` at the point x; when its graph ends in
-a matrix-vector product with a constant matrix (mv, addmv, or mm/addmm with one row, then
-only reshapes and a constant bias), the chain is `(g, Linear(W))`, g being the traced graph
-cut at that product's vector input. Anything else, or any tracing failure, gives None.
+`f(x) = W_L s(... s(W_1 x + b_1) ...) + b_L` for constant matrices W is common (an MLP as a
+function, or a model's head). Its Jacobian is `W_L D ... D W_1`: reverse mode's first step,
+multiplying identity rows by W_L, is a GEMM that only yields W_L's rows (NOTE: [chain] in
+kernels). The function is traced once with `make_fx` at the point x, and its graph is walked
+back from the output: each matrix-vector product with a constant matrix (mv, addmv, or
+mm/addmm with one row, through reshapes and constant biases) becomes a `Linear` stage, each
+elementwise op of one traced input a `Pointwise` stage, until anything else; what is left
+becomes one `Traced` stage (cut there), run by VJP/JVP. Anything untraceable, or a graph that
+does not end in such layers, gives None.
 
 Tracing at x bakes in x's control flow and `.item()` values; the result is only ever used
-at x. The cut is checked against autograd on f itself (NOTE: [peel check]).
+at x. The stages are checked against autograd on f itself (NOTE: [peel check]).
 """
 
 from __future__ import annotations
@@ -30,15 +32,10 @@ RESHAPES = {
     aten.flatten.using_ints,
 }  # fmt: skip
 ADDS = {aten.add.Tensor}
-# Ops whose result is still a constant when their input is one (a transposed or cast weight).
-CONSTANT_OPS = {
-    aten.t.default, aten.permute.default, aten.transpose.int, aten._to_copy.default, aten.detach.default,
-    aten.clone.default, aten.alias.default, aten.contiguous.default,
-}  # fmt: skip
 
 
 class Traced(torch.nn.Module):
-    """The traced function cut at the last product's vector input, flattened."""
+    """The traced function cut at the first peeled layer's input, flattened."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
         super().__init__()
@@ -48,16 +45,43 @@ class Traced(torch.nn.Module):
         return self.graph_module(x).reshape(-1)
 
 
-def peel_last_linear(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.nn.Module, ...] | None:
-    """`(g, Linear(W))` with `f(x) = W g(x) + b` near x, or None when f does not end so."""
+class Pointwise(torch.nn.Module):
+    """A traced elementwise op on a flat vector (other arguments fixed): a diagonal Jacobian."""
+
+    def __init__(self, op: Callable[..., torch.Tensor], args: tuple, kwargs: dict, at: int) -> None:
+        super().__init__()
+        self.op, self.args, self.kwargs, self.at = op, args, kwargs, at
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        args = (*self.args[: self.at], h, *self.args[self.at + 1 :])
+        return self.op(*args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return str(self.op)
+
+
+class Peeled(tuple):
+    """Stages found by tracing (not declared): the chain modes check them against f."""
+
+
+def peel_chain(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, check: bool = True) -> Peeled | None:
+    """The stages of f near x, first to last, when f ends in a constant linear layer: its
+    linear layers (with constant biases) and the elementwise ops between them, walking back
+    from the output, and before them the traced rest of f (omitted where the walk reached a
+    1-D x). None when f does not end in a linear layer, cannot be traced, or the stages do
+    not agree with f (`check=False` skips that check: for workers, whose driver made it)."""
+    gm = None
     try:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         gm = make_fx(lambda z: f(z))(x.detach())  # one positional input, whatever f's signature (defaults, *args)
-        return _peel(gm, f, x)
+        return _peel(gm, f, x, check)
     except Exception:  # tracing is an optimisation: any failure just means no chain
         return None
     finally:
+        if gm is not None:
+            _unlink(gm)  # used (the traced rest) or not, it holds no cycle through the model's tensors
+        del gm
         # NOTE: [peel garbage] make_fx's tracer leaves reference cycles that hold the
         # model's tensors; freed now, while they are young (cheap), or the weights would
         # outlive the problem until a full gc pass (a worker's next problem then loads
@@ -65,55 +89,129 @@ def peel_last_linear(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
         gc.collect(1)
 
 
-def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.nn.Module, ...] | None:
+def _peel(gm: fx.GraphModule, f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, check: bool) -> Peeled | None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output = next(n for n in gm.graph.nodes if n.op == "output")
     if len(placeholders) != 1 or not isinstance(output.args[0], fx.Node):
         return None
-    node = output.args[0]
-    n_out = math.prod(_shape(node))
-    while node.op == "call_function":  # through reshapes and a constant bias
+    node, n = output.args[0], math.prod(_shape(output.args[0]))
+    layers: list[torch.nn.Module] = []  # last first
+    while (node := _below_reshapes(node)).op != "placeholder":
+        below, bias = _skip_to_product(gm, node, n)
+        found = None if below is None else _product(gm, below)
+        if found is not None:
+            weight, vector, inner_bias = found
+            if weight.ndim != 2 or weight.shape[0] != n or not weight.is_floating_point() or weight.dtype != x.dtype:
+                break
+            layers.append(_linear(weight, _sum_bias(inner_bias, bias, n)))
+            node, n = vector, weight.shape[1]
+            continue
+        step = _pointwise(gm, node)  # an elementwise op between (or after) layers
+        if step is None:
+            break  # the rest is traced: cut at node
+        layers.append(step[0])
+        node = step[1]
+    if not any(isinstance(layer, torch.nn.Linear) for layer in layers):
+        return None
+    stages = list(reversed(layers))
+    if not (node.op == "placeholder" and x.ndim == 1):  # the rest of f, traced, first
+        output.args = (node,)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        stages.insert(0, Traced(gm))
+    peeled = Peeled(stages)
+    return peeled if not check or _reverse_agrees(f, peeled, x) else None
+
+
+def _unlink(gm: fx.GraphModule) -> None:
+    for each in gm.graph.nodes:
+        each.meta.clear()  # make_fx keeps every intermediate's value there (the weights' too)
+    gm.graph.owning_module = None  # the compiled forward needs no graph: no module <-> graph cycle
+
+
+def _below_reshapes(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in RESHAPES:
+        node = node.args[0]
+    return node
+
+
+def _skip_to_product(gm: fx.GraphModule, node: fx.Node, n: int) -> tuple[fx.Node | None, torch.Tensor | float | None]:
+    """Back from `node` through reshapes and constant bias adds: (the node below them, the
+    summed bias or None); (None, None) where a bias would change the shape."""
+    bias: torch.Tensor | float | None = None
+    while node.op == "call_function":
         if node.target in RESHAPES:
             node = node.args[0]
-        elif node.target in ADDS and len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            if isinstance(b, int | float) and isinstance(a, fx.Node):  # a scalar bias
-                node = a
-                continue
-            if isinstance(a, int | float) and isinstance(b, fx.Node):
-                node = b
-                continue
-            if isinstance(b, fx.Node) and _constant(gm, b) is not None and isinstance(a, fx.Node):
-                node_next = a
-            elif isinstance(a, fx.Node) and _constant(gm, a) is not None and isinstance(b, fx.Node):
-                node_next = b
-            else:
-                return None
-            if _shape(node_next) != _shape(node):  # the bias must not broadcast the product out
-                return None
-            node = node_next
+            continue
+        if node.target not in ADDS or len(node.args) != 2 or node.kwargs:
+            break
+        a, b = node.args
+        if isinstance(a, int | float) and isinstance(b, fx.Node):
+            a, b = b, a
+        if isinstance(b, int | float) and isinstance(a, fx.Node):
+            term, node_next = b, a
+        elif isinstance(b, fx.Node) and isinstance(a, fx.Node) and (c := _constant(gm, b)) is not None:
+            term, node_next = c, a
+        elif isinstance(a, fx.Node) and isinstance(b, fx.Node) and (c := _constant(gm, a)) is not None:
+            term, node_next = c, b
         else:
             break
-    found = _product(gm, node)
-    if found is None:
+        if _shape(node_next) != _shape(node):  # the bias must not broadcast the product out
+            return None, None
+        bias = _sum_bias(bias, term, n)
+        node = node_next
+    return node, bias
+
+
+def _sum_bias(a: torch.Tensor | float | None, b: torch.Tensor | float | None, n: int) -> torch.Tensor | float | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return _flat_bias(a, n) + _flat_bias(b, n)
+
+
+def _flat_bias(b: torch.Tensor | float, n: int) -> torch.Tensor | float:
+    if isinstance(b, torch.Tensor):
+        return b.detach().reshape(-1).expand(n) if b.numel() == 1 else b.detach().reshape(n)
+    return b
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | float | None) -> torch.nn.Linear:
+    """A Linear stage on the model's own tensors (views, no copies); a scalar bias broadcast."""
+    m, h = weight.shape
+    linear = torch.nn.Linear(h, m, bias=bias is not None, device="meta")  # no init, no memory
+    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        b = (
+            torch.full((m,), float(bias), dtype=weight.dtype, device=weight.device)
+            if not isinstance(bias, torch.Tensor)
+            else bias
+        )
+        linear.bias = torch.nn.Parameter(_flat_bias(b, m).to(weight.dtype), requires_grad=False)
+    return linear
+
+
+def _pointwise(gm: fx.GraphModule, node: fx.Node) -> tuple[Pointwise, fx.Node] | None:
+    """(the stage, its input) for an elementwise op of one traced input (others constant) that
+    keeps its input's shape and dtype (tanh, relu, gelu, x * 2, ...)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    weight, vector = found
-    if weight.ndim != 2 or weight.shape[0] != n_out or not weight.is_floating_point() or weight.dtype != x.dtype:
+    if torch.Tag.pointwise not in node.target.tags or node.target._schema.is_mutable:  # never an in-place op
         return None
-    output.args = (vector,)
-    gm.graph.eliminate_dead_code()
-    for n in gm.graph.nodes:
-        n.meta.clear()  # make_fx keeps every intermediate's value there
-    gm.recompile()
-    gm.graph.owning_module = None  # the compiled forward needs no graph: no module <-> graph cycle
-    g = Traced(gm)
-    with torch.no_grad():
-        h = g(x.detach())
-    if h.numel() != weight.shape[1]:
+    traced = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and _constant(gm, a) is None]
+    if len(traced) != 1 or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
         return None
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no init, no memory
-    linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)  # a view of the model's weight, no copy
-    return (g, linear) if _reverse_agrees(f, g, linear.weight, x) else None
+    at = traced[0]
+    inner = node.args[at]
+    value, inner_value = node.meta.get("val"), inner.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not isinstance(inner_value, torch.Tensor):
+        return None
+    if value.shape != inner_value.shape or value.dtype != inner_value.dtype:
+        return None
+    args = tuple(_constant(gm, a) if isinstance(a, fx.Node) and i != at else a for i, a in enumerate(node.args))
+    if any(isinstance(a, torch.Tensor) and a.numel() != 1 and a.shape != value.shape for a in args):
+        return None  # a constant operand of another shape: flat vectors would not line up
+    args = tuple(a.reshape(-1) if isinstance(a, torch.Tensor) and a.numel() != 1 else a for a in args)
+    return Pointwise(node.target, args, dict(node.kwargs), at), inner
 
 
 # NOTE: [peel check] A custom autograd.Function whose backward (or jvp) is not its forward's
@@ -128,48 +226,60 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(((a - b).abs() <= tol * scale).all())
 
 
-def _reverse_agrees(f: Callable, g: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
+def _compose(stages: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(z: torch.Tensor) -> torch.Tensor:
+        for stage in stages:
+            z = stage(z)
+        return z
+
+    return run
+
+
+def _reverse_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:
     z = x.detach()
     y, vjp_f = torch.func.vjp(f, z)
+    h, vjp_c = torch.func.vjp(_compose(stages), z)
+    if not _close(y.reshape(-1), h.reshape(-1)):  # the stages' forward pass is f's (biases included)
+        return False
     v = torch.randn(y.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device, dtype=y.dtype)
-    _, vjp_g = torch.func.vjp(g, z)
-    return _close(vjp_f(v)[0], vjp_g(v.reshape(-1) @ weight)[0])
+    return _close(vjp_f(v)[0], vjp_c(v.reshape(-1))[0])
 
 
-def forward_agrees(f: Callable, stages: tuple[torch.nn.Module, ...], x: torch.Tensor) -> bool:
-    """Whether forward mode through a peeled chain gives f's J t (True where f has no
+def forward_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:
+    """Whether forward mode through peeled stages gives f's J t (True where f has no
     forward-mode rules to compare with: the reverse check stands)."""
-    g, linear = stages
     z = x.detach()
     t = torch.randn(z.shape, generator=torch.Generator(device=x.device).manual_seed(1), device=x.device, dtype=z.dtype)
     try:
         jt = torch.func.jvp(f, (z,), (t,))[1]
     except Exception:
         return True
-    return _close(jt.reshape(-1), linear.weight @ torch.func.jvp(g, (z,), (t,))[1])
+    return _close(jt.reshape(-1), torch.func.jvp(_compose(stages), (z,), (t,))[1].reshape(-1))
 
 
-def _product(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, fx.Node] | None:
-    """(W, the node of the vector W multiplies) for a matrix-vector product with constant W."""
+def _product(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, fx.Node, torch.Tensor | None] | None:
+    """(W, the node of the vector W multiplies, addmv/addmm's constant bias or None) for a
+    matrix-vector product with constant W."""
     if node.op != "call_function":
         return None
     args = node.args
-    if node.target in (aten.mv.default, aten.addmv.default):
-        if node.target is aten.addmv.default and (node.kwargs or _constant(gm, args[0]) is None):
+    bias = None
+    if node.target in (aten.addmv.default, aten.addmm.default):
+        bias = _constant(gm, args[0])
+        if node.kwargs or bias is None:
             return None
+    if node.target in (aten.mv.default, aten.addmv.default):
         w_node, v_node = args[-2], args[-1]
         w = _constant(gm, w_node)
-        return None if w is None or not isinstance(v_node, fx.Node) else (w, v_node)
+        return None if w is None or not isinstance(v_node, fx.Node) else (w, v_node, bias)
     if node.target in (aten.mm.default, aten.addmm.default):
-        if node.target is aten.addmm.default and (node.kwargs or _constant(gm, args[0]) is None):
-            return None
         u_node, p_node = args[-2], args[-1]
         p = _constant(gm, p_node)
         if p is not None and isinstance(u_node, fx.Node) and _shape(u_node)[:1] == (1,):
-            return p.T, u_node  # (1, H) @ (H, M): W = P^T
+            return p.T, u_node, bias  # (1, H) @ (H, M): W = P^T
         p = _constant(gm, u_node)
         if p is not None and isinstance(p_node, fx.Node) and _shape(p_node)[1:] == (1,):
-            return p, p_node  # (M, H) @ (H, 1)
+            return p, p_node, bias  # (M, H) @ (H, 1)
     return None
 
 
@@ -179,13 +289,25 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 
 def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """The value of a node that depends on no input (a captured tensor, or ops on them)."""
+    """The value of a node that depends on no input: a captured tensor, or a deterministic,
+    non-mutating op of such tensors (a transposed, sliced or cast weight), evaluated here."""
     if not isinstance(node, fx.Node):
         return None
     if node.op == "get_attr":
         value = getattr(gm, node.target)
         return value if isinstance(value, torch.Tensor) else None
-    if node.op != "call_function" or node.target not in CONSTANT_OPS:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return None
-    inner = _constant(gm, node.args[0])
-    return None if inner is None else node.target(inner, *node.args[1:], **node.kwargs)
+    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+        return None
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), nodes.append)
+    if not nodes:
+        return None  # a tensor made from nothing (zeros, arange): f builds it, not a weight
+    values = {n: _constant(gm, n) for n in nodes}
+    if any(v is None for v in values.values()):
+        return None
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+    value = target(*args, **kwargs)
+    return value if isinstance(value, torch.Tensor) else None

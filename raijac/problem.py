@@ -65,13 +65,14 @@ PEEL_MIN_OUTPUTS = 256  # below this many outputs raijac.peel is not tried (a tr
 
 
 def chain_stages(
-    problem: Problem, x: torch.Tensor | None = None, *, auto: bool = False
+    problem: Problem, x: torch.Tensor | None = None, *, auto: bool = False, check: bool = True
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
     """The stages the chain modes walk, for a problem differentiated w.r.t. its input: a
     `Problem.chain`'s, a non-empty `nn.Sequential`'s, or for another unbatched function
-    ending in a constant linear layer, the rest and that layer (raijac.peel, traced at `x`,
-    by default the problem's, once per device); None for any other problem. For `auto`'s
-    choice a function with fewer than PEEL_MIN_OUTPUTS outputs is not traced."""
+    ending in a constant linear layer, its layers (raijac.peel, traced at `x`, by default
+    the problem's, once per device; `check=False` skips the peel's check against autograd,
+    which a worker's driver made); None for any other problem. For `auto`'s choice a
+    function with fewer than PEEL_MIN_OUTPUTS outputs is not traced."""
     if problem.wrt != "input":
         return None
     f = problem.f
@@ -85,11 +86,12 @@ def chain_stages(
         return None
     x = problem.x if x is None else x
     peeled = problem.__dict__.setdefault("_peeled", {})
-    if str(x.device) not in peeled:
-        from raijac.peel import peel_last_linear
+    key = (str(x.device), check)
+    if key not in peeled:
+        from raijac.peel import peel_chain
 
-        peeled[str(x.device)] = peel_last_linear(f, x)
-    return peeled[str(x.device)]
+        peeled[key] = peel_chain(f, x, check=check)
+    return peeled[key]
 
 
 class Problem:

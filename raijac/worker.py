@@ -192,7 +192,7 @@ def load(
             f"the problem built on worker {name} differs from the driver's (fingerprint {got} != "
             f"{fingerprint}); building it must be deterministic: seed every RNG in the spec."
         )
-    return problem, make_target(problem, device)
+    return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 
 
 def rebuild_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
@@ -266,6 +266,8 @@ class WorkerHost:
             import ray
 
             source = ray.get(source)
+        if hasattr(source, "blob") and hasattr(source, "load"):  # executor.Packed
+            source = source.load()
         return source
 
     def _drop(self) -> None:

@@ -94,7 +94,7 @@ def test_zero_jacobian_when_output_ignores_input():
 
 
 def test_chain_modes_need_a_sequential():
-    problem = BY_NAME["matmul_chain"].build()
+    problem = BY_NAME["conv"].build()
     for mode in ("chain", "chain-fwd"):
         with pytest.raises(ModeError, match="needs f to be a torch.nn.Sequential"):
             Kernel(make_target(problem), mode)
@@ -111,6 +111,52 @@ def test_chain_skips_the_identity_gemm():
     with CountProducts() as count:
         kernel(0, 1, 0, 4)
     assert len(count.calls) == 1  # W2 rows * tanh' then @ W1: one GEMM; rev would need two
+
+
+@pytest.mark.parametrize(
+    "mode, layers",
+    [
+        ("chain", (torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4), torch.nn.Sigmoid(), torch.nn.Tanh())),
+        ("chain-fwd", (torch.nn.Tanh(), torch.nn.GELU(), torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 9))),
+    ],
+)
+def test_chain_scales_weight_rows_by_elementwise_stages_at_the_seed_end(mode, layers):
+    """Elementwise stages at the seed end scale the first Linear's rows (columns): still one GEMM."""
+    import raijac
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*layers)
+    problem = raijac.Problem(net, torch.randn(5))
+    kernel = Kernel(make_target(problem), mode)
+    n = problem.n_out if mode == "chain" else problem.n_in
+    kernel(0, 1, 0, 2)  # the kept forward pass
+    with CountProducts() as count:
+        block = kernel(0, 1, 1, n)  # rows (columns) 1.. : the scale is taken at the block's offset
+    assert len(count.calls) == 1
+    want = torch.func.jacrev(net)(problem.x).detach()
+    want = want[1:] if mode == "chain" else want[:, 1:]
+    assert_close(block[0].numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("mode", ["chain", "chain-fwd"])
+def test_a_peeled_plain_mlp_costs_one_gemm_per_layer_but_one(mode):
+    import raijac
+
+    g = torch.Generator().manual_seed(1)
+    w1, w2, w3 = torch.randn(12, 6, generator=g), torch.randn(10, 12, generator=g), torch.randn(7, 10, generator=g)
+    b1 = torch.randn(12, generator=g)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w3 @ torch.relu(w2 @ torch.tanh(w1 @ x + b1)))
+
+    problem = raijac.Problem(f, torch.randn(6, generator=g))
+    kernel = Kernel(make_target(problem), mode)
+    n = problem.n_out if mode == "chain" else problem.n_in
+    kernel(0, 1, 0, n)
+    with CountProducts() as count:
+        block = kernel(0, 1, 0, n)
+    assert len(count.calls) == 2  # three layers: rev would multiply three times
+    assert_close(block[0].numpy(), torch.func.jacrev(f)(problem.x).numpy())
 
 
 def test_batched_chain_keeps_seeds_shared_until_a_sample_factor():

@@ -1,4 +1,4 @@
-"""raijac.peel: the last linear layer of a plain function, found by tracing, checked by AD."""
+"""raijac.peel: a plain function's linear layers and the elementwise ops between them, found by tracing, checked by AD."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import torch
 
 import raijac
 from raijac.kernels import Kernel, make_target
-from raijac.peel import peel_last_linear
+from raijac.peel import Peeled, Pointwise, Traced, peel_chain
 from raijac.probe import resolve_mode
-from raijac.problem import chain_stages
-from tests.problems import CountProducts, _ClipGrad, assert_close
+from raijac.problem import Chain, chain_stages
+from tests.problems import BY_NAME, CountProducts, _ClipGrad, assert_close
 
 G = torch.Generator().manual_seed(0)
 W1, W2, B2 = torch.randn(9, 7, generator=G), torch.randn(5, 9, generator=G), torch.randn(5, generator=G)
+W3, B1 = torch.randn(6, 5, generator=G), torch.randn(9, generator=G)
 
 
 class _Net(torch.nn.Module):
@@ -35,9 +36,17 @@ PEELED = {
     "reshape after": lambda x: (W2 @ torch.tanh(W1 @ x)).reshape(1, 5, 1),
     "scalar bias": lambda x: 2.0 + W2 @ torch.tanh(W1 @ x),
     "captured by default arguments": lambda x, w1=W1, w2=W2, b=B2: torch.tanh(x @ w1.T) @ w2.T + b,
+    "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
+    "three layers, biases, relu": lambda x: W3 @ torch.relu(W2 @ torch.tanh(W1 @ x + B1) + B2),
+    "F.linear, gelu, leaky_relu": lambda x: torch.nn.functional.linear(
+        torch.nn.functional.leaky_relu(torch.nn.functional.gelu(torch.nn.functional.linear(x, W1, B1)), 0.1), W2
+    ),
+    "constant scalings between": lambda x: 3.0 * (W2 @ (torch.sigmoid(W1 @ x) * 2 + 1)),
+    "2-D input": lambda x: W2 @ torch.tanh(W1 @ x.reshape(-1)),
+    "traced rest (a slice)": lambda x: W2 @ torch.tanh(torch.cat([x, x])[:9] * (W1 @ x)),
 }
 REFUSED = {
-    "ends elementwise": lambda x: torch.tanh(W2 @ torch.tanh(W1 @ x)),
+    "no linear layer": lambda x: torch.tanh(torch.sin(x)),
     "matrix depends on x": lambda x: torch.outer(x, x) @ x,
     "bias broadcasts the product": lambda x: (W2 @ torch.tanh(W1 @ x)) + torch.ones(3, 5),
     "custom backward": lambda x: W2 @ _ClipGrad.apply(torch.tanh(W1 @ x)),
@@ -48,18 +57,29 @@ REFUSED = {
 @pytest.mark.parametrize("name", PEELED)
 def test_peeled_chain_equals_jacrev(name):
     dtype = torch.float64 if "float64" in name else torch.float32
-    f, x = PEELED[name], torch.randn(7, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    stages = peel_last_linear(f, x)
-    assert stages is not None
-    g, linear = stages
+    shape = (1, 7) if "2-D" in name else (7,)
+    f, x = PEELED[name], torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    stages = peel_chain(f, x)
+    assert isinstance(stages, Peeled) and any(isinstance(s, torch.nn.Linear) for s in stages)
     want = torch.func.jacrev(f)(x).reshape(-1, 7)
-    got = linear.weight @ torch.func.jacrev(g)(x).reshape(-1, 7)
+    got = torch.func.jacrev(Chain(tuple(stages)))(x).reshape(-1, 7)
     assert_close(got.detach().numpy(), want.detach().to(got.dtype).numpy())
+    assert_close(Chain(tuple(stages))(x).reshape(-1).detach().numpy(), f(x).reshape(-1).detach().to(got.dtype).numpy())
+
+
+def test_a_plain_mlp_peels_into_layers_only():
+    """Every layer, bias and activation of a plain-function MLP is a stage: no traced rest."""
+    stages = peel_chain(PEELED["three layers, biases, relu"], torch.randn(7))
+    assert [type(s) for s in stages] == [torch.nn.Linear, Pointwise, torch.nn.Linear, Pointwise, torch.nn.Linear]
+    assert stages[0].weight.data_ptr() == W1.data_ptr()  # the model's own weights, not copies
+    assert torch.equal(stages[0].bias, B1) and torch.equal(stages[2].bias, B2) and stages[4].bias is None
+    rest = peel_chain(PEELED["traced rest (a slice)"], torch.randn(7))
+    assert isinstance(rest[0], Traced) and isinstance(rest[-1], torch.nn.Linear)
 
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_not_peeled(name):
-    assert peel_last_linear(REFUSED[name], torch.randn(7, generator=torch.Generator().manual_seed(3))) is None
+    assert peel_chain(REFUSED[name], torch.randn(7, generator=torch.Generator().manual_seed(3))) is None
 
 
 W_IN, W_OUT = torch.randn(9, 400, generator=G) / 20, torch.randn(300, 9, generator=G) / 3
@@ -165,3 +185,13 @@ def test_a_traced_problem_frees_its_weights_without_a_gc_pass():
         assert traced()() is None  # the problem is gone: so are its weights, with no gc pass
     finally:
         gc.enable()
+
+
+def test_workers_trust_the_drivers_check():
+    """A worker's target (trusted) skips the peel's check, which its driver made before choosing
+    chain: where that check fails, the driver never runs chain (and resuming one is refused)."""
+    problem = BY_NAME["clipped_backward_tail"].build()
+    assert chain_stages(problem) is None
+    assert make_target(problem, trusted=True).stages is not None  # traced, not checked
+    with pytest.raises(raijac.errors.ModeError, match="needs f to be"):
+        resolve_mode(problem, "chain")
