@@ -10,7 +10,6 @@ import datetime as _dt
 import os
 import platform
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import CHAIN_MODES, REPEAT_MODES, Kernel, check_mode, make_target, seed_axis
 from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
-from raijac.problem import Problem, chain_stages, load_problem
+from raijac.problem import Problem, load_problem, may_chain
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose
@@ -59,8 +58,8 @@ def _check_block_size(block_size: int | None) -> None:
 
 def _may_chain(problem: Problem, mode: str) -> bool:
     """Whether workers should find the chain while the driver triages: for a chain mode, or
-    for auto where the driver finds one (its trace, raijac.peel, is the triage's first step)."""
-    return mode in CHAIN_MODES or (mode == "auto" and chain_stages(problem, auto=True) is not None)
+    for auto where f may be one (a function is traced there and here at once: raijac.peel)."""
+    return mode in CHAIN_MODES or (mode == "auto" and may_chain(problem, auto=True))
 
 
 def _triage_rows(reports: list) -> tuple:
@@ -218,13 +217,8 @@ def compute(
 
     with RayExecutor(address=address, workers=workers, spec=problem.spec) as executor:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
-        chain: Future[bool] = Future()  # known after the driver's own trace: shipping starts meanwhile
+        chain = _may_chain(problem, existing["mode"] if existing else mode)
         executor.preload(source, budgets=budgets, fingerprint=fingerprint, fingerprint_args=fp_args, chain=chain)
-        try:
-            chain.set_result(_may_chain(problem, existing["mode"] if existing else mode))
-        except BaseException as exc:
-            chain.set_exception(exc)
-            raise
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
             if chosen in CHAIN_MODES:  # workers trust the driver's check of a traced chain: made here too

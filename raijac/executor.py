@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from typing import Any
 
 from raijac.errors import RaijacError, WorkerError
@@ -193,23 +192,22 @@ class RayExecutor:
         self,
         source: str | Problem,
         *,
-        chain: bool | Future = False,
+        chain: bool = False,
         budgets: list[int] | None = None,
         **load_kwargs: Any,
     ) -> None:
         """Ship the problem and let every actor load it (build it, check its fingerprint, put
-        it on its device, trace its chain when `chain`, a bool or a Future of one) while the
-        driver triages; `start` then finds it loaded. Shipping runs in a background thread
-        (NOTE: [background put]); its errors, and the actors', surface from `start`."""
+        it on its device, trace its chain when `chain`) while the driver triages; `start`
+        then finds it loaded. Shipping runs in a background thread (NOTE: [background put]);
+        its errors, and the actors', surface from `start`."""
         self.boot(budgets)
         packed = source if isinstance(source, str) else pack(source)  # here: the triage may swap a module's tensors
 
         def ship() -> None:
             self._ship(packed, budgets)
-            flag = chain.result() if isinstance(chain, Future) else chain
             for actor, name in zip(self.actors, self.names, strict=True):
                 kwargs = dict(name=name, device=self.device, threads=self.threads, **load_kwargs)
-                actor.preload.remote(self.run_id, [self.source, _import_paths()], kwargs, flag)
+                actor.preload.remote(self.run_id, [self.source, _import_paths()], kwargs, chain)
 
         self._shipping = _Background(ship)
 

@@ -80,9 +80,7 @@ def chain_stages(
         return f.stages
     if isinstance(f, torch.nn.Sequential) and len(f):
         return tuple(f)
-    if problem.batched or problem.kind not in ("function", "module") or problem.sparsity is not None:
-        return None
-    if auto and problem.n_out < PEEL_MIN_OUTPUTS:  # chain would skip an M x M x H GEMM: too small to pay a trace
+    if not _peelable(problem, auto):
         return None
     x = problem.x if x is None else x
     peeled = problem.__dict__.setdefault("_peeled", {})
@@ -92,6 +90,22 @@ def chain_stages(
 
         peeled[key] = peel_chain(f, x, check=check)
     return peeled[key]
+
+
+def may_chain(problem: Problem, *, auto: bool = False) -> bool:
+    """Whether `chain_stages` may find stages, known without tracing: a declared chain or
+    an nn.Sequential, or a function it would trace (workers start tracing it early)."""
+    if problem.wrt != "input":
+        return False
+    if isinstance(problem.f, Chain) or (isinstance(problem.f, torch.nn.Sequential) and len(problem.f)):
+        return True
+    return _peelable(problem, auto)
+
+
+def _peelable(problem: Problem, auto: bool) -> bool:
+    if problem.batched or problem.kind not in ("function", "module") or problem.sparsity is not None:
+        return False
+    return not (auto and problem.n_out < PEEL_MIN_OUTPUTS)  # chain would skip an M x M x H GEMM: too small to pay a trace
 
 
 class Problem:

@@ -9,7 +9,7 @@ import raijac
 from raijac.kernels import Kernel, make_target
 from raijac.peel import Peeled, Pointwise, Traced, peel_chain
 from raijac.probe import resolve_mode
-from raijac.problem import Chain, chain_stages
+from raijac.problem import Chain, chain_stages, may_chain
 from tests.problems import BY_NAME, CountProducts, _ClipGrad, assert_close
 
 G = torch.Generator().manual_seed(0)
@@ -109,6 +109,18 @@ def test_auto_traces_only_functions_with_enough_outputs():
     small = raijac.Problem(PEELED["mv"], torch.randn(7))  # 5 outputs: the GEMM chain would skip is tiny
     assert chain_stages(small, auto=True) is None and "_peeled" not in small.__dict__
     assert chain_stages(small) is not None  # an explicit chain mode still gets it
+
+
+def test_may_chain_is_known_without_tracing():
+    """What workers are told to trace while the driver triages: no trace in the driver for it."""
+    wide = raijac.Problem(_wide_mlp, torch.randn(400))
+    small = raijac.Problem(PEELED["mv"], torch.randn(7))
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5))
+    assert may_chain(wide, auto=True) and may_chain(small) and not may_chain(small, auto=True)
+    assert may_chain(raijac.Problem(net, torch.randn(7)), auto=True)
+    assert not may_chain(raijac.Problem(lambda x: torch.tanh(x @ W1.T) @ W2.T, torch.randn(3, 7), batched=True))
+    assert not may_chain(raijac.Problem.from_module(_Net(), torch.randn(7), wrt="params"))
+    assert "_peeled" not in wide.__dict__ and "_peeled" not in small.__dict__
 
 
 @pytest.mark.usefixtures("ray_session")
