@@ -187,6 +187,11 @@ def _seeds(
     return e[:, None, :].expand(k, nb, n).reshape(k, nb, *shape)
 
 
+def _scaled(g: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Seeds g (k, ...) times a per-seed factor (k,) where there is one (the chain modes)."""
+    return g if scale is None else g * scale.reshape(-1, *[1] * (g.ndim - 1))
+
+
 def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
     """k stacked copies, copy-major: (k * n, ...)."""
     if t is None:
@@ -396,22 +401,16 @@ class Kernel:
             for i in reversed(range(len(t.stages))):
                 stage, h, d = t.stages[i], inputs[i], derivs[i]
                 if g is None and d is not None and self.colours is None and not t.stages_batched:
-                    scale = d.reshape(-1)[s0:s1] if scale is None else scale * d.reshape(-1)[s0:s1]
+                    scale = _scaled(d.reshape(-1)[s0:s1], scale)
                     continue
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
-                    g = stage.weight[s0:s1]  # the rows of the last Linear: no identity GEMM
-                    if scale is not None:
-                        g = scale[:, None] * g
+                    g = _scaled(stage.weight[s0:s1], scale)  # the rows of the last Linear: no identity GEMM
                     continue
                 if g is None:
-                    g = _seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0]
-                    if scale is not None:
-                        g = g * scale.reshape(k, *[1] * (g.ndim - 1))
+                    g = _scaled(_seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0], scale)
                 g, shared = self._chain_step(i, h, d, g, shared, rev=True)
         if g is None:  # an empty chain of stages, or only elementwise ones
-            g = _seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0]
-            if scale is not None:
-                g = g * scale.reshape(k, *[1] * (g.ndim - 1))
+            g = _scaled(_seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0], scale)
         return self._chain_end(g, shared, b1 - b0, k, t.n_in)
 
     def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
@@ -422,20 +421,14 @@ class Kernel:
         with torch.no_grad():
             for i, (stage, h, d) in enumerate(zip(t.stages, inputs, derivs, strict=True)):
                 if g is None and d is not None and self.colours is None and not t.stages_batched:
-                    scale = d.reshape(-1)[s0:s1] if scale is None else scale * d.reshape(-1)[s0:s1]
+                    scale = _scaled(d.reshape(-1)[s0:s1], scale)
                     continue
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
-                    g = stage.weight[:, s0:s1].T  # the columns of the first Linear
-                    if scale is not None:
-                        g = scale[:, None] * g
+                    g = _scaled(stage.weight[:, s0:s1].T, scale)  # the columns of the first Linear
                     continue
                 if g is None:
-                    g = _seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0]
-                    if scale is not None:
-                        g = g * scale.reshape(k, *[1] * (g.ndim - 1))
+                    g = _scaled(_seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0], scale)
                 g, shared = self._chain_step(i, h, d, g, shared, rev=False)
         if g is None:
-            g = _seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0]
-            if scale is not None:
-                g = g * scale.reshape(k, *[1] * (g.ndim - 1))
+            g = _scaled(_seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0], scale)
         return self._chain_end(g, shared, b1 - b0, k, t.n_out).transpose(1, 2)
