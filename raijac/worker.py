@@ -24,6 +24,7 @@ import torch
 
 from raijac import store
 from raijac.errors import ProblemError
+from raijac.executor import Packed
 from raijac.kernels import Kernel, Target, make_target, seed_axis
 from raijac.plan import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
@@ -266,7 +267,7 @@ class WorkerHost:
             import ray
 
             source = ray.get(source)
-        if hasattr(source, "blob") and hasattr(source, "load"):  # executor.Packed
+        if isinstance(source, Packed):
             source = source.load()
         return source
 
