@@ -439,6 +439,7 @@ class Packed:
 
 
 def pack(problem: Problem) -> Packed:
+    """Pickle a problem now, its CPU tensors as views (NOTE: [shipping]); `ray.put` copies them later."""
     import numpy as np
     import torch
     from ray import cloudpickle
