@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raijac import store
+from raijac import blas, store
 from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import CHAIN_MODES, REPEAT_MODES, Kernel, check_mode, make_target, seed_axis
@@ -119,6 +119,7 @@ def plan(
     """
     problem = _problem(problem_or_spec)
     check_mode(mode, allow_auto=True)
+    blas.requested()  # a bad RAIJAC_BLAS fails here, not on the workers
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store_dtype = _store_dtype(problem, dtype)
@@ -196,6 +197,7 @@ def compute(
         out = os.path.abspath(out)  # workers may start in other folders
     problem = _problem(problem_or_spec)
     check_mode(mode, allow_auto=True)
+    blas.requested()  # a bad RAIJAC_BLAS fails here, not on the workers
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store.compressor_codec("zstd" if compressor == "auto" else compressor, compression_level)  # bad names/levels fail now

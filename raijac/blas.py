@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from raijac.errors import RaijacError
+
 MIN_MACS = 1 << 27  # products smaller than this (~134M multiply-adds, ~1-2 ms) stay with torch
 MIN_ROWS = 128  # and ones with fewer rows: OpenBLAS is slower on short, wide operands (2 x 8192 @ 8192 x 8192: 2x)
 _CHOICE: str | None = None  # "torch" | "numpy", decided once per process
@@ -67,12 +69,20 @@ def choice() -> str:
     set, else numpy's on AMD CPUs where numpy bundles OpenBLAS, else torch's (NOTE: [BLAS])."""
     global _CHOICE
     if _CHOICE is None:
-        forced = os.environ.get("RAIJAC_BLAS", "").strip().lower()
-        if forced in ("torch", "numpy"):
+        forced = requested()
+        if forced is not None:
             _CHOICE = forced
         else:
             _CHOICE = "numpy" if _cpu_vendor() == "AuthenticAMD" and _numpy_blas() == "openblas" else "torch"
     return _CHOICE
+
+
+def requested() -> str | None:
+    """`RAIJAC_BLAS` (`torch` or `numpy`), None when unset; any other value is an error."""
+    forced = os.environ.get("RAIJAC_BLAS", "").strip().lower()
+    if forced and forced not in ("torch", "numpy"):
+        raise RaijacError(f"RAIJAC_BLAS must be torch or numpy, but got {forced!r}; unset it to let raijac choose.")
+    return forced or None
 
 
 def _cpu_vendor() -> str:

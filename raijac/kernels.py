@@ -393,42 +393,32 @@ class Kernel:
         return (g.reshape(k, n)[None].expand(nb, k, n) if shared else g.reshape(nb, k, n)).contiguous()
 
     def _chain_rev(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        return self._chain(b0, b1, s0, s1, rev=True)
+
+    def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        return self._chain(b0, b1, s0, s1, rev=False)
+
+    def _chain(self, b0: int, b1: int, s0: int, s1: int, rev: bool) -> torch.Tensor:
+        """Rows s0:s1 (rev: the stages last to first) or columns s0:s1 (first to last)."""
         t = self.target
         inputs, derivs, _ = self._chain_saved(b0, b1)
-        k, g, shared = s1 - s0, None, True
-        scale = None  # elementwise stages at the seed end: a scaling of the identity rows, kept lazy
+        k, g, shared = s1 - s0, None, True  # g: (k, *stage shape), one seed per row (column)
+        scale = None  # elementwise stages at the seed end: a scaling of the identity seeds, kept lazy
+        n_seed, seed_shape, n_end = (t.n_out, t.out_shape, t.n_in) if rev else (t.n_in, t.in_shape, t.n_out)
         with torch.no_grad():
-            for i in reversed(range(len(t.stages))):
+            for i in reversed(range(len(t.stages))) if rev else range(len(t.stages)):
                 stage, h, d = t.stages[i], inputs[i], derivs[i]
                 if g is None and d is not None and self.colours is None and not t.stages_batched:
                     scale = _scaled(d.reshape(-1)[s0:s1], scale)
                     continue
                 if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
-                    g = _scaled(stage.weight[s0:s1], scale)  # the rows of the last Linear: no identity GEMM
+                    # The last Linear's rows (the first one's columns): no identity GEMM.
+                    g = _scaled(stage.weight[s0:s1] if rev else stage.weight[:, s0:s1].T, scale)
                     continue
                 if g is None:
-                    g = _scaled(_seeds(k, 1, s0, t.n_out, t.out_shape, h, self.colours)[:, 0], scale)
-                g, shared = self._chain_step(i, h, d, g, shared, rev=True)
+                    g = _scaled(_seeds(k, 1, s0, n_seed, seed_shape, h, self.colours)[:, 0], scale)
+                g, shared = self._chain_step(i, h, d, g, shared, rev=rev)
         if g is None:  # an empty chain of stages, or only elementwise ones
-            g = _scaled(_seeds(k, 1, s0, t.n_out, t.out_shape, t.z, self.colours)[:, 0], scale)
-        return self._chain_end(g, shared, b1 - b0, k, t.n_in)
-
-    def _chain_fwd(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
-        t = self.target
-        inputs, derivs, _ = self._chain_saved(b0, b1)
-        k, g, shared = s1 - s0, None, True  # g: (k, *stage shape), one tangent per column
-        scale = None  # elementwise stages at the seed end: a scaling of the identity columns, kept lazy
-        with torch.no_grad():
-            for i, (stage, h, d) in enumerate(zip(t.stages, inputs, derivs, strict=True)):
-                if g is None and d is not None and self.colours is None and not t.stages_batched:
-                    scale = _scaled(d.reshape(-1)[s0:s1], scale)
-                    continue
-                if g is None and isinstance(stage, torch.nn.Linear) and h.ndim == 1 + t.stages_batched:
-                    g = _scaled(stage.weight[:, s0:s1].T, scale)  # the columns of the first Linear
-                    continue
-                if g is None:
-                    g = _scaled(_seeds(k, 1, s0, t.n_in, t.in_shape, h, self.colours)[:, 0], scale)
-                g, shared = self._chain_step(i, h, d, g, shared, rev=False)
-        if g is None:
-            g = _scaled(_seeds(k, 1, s0, t.n_in, t.in_shape, t.z, self.colours)[:, 0], scale)
-        return self._chain_end(g, shared, b1 - b0, k, t.n_out).transpose(1, 2)
+            g = _scaled(_seeds(k, 1, s0, n_seed, seed_shape, t.z, self.colours)[:, 0], scale)
+        block = self._chain_end(g, shared, b1 - b0, k, n_end)
+        return block if rev else block.transpose(1, 2)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from raijac.problem import Chain
+
 aten = torch.ops.aten
 # Ops that only relabel a contiguous result's shape: the flat (row-major) order is unchanged.
 RESHAPES = {
@@ -181,12 +183,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | float | None) -> torch.nn
     linear = torch.nn.Linear(h, m, bias=bias is not None, device="meta")  # no init, no memory
     linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
-        b = (
-            torch.full((m,), float(bias), dtype=weight.dtype, device=weight.device)
-            if not isinstance(bias, torch.Tensor)
-            else bias
-        )
-        linear.bias = torch.nn.Parameter(_flat_bias(b, m).to(weight.dtype), requires_grad=False)
+        b = torch.as_tensor(bias, dtype=weight.dtype, device=weight.device)
+        linear.bias = torch.nn.Parameter(_flat_bias(b, m), requires_grad=False)
     return linear
 
 
@@ -226,19 +224,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(((a - b).abs() <= tol * scale).all())
 
 
-def _compose(stages: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(z: torch.Tensor) -> torch.Tensor:
-        for stage in stages:
-            z = stage(z)
-        return z
-
-    return run
-
-
 def _reverse_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:
     z = x.detach()
     y, vjp_f = torch.func.vjp(f, z)
-    h, vjp_c = torch.func.vjp(_compose(stages), z)
+    h, vjp_c = torch.func.vjp(Chain(tuple(stages)), z)
     if not _close(y.reshape(-1), h.reshape(-1)):  # the stages' forward pass is f's (biases included)
         return False
     v = torch.randn(y.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device, dtype=y.dtype)
@@ -254,7 +243,7 @@ def forward_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:
         jt = torch.func.jvp(f, (z,), (t,))[1]
     except Exception:
         return True
-    return _close(jt.reshape(-1), torch.func.jvp(_compose(stages), (z,), (t,))[1].reshape(-1))
+    return _close(jt.reshape(-1), torch.func.jvp(Chain(tuple(stages)), (z,), (t,))[1].reshape(-1))
 
 
 def _product(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, fx.Node, torch.Tensor | None] | None:

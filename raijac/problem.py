@@ -73,15 +73,13 @@ def chain_stages(
     the problem's, once per device; `check=False` skips the peel's check against autograd,
     which a worker's driver made); None for any other problem. For `auto`'s choice a
     function with fewer than PEEL_MIN_OUTPUTS outputs is not traced."""
-    if problem.wrt != "input":
-        return None
     f = problem.f
+    if not may_chain(problem, auto=auto):
+        return None
     if isinstance(f, Chain):
         return f.stages
     if isinstance(f, torch.nn.Sequential) and len(f):
         return tuple(f)
-    if not _peelable(problem, auto):
-        return None
     x = problem.x if x is None else x
     peeled = problem.__dict__.setdefault("_peeled", {})
     key = (str(x.device), check)

@@ -449,6 +449,15 @@ def test_missing_spec_file(existing, tmp_path):
     assert tree_digest(existing) == before
 
 
+def test_bad_raijac_blas_is_one_line_and_keeps_the_store(existing, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAIJAC_BLAS", "openblas")
+    spec = write_spec(tmp_path / "spec", PLAIN)
+    before = tree_digest(existing)
+    result = invoke("compute", spec, "--out", existing, "--workers", 2, "--overwrite")
+    assert_one_line_error(result, "RAIJAC_BLAS must be torch or numpy", "'openblas'")
+    assert tree_digest(existing) == before
+
+
 def test_malformed_spec(tmp_path):
     result = invoke("compute", "no-colon-here", "--out", tmp_path / "o.zarr")
     assert_one_line_error(result, "path/to/file.py:NAME")
