@@ -118,10 +118,10 @@ class Worker:
                 group = store.open_group(out, "r+")
                 if "compressed" in group:  # a sparse problem: seeds are the stored colours
                     kernel.colours = torch.from_numpy(group["colours"][...].astype("int64")).to(self.device)
-                    self._array = group["compressed"]
+                    self._array = store.block_array(group, "compressed")
                 else:
                     kernel.colours = None
-                    self._array = group["jacobian"]
+                    self._array = store.block_array(group, "jacobian")
                 self._out = out
                 # Idle = holding the problem and the open store; growth is measured from here.
                 self.idle_rss = _reset_peak_rss()

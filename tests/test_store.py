@@ -218,7 +218,7 @@ def test_write_blocks_of_a_plan(tmp_path, seed_axis, batched):
     assert plan.tile_seeds == 4 and plan.n_tiles == samples * -(-n_seed // 4)
     path = tmp_path / "w.zarr"
     group, _, _ = make_store(path, shape=plan.shape, chunks=plan.chunks, dtype="float32", n_tiles=plan.n_tiles, batched=batched)
-    array = group["jacobian"]
+    array = store.block_array(group, "jacobian")  # as workers open it
     tiles = plan.tiles()
     for t in tiles[::2]:
         if seed_axis == "rows":
@@ -255,6 +255,25 @@ def test_write_block_rewrite_is_idempotent(tmp_path):
     store.write_block(group["jacobian"], region, block)
     store.write_block(group["jacobian"], region, block)
     got = group["jacobian"][...]
+    np.testing.assert_array_equal(got[2:4], block)
+    assert np.isnan(got[[0, 1, 4]]).all()
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_block_array_stores_every_chunk_and_leaves_zarr_config_alone(tmp_path, compressor):
+    """Workers skip zarr's per-chunk "is it all fill value?" scan (NOTE: [empty chunks]): a
+    computed block that happens to be all NaN is stored like any other, and reads back the same."""
+    group, _, _ = make_store(tmp_path / "e.zarr", compressor=compressor)
+    array = store.block_array(group, "jacobian")
+    assert zarr.config.get("array.write_empty_chunks") is False  # only this array changed
+    nan_block, block = np.full((2, 7), np.nan), np.arange(14.0).reshape(2, 7)
+    store.write_block(array, store.block_region("rows", False, 0, 1, 0, 2), nan_block)
+    store.write_block(array, store.block_region("rows", False, 0, 1, 2, 4), block)
+    assert array.nchunks_initialized == 2
+    default = group["jacobian"]  # zarr's default skips an all-NaN chunk
+    default[4:5] = np.full((1, 7), np.nan)
+    assert default.nchunks_initialized == 2
+    got = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")["jacobian"][...]
     np.testing.assert_array_equal(got[2:4], block)
     assert np.isnan(got[[0, 1, 4]]).all()
 
