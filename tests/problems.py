@@ -424,7 +424,7 @@ CASES: list[Case] = [
         broken=("fwd",),
         auto="fwd-repeat",
     ),  # fmt: skip
-    # Below PEEL_MIN_OUTPUTS outputs auto does not trace (the chain modes still run when asked):
+    # Below PEEL_MIN_SEEDS seeds auto does not trace (the chain modes still run when asked):
     Case("module_mlp", module_mlp, jacrev_reference, PLAIN_MODES + CHAIN, auto="rev"),
     Case("linear_tail", linear_tail, jacrev_reference, PLAIN_MODES + CHAIN, auto="fwd"),
     Case("clipped_backward_tail", clipped_backward_tail, autograd_reference, ("rev", "loop"), broken=("fwd",), auto="rev"),

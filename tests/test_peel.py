@@ -86,7 +86,7 @@ W_IN, W_OUT = torch.randn(9, 400, generator=G) / 20, torch.randn(300, 9, generat
 
 
 def _wide_mlp(x: torch.Tensor) -> torch.Tensor:
-    """300 outputs (PEEL_MIN_OUTPUTS or more: auto traces) of 400 inputs (M <= N: chain)."""
+    """300 outputs (PEEL_MIN_SEEDS or more: auto traces) of 400 inputs (M <= N: chain)."""
     return torch.tanh(x @ W_IN.T) @ W_OUT.T + 1.0
 
 
@@ -109,6 +109,30 @@ def test_auto_traces_only_functions_with_enough_outputs():
     small = raijac.Problem(PEELED["mv"], torch.randn(7))  # 5 outputs: the GEMM chain would skip is tiny
     assert chain_stages(small, auto=True) is None and "_peeled" not in small.__dict__
     assert chain_stages(small) is not None  # an explicit chain mode still gets it
+
+
+W_NARROW = torch.randn(600, 32, generator=G) / 6
+W_WIDE_IN, W_WIDE_OUT = torch.randn(9, 300, generator=G) / 17, torch.randn(600, 9, generator=G) / 3
+
+
+@pytest.mark.parametrize(
+    ("f", "n_in", "traced"),
+    [
+        (lambda x: torch.tanh(x @ W_NARROW.T), 32, False),  # M > N: chain-fwd's seeds are N = 32 columns
+        (lambda x: torch.tanh(x @ W_WIDE_IN.T) @ W_WIDE_OUT.T, 300, True),  # 300 columns: enough
+    ],
+    ids=["few-columns", "enough-columns"],
+)
+def test_auto_counts_the_seeds_of_its_direction(f, n_in, traced):
+    """With more outputs than inputs auto would run chain-fwd, whose saving grows with the
+    inputs: a function of few inputs is not traced however many outputs it has."""
+    problem = raijac.Problem(f, torch.randn(n_in, generator=torch.Generator().manual_seed(3)))
+    assert problem.n_out > problem.n_in
+    assert may_chain(problem, auto=True) == traced
+    chosen, _, _ = resolve_mode(problem, "auto")
+    assert chosen == ("chain-fwd" if traced else "fwd")
+    kernel = Kernel(make_target(problem), "chain-fwd")  # asked for, it still runs, and right
+    assert_close(kernel(0, 1, 0, n_in)[0].numpy(), torch.func.jacfwd(f)(problem.x).numpy())
 
 
 def test_may_chain_is_known_without_tracing():
@@ -171,8 +195,9 @@ class _WrongJvp(torch.autograd.Function):
 
 
 def test_chain_fwd_is_refused_where_forward_mode_through_the_cut_disagrees():
-    wide = torch.randn(300, 9, generator=torch.Generator().manual_seed(4))  # enough outputs for auto to trace
-    problem = raijac.Problem(lambda x: wide @ _WrongJvp.apply(torch.tanh(W1 @ x)), torch.randn(7))
+    g = torch.Generator().manual_seed(4)
+    w_in, wide = torch.randn(9, 260, generator=g) / 16, torch.randn(300, 9, generator=g)  # M > N >= PEEL_MIN_SEEDS: auto traces
+    problem = raijac.Problem(lambda x: wide @ _WrongJvp.apply(torch.tanh(w_in @ x)), torch.randn(260, generator=g))
     with pytest.raises(raijac.errors.ModeError, match="chain-fwd cannot differentiate this problem"):
         Kernel(make_target(problem), "chain-fwd")
     block = Kernel(make_target(problem), "chain")(0, 1, 0, 300)  # the reverse check passed
