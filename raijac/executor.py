@@ -339,40 +339,38 @@ class RayExecutor:
                 if rest:  # whatever else finished meanwhile is recorded in the same ledger write
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 finished: list[int] = []
-                for ref in ready:
-                    w, tiles, isolated = in_flight.pop(ref)
-                    load[w] -= 1
-                    if isolated:
-                        alone[w] = False
-                    try:
-                        record = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:
-                        if finished:
-                            on_done(finished)  # written blocks are recorded before the run stops
-                        raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                        # The worker process died (Ray restarts it; its next call rebuilds the problem).
-                        # Which of its blocks killed it is known only when one ran alone, so every tile
-                        # it held is retried alone, and only deaths while alone count against a tile.
+                try:
+                    for ref in ready:
+                        w, tiles, isolated = in_flight.pop(ref)
+                        load[w] -= 1
                         if isolated:
-                            failures[tiles[0]] = failures.get(tiles[0], 0) + 1
-                            if failures[tiles[0]] >= MAX_TILE_FAILURES:
-                                if finished:
-                                    on_done(finished)
-                                raise self._tile_error(plan, tiles, w, _Died(exc, failures[tiles[0]]), done_count) from None
-                        suspects.extend(tiles)  # writes are idempotent: recompute them whole
-                        requeued += len(tiles)
-                        continue
-                    finished.extend(tiles)
-                    records.append({**record, "tiles": len(tiles)})
-                    done_count += len(tiles)
-                    first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
-                    seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
-                # NOTE: [ledger] The next blocks go out before the ledger write: a zarr write of the
-                # ledger took ~4 ms here, which a worker waiting for its next block would idle through.
-                submit()
-                if finished:
-                    on_done(finished)
+                            alone[w] = False
+                        try:
+                            record = ray.get(ref)
+                        except ray.exceptions.RayTaskError as exc:
+                            raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
+                        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                            # The worker process died (Ray restarts it; its next call rebuilds the problem).
+                            # Which of its blocks killed it is known only when one ran alone, so every tile
+                            # it held is retried alone, and only deaths while alone count against a tile.
+                            if isolated:
+                                failures[tiles[0]] = failures.get(tiles[0], 0) + 1
+                                if failures[tiles[0]] >= MAX_TILE_FAILURES:
+                                    raise self._tile_error(plan, tiles, w, _Died(exc, failures[tiles[0]]), done_count) from None
+                            suspects.extend(tiles)  # writes are idempotent: recompute them whole
+                            requeued += len(tiles)
+                            continue
+                        finished.extend(tiles)
+                        records.append({**record, "tiles": len(tiles)})
+                        done_count += len(tiles)
+                        first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+                        seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
+                    # NOTE: [ledger] The next blocks go out before the ledger write: a zarr write of the
+                    # ledger took ~4 ms here, which a worker waiting for its next block would idle through.
+                    submit()
+                finally:
+                    if finished:  # also when a failed block stops the run: the written ones stay recorded
+                        on_done(finished)
                 if bar is not None and finished:
                     elapsed = time.perf_counter() - started
                     bar.set_postfix_str(f"{seeds_done / max(elapsed, 1e-9):,.0f} seeds/s", refresh=False)
