@@ -339,7 +339,10 @@ class RayExecutor:
                 if rest:  # whatever else finished meanwhile is recorded in the same ledger write
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 finished: list[int] = []
+                failed: tuple[list[int], int, BaseException] | None = None
                 try:
+                    # Every ready block is looked at before a failure is raised: a block that finished
+                    # beside the failed one is written, so it must be recorded, whatever order wait gave.
                     for ref in ready:
                         w, tiles, isolated = in_flight.pop(ref)
                         load[w] -= 1
@@ -348,7 +351,8 @@ class RayExecutor:
                         try:
                             record = ray.get(ref)
                         except ray.exceptions.RayTaskError as exc:
-                            raise self._tile_error(plan, tiles, w, exc.cause, done_count) from None
+                            failed = failed or (tiles, w, exc.cause)
+                            continue
                         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                             # The worker process died (Ray restarts it; its next call rebuilds the problem).
                             # Which of its blocks killed it is known only when one ran alone, so every tile
@@ -356,7 +360,8 @@ class RayExecutor:
                             if isolated:
                                 failures[tiles[0]] = failures.get(tiles[0], 0) + 1
                                 if failures[tiles[0]] >= MAX_TILE_FAILURES:
-                                    raise self._tile_error(plan, tiles, w, _Died(exc, failures[tiles[0]]), done_count) from None
+                                    failed = failed or (tiles, w, _Died(exc, failures[tiles[0]]))
+                                    continue
                             suspects.extend(tiles)  # writes are idempotent: recompute them whole
                             requeued += len(tiles)
                             continue
@@ -365,6 +370,8 @@ class RayExecutor:
                         done_count += len(tiles)
                         first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
                         seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
+                    if failed is not None:  # after the loop, so the count of kept tiles includes them all
+                        raise self._tile_error(plan, *failed, done_count)
                     # NOTE: [ledger] The next blocks go out before the ledger write: a zarr write of the
                     # ledger took ~4 ms here, which a worker waiting for its next block would idle through.
                     submit()

@@ -147,6 +147,25 @@ def test_failing_tile_is_named_and_finished_tiles_are_kept(store_path):
     assert_close(fixed.numpy(), want)
 
 
+def test_a_block_finished_beside_a_failed_one_is_recorded(store_path, monkeypatch):
+    """Blocks that wait returns together with a failed one are written, so they stay recorded
+    whatever order wait gives them in (here: always the failed one first)."""
+    import ray
+
+    real_wait = ray.wait
+
+    def failed_first(refs, num_returns=1, timeout=None, **kw):
+        ready, rest = real_wait(refs, num_returns=len(refs), timeout=60)  # let every in-flight block end
+        return ready[::-1][:num_returns] if timeout is None else ready, rest
+
+    monkeypatch.setattr(ray, "wait", failed_first)
+    x = torch.randn(8, 3)
+    x[:, 0] = torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 6])  # sample 7 fails; it runs beside sample 6
+    with pytest.raises(raijac.WorkerError, match=r"tile 7 .*failed.* 7 finished tiles are kept"):
+        raijac.compute(raijac.Problem(Flaky(True), x, batched=True), store_path, mode="rev", workers=1, block_size=3)
+    assert store.pending_tiles(zarr.open_group(store_path)) == [7]
+
+
 def test_auto_compressor_follows_the_data(tmp_path):
     """auto: zstd for a diagonal Jacobian (compresses well), none for a dense one."""
     diag = raijac.compute(BY_NAME["elementwise"].build(), str(tmp_path / "d.zarr"), workers=2)
