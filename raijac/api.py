@@ -271,7 +271,8 @@ def compute(
                 _create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
             pending = list(range(the_plan.n_tiles))
         skipped = the_plan.n_tiles - len(pending)
-        stats = executor.run(the_plan, out, pending, lambda tiles: store.mark_done(group, tiles), progress=bool(progress))
+        ledger = store.Ledger(group)
+        stats = executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress))
     done = not store.pending_tiles(group)
     if done and colouring is not None:
         _decompress(group, out, the_plan)

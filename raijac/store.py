@@ -279,21 +279,30 @@ def pending_tiles(group: zarr.Group) -> list[int]:
     return [int(i) for i in np.flatnonzero(group["tiles"][:] == 0)]
 
 
-def mark_done(group: zarr.Group, tiles: list[int]) -> None:
-    """Record tiles as written, one ledger write per contiguous run."""
-    ledger = group["tiles"]
-    for start, stop in _runs(sorted(tiles)):
-        ledger[start:stop] = 1
+class Ledger:
+    """The driver's completion ledger: the stored `tiles` array and a copy of it in memory.
 
+    The driver is the ledger's only writer during a run, so a record rewrites the touched
+    chunks whole from the copy: no chunk is read back or decoded, and the array is opened
+    once. Measured here, a partial write (open, read, decode, modify, encode, write) took
+    ~3.5 ms and a whole-chunk write of the open array ~1 ms; a small run records every tile.
+    """
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    def __init__(self, group: zarr.Group) -> None:
+        self.array = group["tiles"]
+        self.done = np.asarray(self.array[...], dtype=np.uint8)
+        self.chunk = int(self.array.chunks[0]) if self.done.size else 1
+
+    def pending(self) -> list[int]:
+        """Tiles not recorded as written."""
+        return [int(i) for i in np.flatnonzero(self.done == 0)]
+
+    def mark(self, tiles: list[int]) -> None:
+        """Record tiles as written (their blocks are stored)."""
+        self.done[tiles] = 1
+        for c in sorted({t // self.chunk for t in tiles}):
+            start, stop = c * self.chunk, min((c + 1) * self.chunk, self.done.size)
+            self.array[start:stop] = self.done[start:stop]
 
 
 def block_region(seed_axis: str, batched: bool, b0: int, b1: int, s0: int, s1: int) -> tuple[slice, ...]:

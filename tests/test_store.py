@@ -146,34 +146,32 @@ def test_compressor_codec_unknown(name):
 def test_ledger_round_trip_with_gaps(tmp_path):
     path = tmp_path / "l.zarr"
     group, _, _ = make_store(path, n_tiles=10)
-    assert store.pending_tiles(group) == list(range(10))
-    store.mark_done(group, [7, 2, 9, 3, 4])
-    assert store.pending_tiles(group) == [0, 1, 5, 6, 8]
-    store.mark_done(group, [])
-    store.mark_done(group, [4, 5, 0])  # overlaps already-done tile 4
+    ledger = store.Ledger(group)
+    assert store.pending_tiles(group) == ledger.pending() == list(range(10))
+    ledger.mark([7, 2, 9, 3, 4])
+    assert store.pending_tiles(group) == ledger.pending() == [0, 1, 5, 6, 8]
+    ledger.mark([])
+    ledger.mark([4, 5, 0])  # overlaps already-done tile 4
     reopened = zarr.open_group(str(path), mode="r")
     np.testing.assert_array_equal(reopened["tiles"][...], np.array([1, 0, 1, 1, 1, 1, 0, 1, 0, 1], np.uint8))
     assert store.pending_tiles(reopened) == [1, 6, 8]
-    store.mark_done(group, [8, 6, 1])
+    assert store.Ledger(reopened).pending() == [1, 6, 8]  # a resumed run starts from what is stored
+    ledger.mark([8, 6, 1])
     assert store.pending_tiles(store.open_group(str(path))) == []
-
-
-def test_runs_are_contiguous_and_sorted_input():
-    assert store._runs([]) == []
-    assert store._runs([2, 3, 4, 7, 9, 10]) == [(2, 5), (7, 8), (9, 11)]
-    assert store._runs([5]) == [(5, 6)]
 
 
 def test_ledger_spans_several_chunks(tmp_path):
     n = store.LEDGER_CHUNK + 100
     group, _, _ = make_store(tmp_path / "big.zarr", n_tiles=n)
     assert group["tiles"].chunks == (store.LEDGER_CHUNK,)
-    done = list(range(store.LEDGER_CHUNK - 3, store.LEDGER_CHUNK + 4)) + [0, n - 1]
-    store.mark_done(group, done)
+    first = list(range(store.LEDGER_CHUNK - 3, store.LEDGER_CHUNK + 4)) + [0, n - 1]
+    store.Ledger(group).mark(first)
+    later = [5, n - 2]  # a second run (resume) must keep the first run's records in both chunks
+    store.Ledger(store.open_group(str(tmp_path / "big.zarr"), "r+")).mark(later)
     expected = np.zeros(n, np.uint8)
-    expected[done] = 1
+    expected[first + later] = 1
     np.testing.assert_array_equal(store.open_group(str(tmp_path / "big.zarr"))["tiles"][...], expected)
-    assert len(store.pending_tiles(group)) == n - len(done)
+    assert len(store.pending_tiles(group)) == n - len(first) - len(later)
 
 
 def test_update_meta_merges(tmp_path):
@@ -367,7 +365,7 @@ def test_check_out_leaves_other_data_alone(tmp_path, make, flags):
 def test_check_out_existing_store_needs_a_flag(tmp_path):
     path = str(tmp_path / "j.zarr")
     group, _, _ = make_store(path, n_tiles=6)
-    store.mark_done(group, [1, 4])
+    store.Ledger(group).mark([1, 4])
     before = snapshot(path)
     with pytest.raises(StoreError) as info:
         store.check_out(path, resume=False, overwrite=False)
