@@ -28,7 +28,7 @@ def plan_for(workers, *, batch_size=None, n_out=5, n_in=7, seed_axis="rows", ite
         dtype={2: "float16", 4: "float32", 8: "float64"}[itemsize],
         itemsize=itemsize,
         workers=workers,
-        **kw,
+        **{"min_tile_bytes": 0, **kw},  # geometry tests: tiny shapes still get several tiles per worker
     )
 
 
@@ -196,6 +196,25 @@ def test_bigger_worker_merges_more_tiles():
     assert plan.blocks == (1, 8)  # 10 and 80 rows: exactly each budget
     assert plan._block_extent(8) == (1, 80)
     assert [len(b) for b in merged_blocks(plan, 1)] == [8] * 12 + [4]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "n_out", "n_in", "tiles"),
+    [
+        (None, 8, 8, 2),  # 256 B: one tile per worker, no fewer
+        (None, 1000, 1000, 4),  # 3.8 MiB: 1 MiB tiles
+        (None, 2048, 2048, 8),  # 16 MiB: four tiles per worker, as before
+        (None, 1, 5000, 1),  # one seed cannot be split
+        (64, 16, 16, 2),  # 64 KiB over 64 samples: whole samples, one tile per worker
+        (64, 256, 256, 8),  # 16 MiB: four tiles per worker
+    ],
+)
+def test_small_jacobians_get_fewer_bigger_tiles(batch_size, n_out, n_in, tiles):
+    """NOTE: [small runs] in plan: a tile carries at least 1 MiB of Jacobian, with at least one per worker."""
+    workers = [WorkerCost(f"cpu{i}", "cpu", 2**30, 1000, 100) for i in range(2)]
+    plan = plan_for(workers, batch_size=batch_size, n_out=n_out, n_in=n_in, min_tile_bytes=2**20)
+    assert plan.n_tiles == tiles
+    assert sum((t.b1 - t.b0) * (t.s1 - t.s0) for t in plan.tiles()) == (batch_size or 1) * n_out
 
 
 def test_batched_plan_tiles_whole_samples_when_they_fit():

@@ -114,7 +114,7 @@ def test_inspect_shows_everything_and_plots(stores, tmp_path):
     assert result.exit_code == 0, explain(result)
     text = result.stdout
     for needle in [
-        "complete, 10/10 tiles",
+        "complete, 2/2 tiles",  # a small Jacobian: one tile per worker (NOTE: [small runs] in plan)
         "(5, 4, 103) float32",
         "output (4,) x input (103,) per sample (w.r.t. params); unflattened (5, 4, 103)",
         "mode      rev (auto: M=4 <= N=103, so rev)",
