@@ -1017,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     cfg = {
-        "reps": {"small": 2, "medium": 1, "large": 1} if args.quick else {"small": 7, "medium": 3, "large": 2},
+        "reps": {"small": 2, "medium": 1, "large": 1} if args.quick else {"small": 15, "medium": 3, "large": 2},
         "rep_budget_s": 6.0 if args.quick else 25.0,
         "loop_limit_s": 1.0 if args.quick else 3.0,
         "cold_reps": 1 if args.quick else 2,
