@@ -435,6 +435,14 @@ def derive(res: dict[str, Any]) -> None:
     res["ratio_auto_anchor"] = auto / ba if auto and ba else None
     res["ratio_best_anchor"] = raijac_best / ba if raijac_best and ba else None
     res["ratio_auto_fastest"] = auto / fm if auto and fm else None
+    # The same ratio from medians over the rounds: auto often runs the very code of the
+    # fastest mode, and a best-of ratio then measures which of the two had the luckiest run.
+    med = {
+        m: float(np.median(res["times"][f"raijac:{m}"])) for m in MODES if ok(f"raijac:{m}") and res["times"].get(f"raijac:{m}")
+    }
+    fastest_med = min((m for m in modes if m in med), key=lambda m: med[m], default=None)
+    res["fastest_mode_median"] = fastest_med
+    res["ratio_auto_fastest_median"] = med["auto"] / med[fastest_med] if "auto" in med and fastest_med else None
     res["ratio_auto_torchfunc"] = auto / best["torch.func"] if auto and ok("torch.func") else None
     res["speedup_loop"] = best["loop"] / auto if auto and "loop" in best else None
     res["auto_mode"] = (res["summaries"].get("auto") or {}).get("mode")
@@ -663,6 +671,7 @@ def main_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         "auto/best anchor",
         "best raijac/best anchor",
         "auto/fastest mode",
+        "same, medians",
         "auto vs loop",
         "check",
         "load 1m",
@@ -678,6 +687,8 @@ def main_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
             fmt_r(r["ratio_auto_anchor"]) + (f" ({r['best_anchor']})" if r["best_anchor"] else ""),
             fmt_r(r["ratio_best_anchor"]),
             fmt_r(r["ratio_auto_fastest"]) + (f" ({r['fastest_mode']})" if r["fastest_mode"] else ""),
+            fmt_r(r.get("ratio_auto_fastest_median"))
+            + (f" ({r['fastest_mode_median']})" if r.get("fastest_mode_median") else ""),
             (f"{r['speedup_loop']:.1f}x" if r["speedup_loop"] else "-"),
             "ok" if not bad else "FAIL: " + ", ".join(m.replace("raijac:", "") for m in bad),
             f"{r['loadavg_before']:.1f}-{r['loadavg_after']:.1f}",
@@ -794,6 +805,15 @@ def targets(report: dict[str, Any]) -> list[list[str]]:
         add("auto / fastest raijac mode, worst problem", f"{worst[1]:.2f} ({worst[0]})", "<= 1.10 everywhere", worst[1] <= 1.10)
     else:
         add("auto / fastest raijac mode, worst problem", "-", "<= 1.10 everywhere", None)
+    ratios = [(r["name"], r["ratio_auto_fastest_median"]) for r in report["problems"] if r.get("ratio_auto_fastest_median")]
+    if ratios:
+        worst = max(ratios, key=lambda kv: kv[1])
+        add(
+            "the same from medians over the rounds, worst problem",
+            f"{worst[1]:.2f} ({worst[0]})",
+            "<= 1.10 everywhere",
+            worst[1] <= 1.10,
+        )
     r = res.get("mlp-1000")
     v = r and r.get("speedup_loop")
     add("mlp-1000: speed-up of auto over the naive loop", f"{v:.1f}x" if v else "-", ">= 10x", None if not v else v >= 10)
