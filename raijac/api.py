@@ -259,7 +259,6 @@ def compute(
         if existing is not None:
             store.clean_partial(out)
             group = store.open_group(out, "r+")
-            pending = store.pending_tiles(group)
         else:
             if store.is_empty_dir(out):
                 store.remove_empty_dir(out)  # an empty folder made for the output
@@ -269,9 +268,9 @@ def compute(
             group = _create(out, problem, the_plan, fingerprint, (codec_name, codec_reason, compression_level), started)
             if colouring is not None:
                 _create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
-            pending = list(range(the_plan.n_tiles))
-        skipped = the_plan.n_tiles - len(pending)
         ledger = store.Ledger(group)
+        pending = ledger.pending()
+        skipped = the_plan.n_tiles - len(pending)
         stats = executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress))
     done = not store.pending_tiles(group)
     if done and colouring is not None:

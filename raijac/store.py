@@ -285,7 +285,7 @@ class Ledger:
     The driver is the ledger's only writer during a run, so a record rewrites the touched
     chunks whole from the copy: no chunk is read back or decoded, and the array is opened
     once. Measured here, a partial write (open, read, decode, modify, encode, write) took
-    ~3.5 ms and a whole-chunk write of the open array ~1 ms; a small run records every tile.
+    ~3.3 ms and a whole-chunk write of the open array ~1.0 ms; a small run records every tile.
     """
 
     def __init__(self, group: zarr.Group) -> None:
