@@ -272,7 +272,7 @@ def compute(
         pending = ledger.pending()
         skipped = the_plan.n_tiles - len(pending)
         stats = executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress))
-    done = not store.pending_tiles(group)
+    done = not ledger.pending()  # the driver's copy: it wrote every record
     if done and colouring is not None:
         _decompress(group, out, the_plan)
     seconds = time.time() - started

@@ -308,7 +308,8 @@ def make_plan(
                 )
     else:
         fit = min(w.seeds_fitting(1) for w in workers)
-        # Enough tiles for every worker to get several (load balance), no more than that.
+        # Enough tiles for every worker to get several (load balance), no more than that, and
+        # none below min_tile_bytes unless a worker would go without (NOTE: [small runs]).
         n_tiles = min(
             TILES_PER_WORKER * len(workers), max(len(workers), math.ceil(n_seed * samples * row_bytes / max(min_tile_bytes, 1)))
         )

@@ -274,11 +274,6 @@ def update_meta(group: zarr.Group, **values: Any) -> dict:
     return meta
 
 
-def pending_tiles(group: zarr.Group) -> list[int]:
-    """Indices of tiles the ledger does not record as written."""
-    return [int(i) for i in np.flatnonzero(group["tiles"][:] == 0)]
-
-
 class Ledger:
     """The driver's completion ledger: the stored `tiles` array and a copy of it in memory.
 
@@ -291,7 +286,7 @@ class Ledger:
     def __init__(self, group: zarr.Group) -> None:
         self.array = group["tiles"]
         self.done = np.asarray(self.array[...], dtype=np.uint8)
-        self.chunk = int(self.array.chunks[0]) if self.done.size else 1
+        self.chunk = int(self.array.chunks[0])
 
     def pending(self) -> list[int]:
         """Tiles not recorded as written."""

@@ -137,7 +137,7 @@ def test_failing_tile_is_named_and_finished_tiles_are_kept(store_path):
     # Tiles 12 and 13 are sample 6's two row blocks; either may be the one reported.
     assert re.search(r"tile 1[23] \(samples 6:7, rows [0-9:]+\) failed", msg), msg
     assert "synthetic failure at sample 6" in msg and "--resume" in msg
-    pending = store.pending_tiles(zarr.open_group(store_path))
+    pending = store.Ledger(zarr.open_group(store_path)).pending()
     assert {12, 13} <= set(pending) and not set(pending) & set(range(12))
     fixed = raijac.compute(
         raijac.Problem(Flaky(False), x, batched=True), store_path, mode="rev", workers=1, block_size=2, resume=True
@@ -163,7 +163,7 @@ def test_a_block_finished_beside_a_failed_one_is_recorded(store_path, monkeypatc
     x[:, 0] = torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 6])  # sample 7 fails; it runs beside sample 6
     with pytest.raises(raijac.WorkerError, match=r"tile 7 .*failed.* 7 finished tiles are kept"):
         raijac.compute(raijac.Problem(Flaky(True), x, batched=True), store_path, mode="rev", workers=1, block_size=3)
-    assert store.pending_tiles(zarr.open_group(store_path)) == [7]
+    assert store.Ledger(zarr.open_group(store_path)).pending() == [7]
 
 
 def test_auto_compressor_follows_the_data(tmp_path):
