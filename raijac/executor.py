@@ -4,7 +4,8 @@ Embedded local Ray when no address is given, an existing cluster with `--address
 `RAY_ADDRESS`, and the caller's own Ray when it already called `ray.init` (left running).
 The driver keeps a queue of pending tiles and a shallow queue (two calls) per actor over
 `ray.wait`, so faster actors take more tiles; a tile is recorded done only after its
-worker returned from writing it. A dead actor's tiles go back on the queue.
+worker returned from writing it. A dead actor's tiles go back on the queue; a failed tile
+stops the run once the blocks still in flight have returned and are recorded.
 """
 
 from __future__ import annotations
@@ -331,6 +332,12 @@ class RayExecutor:
                 while queue and load[w] < IN_FLIGHT:
                     send(w, take(w), isolated=False)
 
+        # NOTE: [drain] When a block fails, no more blocks go out, but the run ends only after every
+        # block still in flight has returned: the actor writes block k while it computes block k+1
+        # (NOTE: [pipeline] in worker.py), and other workers are mid-block, so a failure often
+        # arrives before blocks that will be written. Each of those is recorded (or it fails too,
+        # and stays pending), so what --resume recomputes is only what was not written.
+        failure: tuple[list[int], int, BaseException] | None = None
         try:
             submit()
             while in_flight:
@@ -339,10 +346,7 @@ class RayExecutor:
                 if rest:  # whatever else finished meanwhile is recorded in the same ledger write
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 finished: list[int] = []
-                failed: tuple[list[int], int, BaseException] | None = None
                 try:
-                    # Every ready block is looked at before a failure is raised: a block that finished
-                    # beside the failed one is written, so it must be recorded, whatever order wait gave.
                     for ref in ready:
                         w, tiles, isolated = in_flight.pop(ref)
                         load[w] -= 1
@@ -351,7 +355,7 @@ class RayExecutor:
                         try:
                             record = ray.get(ref)
                         except ray.exceptions.RayTaskError as exc:
-                            failed = failed or (tiles, w, exc.cause)
+                            failure = failure or (tiles, w, exc.cause)
                             continue
                         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                             # The worker process died (Ray restarts it; its next call rebuilds the problem).
@@ -360,7 +364,7 @@ class RayExecutor:
                             if isolated:
                                 failures[tiles[0]] = failures.get(tiles[0], 0) + 1
                                 if failures[tiles[0]] >= MAX_TILE_FAILURES:
-                                    failed = failed or (tiles, w, _Died(exc, failures[tiles[0]]))
+                                    failure = failure or (tiles, w, _Died(exc, failures[tiles[0]]))
                                     continue
                             suspects.extend(tiles)  # writes are idempotent: recompute them whole
                             requeued += len(tiles)
@@ -370,13 +374,12 @@ class RayExecutor:
                         done_count += len(tiles)
                         first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
                         seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
-                    if failed is not None:  # after the loop, so the count of kept tiles includes them all
-                        raise self._tile_error(plan, *failed, done_count)
                     # NOTE: [ledger] The next blocks go out before the ledger write (~1 ms here with
                     # store.Ledger, ~4 ms before it), which a worker waiting for its next block would idle through.
-                    submit()
+                    if failure is None:
+                        submit()
                 finally:
-                    if finished:  # also when a failed block stops the run: the written ones stay recorded
+                    if finished:  # also when an interrupt stops the run: the written ones stay recorded
                         on_done(finished)
                 if bar is not None and finished:
                     elapsed = time.perf_counter() - started
@@ -385,6 +388,8 @@ class RayExecutor:
         finally:
             if bar is not None:
                 bar.close()
+        if failure is not None:  # after the drain, so the count of kept tiles includes them all
+            raise self._tile_error(plan, *failure, done_count)
         return {
             "tiles_computed": done_count,
             "tiles_requeued": requeued,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -164,6 +165,27 @@ def test_a_block_finished_beside_a_failed_one_is_recorded(store_path, monkeypatc
     with pytest.raises(raijac.WorkerError, match=r"tile 7 .*failed.* 7 finished tiles are kept"):
         raijac.compute(raijac.Problem(Flaky(True), x, batched=True), store_path, mode="rev", workers=1, block_size=3)
     assert store.Ledger(zarr.open_group(store_path)).pending() == [7]
+
+
+class SlowOrFlaky(torch.nn.Module):
+    """Sleeps on a block holding sample 0 alone; fails at once on one holding sample 2 alone."""
+
+    def forward(self, x):
+        if x.shape[0] == 1 and float(x[0, 0]) == 0.0:
+            time.sleep(1.0)
+        if x.shape[0] == 1 and float(x[0, 0]) == 2.0:
+            raise RuntimeError("synthetic failure at sample 2")
+        return torch.tanh(x) * 2
+
+
+def test_blocks_in_flight_when_another_fails_are_waited_for_and_recorded(store_path):
+    """A failure arrives while another worker is still computing its block: the run waits for
+    it, records it, and only then raises, so --resume recomputes the failed tile alone."""
+    x = torch.randn(4, 3)
+    x[:, 0] = torch.arange(4.0)
+    with pytest.raises(raijac.WorkerError, match=r"tile 2 .*failed.* 3 finished tiles are kept"):
+        raijac.compute(raijac.Problem(SlowOrFlaky(), x, batched=True), store_path, mode="rev", workers=2, block_size=3)
+    assert store.Ledger(zarr.open_group(store_path)).pending() == [2]
 
 
 def test_auto_compressor_follows_the_data(tmp_path):
