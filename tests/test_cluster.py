@@ -66,7 +66,24 @@ def _stop(temp_dir: str) -> None:
 
 
 def _start_cluster(dashboard_port: int | None = None):
-    temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: AF_UNIX paths are limited
+    """Start the two nodes; on a loaded machine a raylet may miss Ray's fixed 30 s start-up
+    window ("timed out during startup"), so a failed start is torn down and tried once more."""
+    for attempt in range(2):
+        temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: AF_UNIX paths are limited
+        try:
+            address, env = _launch(temp_dir, dashboard_port)
+            break
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            _stop(temp_dir)
+            if attempt:
+                raise RuntimeError(f"ray start failed twice; last: {exc}; stderr: {exc.stderr!r}") from exc
+    try:
+        yield address, env
+    finally:
+        _stop(temp_dir)
+
+
+def _launch(temp_dir: str, dashboard_port: int | None) -> tuple[str, dict[str, str]]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
@@ -81,20 +98,17 @@ def _start_cluster(dashboard_port: int | None = None):
     dashboard = ["--include-dashboard=false"]
     if dashboard_port:  # the job server lives in the dashboard: bound to loopback only
         dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    try:
-        subprocess.run(
-            [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *dashboard,
-             '--resources={"head_node": 1}', *common, *own_ports()],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-        subprocess.run(
-            [_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-             '--resources={"second_node": 1}', *common, *own_ports()],
-            env=env, check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-        yield f"127.0.0.1:{port}", env
-    finally:
-        _stop(temp_dir)
+    subprocess.run(
+        [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *dashboard,
+         '--resources={"head_node": 1}', *common, *own_ports()],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    subprocess.run(
+        [_ray_bin(), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+         '--resources={"second_node": 1}', *common, *own_ports()],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return f"127.0.0.1:{port}", env
 
 
 def _plain(text: str) -> str:
