@@ -131,8 +131,9 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
         shape = " x ".join(map(str, s["shape"]))
         sparse = s.get("sparse")
         what = f"sparse ({sparse['nnz']} non-zeros, {sparse['colours']} colours) " if sparse else ""
+        noun = "Hessian" if result.meta.get("hessian") else "Jacobian"
         click.echo(
-            f"wrote {shape} {s['dtype']} {what}Jacobian to {out} in {s['seconds']:.2f} s "
+            f"wrote {shape} {s['dtype']} {what}{noun} to {out} in {s['seconds']:.2f} s "
             f"(mode {s['mode']}; {s['tiles_computed']} tiles computed, {s['tiles_skipped']} skipped, "
             f"{s['workers']} workers)"
         )
@@ -195,6 +196,8 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
         **{
             k: jac.meta.get(k)
             for k in (
+                "kind",
+                "hessian",
                 "mode",
                 "requested_mode",
                 "mode_reason",
@@ -235,6 +238,9 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
         f"  shapes    output {tuple(info['output_shape'])} x input {tuple(info['input_shape'])}{per} "
         f"(w.r.t. {info['wrt']}); unflattened {tuple(info['unflattened_shape'])}"
     )
+    if info["hessian"]:
+        of = "a loss w.r.t. the module's parameters" if info["kind"] == "hessian-params" else "a scalar f"
+        click.echo(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
     click.echo(f"  mode      {info['mode']} ({info['mode_reason']})")
     if info["sparse"]:
         sp = info["sparse"]

@@ -226,6 +226,32 @@ def test_compute_parameter_jacobian(ray_session, tmp_path):
     assert info["wrt"] == "params" and info["input_shape"] == [n_params]
 
 
+HESSIAN_SPEC = """
+def f(x):
+    return ((1 - x[:-1]) ** 2 + 10 * (x[1:] - x[:-1] ** 2) ** 2).sum() + torch.logsumexp(x, 0)
+
+def problem():
+    return raijac.Problem.hessian(f, torch.linspace(-1, 1, 17, dtype=torch.float64))
+"""
+
+
+def test_compute_hessian_says_so_and_verify_checks_symmetry(ray_session, tmp_path):
+    spec = write_spec(tmp_path / "spec", HESSIAN_SPEC)
+    out = tmp_path / "h.zarr"
+    result = invoke("compute", spec, "--out", out, "--workers", 2, "--block-size", 5, "--no-progress", "--verify")
+    assert result.exit_code == 0, explain(result)
+    assert "17 x 17 float64 Hessian to" in result.stdout and "verify: OK" in result.stdout
+    ns = {}
+    exec(HEADER + HESSIAN_SPEC, ns)
+    want = torch.func.hessian(ns["f"])(torch.linspace(-1, 1, 17, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(stored(out), want, rtol=1e-12, atol=1e-12)
+    info = invoke("inspect", out)
+    assert "kind      Hessian of a scalar f" in info.stdout, explain(info)
+    assert inspect_json(out)["kind"] == "hessian" and inspect_json(out)["hessian"] is True
+    checked = invoke("verify", out)
+    assert checked.exit_code == 0 and "symmetry" in checked.stdout, explain(checked)
+
+
 @pytest.mark.parametrize(
     ("options", "mode", "dtype"),
     [
