@@ -799,21 +799,14 @@ def targets(report: dict[str, Any]) -> list[list[str]]:
         "< 1.5 s",
         None if warm is None else warm < 1.5,
     )
-    ratios = [(r["name"], r["ratio_auto_fastest"]) for r in report["problems"] if r.get("ratio_auto_fastest")]
-    if ratios:
-        worst = max(ratios, key=lambda kv: kv[1])
-        add("auto / fastest raijac mode, worst problem", f"{worst[1]:.2f} ({worst[0]})", "<= 1.10 everywhere", worst[1] <= 1.10)
-    else:
-        add("auto / fastest raijac mode, worst problem", "-", "<= 1.10 everywhere", None)
-    ratios = [(r["name"], r["ratio_auto_fastest_median"]) for r in report["problems"] if r.get("ratio_auto_fastest_median")]
-    if ratios:
-        worst = max(ratios, key=lambda kv: kv[1])
-        add(
-            "the same from medians over the rounds, worst problem",
-            f"{worst[1]:.2f} ({worst[0]})",
-            "<= 1.10 everywhere",
-            worst[1] <= 1.10,
-        )
+    for key, label in (
+        ("ratio_auto_fastest", "auto / fastest raijac mode, worst problem"),
+        ("ratio_auto_fastest_median", "the same from medians over the rounds, worst problem"),
+    ):
+        ratios = [(r["name"], r[key]) for r in report["problems"] if r.get(key)]
+        worst = max(ratios, key=lambda kv: kv[1], default=None)
+        shown = f"{worst[1]:.2f} ({worst[0]})" if worst else "-"
+        add(label, shown, "<= 1.10 everywhere", None if worst is None else worst[1] <= 1.10)
     r = res.get("mlp-1000")
     v = r and r.get("speedup_loop")
     add("mlp-1000: speed-up of auto over the naive loop", f"{v:.1f}x" if v else "-", ">= 10x", None if not v else v >= 10)

@@ -245,9 +245,10 @@ def test_compute_hessian_says_so_and_verify_checks_symmetry(ray_session, tmp_pat
     exec(HEADER + HESSIAN_SPEC, ns)
     want = torch.func.hessian(ns["f"])(torch.linspace(-1, 1, 17, dtype=torch.float64)).numpy()
     np.testing.assert_allclose(stored(out), want, rtol=1e-12, atol=1e-12)
-    info = invoke("inspect", out)
-    assert "kind      Hessian of a scalar f" in info.stdout, explain(info)
-    assert inspect_json(out)["kind"] == "hessian" and inspect_json(out)["hessian"] is True
+    shown = invoke("inspect", out)
+    assert "kind      Hessian of a scalar f" in shown.stdout, explain(shown)
+    info = inspect_json(out)
+    assert info["kind"] == "hessian" and info["hessian"] is True
     checked = invoke("verify", out)
     assert checked.exit_code == 0 and "symmetry" in checked.stdout, explain(checked)
 
