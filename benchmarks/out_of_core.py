@@ -18,7 +18,7 @@ import time
 import torch
 
 import raijac
-from raijac.plan import parse_size
+from raijac.planner import parse_size
 
 
 def main() -> None:

@@ -316,7 +316,7 @@ def bench_problem(b: P.Bench, cfg: dict[str, Any], tmp: str) -> dict[str, Any]:
             f"repeat trick skipped: needs ~{repeat_bytes(b) / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
         )
         methods.remove("repeat")
-    from raijac.problem import chain_stages
+    from raijac.chain import chain_stages
 
     if "raijac:chain" in methods and chain_stages(b.problem()) is None:
         methods.remove("raijac:chain")

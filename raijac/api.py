@@ -15,16 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from raijac import blas, store
+from raijac import blas, modes, store
+from raijac.chain import may_chain
 from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
-from raijac.kernels import CHAIN_MODES, REPEAT_MODES, Kernel, check_mode, make_target, seed_axis
-from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
-from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
-from raijac.problem import Problem, load_problem, may_chain
+from raijac.kernels import Kernel, make_target
+from raijac.modes import check_mode, seed_axis
+from raijac.planner import Plan, WorkerCost, make_plan, parse_budgets
+from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
+from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
-from raijac.sparsity import Colouring, choose
+from raijac.sparsity import Colouring, choose, resolve_pattern
 from raijac.worker import TORCH_DTYPES
 
 STORE_DTYPES = ("float16", "float32", "float64")
@@ -48,7 +50,7 @@ def _store_dtype(problem: Problem, dtype: str | torch.dtype | None) -> str:
 def _sparse_plan_args(problem: Problem, colouring: Colouring | None) -> dict[str, Any]:
     if colouring is None:
         return {}
-    return {"colours": colouring.n_colours, "nnz": problem.pattern.nnz, "colouring": colouring.method}
+    return {"colours": colouring.n_colours, "nnz": resolve_pattern(problem).nnz, "colouring": colouring.method}
 
 
 def _check_block_size(block_size: int | None) -> None:
@@ -59,7 +61,7 @@ def _check_block_size(block_size: int | None) -> None:
 def _may_chain(problem: Problem, mode: str) -> bool:
     """Whether workers should find the chain while the driver triages: for a chain mode, or
     for auto where f may be one (a function is traced there and here at once: raijac.peel)."""
-    return mode in CHAIN_MODES or (mode == "auto" and may_chain(problem, auto=True))
+    return (mode != "auto" and modes.get(mode).chain) or (mode == "auto" and may_chain(problem, auto=True))
 
 
 def _triage_rows(reports: list) -> tuple:
@@ -69,17 +71,13 @@ def _triage_rows(reports: list) -> tuple:
 def _sparse_mode(problem: Problem, mode: str, *, try_all: bool = False) -> tuple[str, str, list, Colouring]:
     """Mode and colouring of a sparse problem: `auto` seeds the axis with fewer colours and
     falls back along it (fwd -> fwd-repeat, rev -> rev-repeat -> loop), then to the other axis."""
-    if mode in CHAIN_MODES:
+    if mode != "auto" and not modes.get(mode).sparse:
         raise ModeError(f"mode {mode} has no compressed (sparse) form; use auto, rev or fwd for sparse problems.")
-    first, second = choose(problem.pattern, mode)
+    first, second = choose(resolve_pattern(problem), mode)
     if mode != "auto":
         chosen, reason, reports = resolve_mode(problem, mode)
         return chosen, f"requested; {first.n_colours} colours ({first.method})", reports, first
-    stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
-    order = []
-    for c in (first, second):
-        modes = ["fwd", "fwd-repeat"] if c.axis == "cols" else ["rev", "rev-repeat", "loop"]
-        order += [m for m in modes if stackable or m not in REPEAT_MODES]
+    order = [m for c in (first, second) for m in modes.along(c.axis, stackable=stackable(problem)) if modes.get(m).sparse]
     why = (
         f"sparse: {first.n_colours} colours of {'columns' if first.axis == 'cols' else 'rows'} ({first.method}) vs "
         f"{second.n_colours} of {'columns' if second.axis == 'cols' else 'rows'}"
@@ -124,7 +122,7 @@ def plan(
     _check_block_size(block_size)
     store_dtype = _store_dtype(problem, dtype)
     colouring = None
-    if problem.pattern is not None:
+    if resolve_pattern(problem) is not None:
         chosen, reason, reports, colouring = _sparse_mode(problem, mode, try_all=True)
     else:
         chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
@@ -204,7 +202,7 @@ def compute(
     store_dtype = _store_dtype(problem, dtype)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
-    pattern = problem.pattern  # traced or checked now: a bad pattern fails before any work
+    pattern = resolve_pattern(problem)  # traced or checked now: a bad pattern fails before any work
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")
     existing = store.check_out(out, resume=resume, overwrite=overwrite)
@@ -223,7 +221,7 @@ def compute(
         executor.preload(source, budgets=budgets, fingerprint=fingerprint, fingerprint_args=fp_args, chain=chain)
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
-            if chosen in CHAIN_MODES:  # workers trust the driver's check of a traced chain: made here too
+            if modes.get(chosen).chain:  # workers trust the driver's check of a traced chain: made here too
                 Kernel(make_target(problem, "cpu"), chosen)
         elif pattern is not None:
             chosen, reason, reports, colouring = _sparse_mode(problem, mode)
@@ -347,7 +345,7 @@ def _stored_colouring(meta: dict, out: str, digest: str) -> Colouring:
 
 
 def _create_sparse(group, problem: Problem, the_plan: Plan, colouring: Colouring, dense: bool, codec: str, level) -> None:
-    pattern = problem.pattern
+    pattern = resolve_pattern(problem)
     store.create_sparse(
         group,
         rows=pattern.rows,

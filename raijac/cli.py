@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-MODE_CHOICES = ["auto", "rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
+from raijac.modes import CHOICES
+
 DTYPE_CHOICES = ["float16", "float32", "float64"]
 
 
@@ -52,7 +53,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option(
                 "--mode",
-                type=click.Choice(MODE_CHOICES),
+                type=click.Choice(CHOICES),
                 default="auto",
                 show_default=True,
                 help="How blocks are computed; auto picks rev or fwd and falls back when needed.",
@@ -164,7 +165,7 @@ def plan(spec: str, **options: Any) -> None:
 @_errors
 def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -> None:
     """Show a store's metadata, completion, shapes, size, compression, timings and versions."""
-    from raijac.plan import format_size
+    from raijac.planner import format_size
     from raijac.reader import Jacobian
 
     jac = Jacobian(path, allow_partial=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from raijac.errors import RaijacError, WorkerError
-from raijac.plan import Plan, WorkerCost
+from raijac.planner import Plan, WorkerCost
 from raijac.problem import Problem, _first_line
 
 IN_FLIGHT = 2  # calls queued per actor: one running, one waiting

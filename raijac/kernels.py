@@ -2,15 +2,8 @@
 
 Every mode computes the block `J[b0:b1, s0:s1, :]` (row modes) or `J[b0:b1, :, s0:s1]`
 (column modes) of the per-sample Jacobians, always with a leading sample axis (plain
-problems have one "sample"). Modes:
-
-    rev         vmap(vjp_fn) over identity rows; the forward pass is kept across blocks
-    fwd         vmap(jvp) over identity columns
-    rev-repeat  stack k copies of the samples, one autograd.grad with an identity block
-    fwd-repeat  stacked copies + double backward: d(VJP)/d(cotangent) applied to identity columns
-    loop        one autograd.grad per row (last resort: needs nothing but backward formulas)
-    chain       nn.Sequential, reverse sweep started from the last Linear's weight rows
-    chain-fwd   nn.Sequential, forward sweep started from the first Linear's weight columns
+problems have one "sample"). One method of `Kernel` per mode; what each mode is and when
+it applies is its record in `raijac.modes`.
 
 NOTE: [Stacked form] Kernels see every problem as a stack `z` of shape `(B, *in)` with an
 optional per-sample context `ctx` (the module input for parameter problems, where `z` is
@@ -24,39 +17,23 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
 
-from raijac import blas
+from raijac import blas, modes
+from raijac.chain import chain_stages
 from raijac.errors import ModeError
+from raijac.modes import check_mode, seed_axis  # noqa: F401  (re-exported: kernels is where callers look)
 from raijac.peel import Peeled, Pointwise, forward_agrees
-from raijac.problem import Chain, Problem, chain_stages
+from raijac.problem import Chain, Problem
 
-Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
-MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
-ROW_MODES = frozenset({"rev", "rev-repeat", "loop", "chain"})
-CHAIN_MODES = frozenset({"chain", "chain-fwd"})
 # Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
 ELEMENTWISE = (
     torch.nn.Tanh, torch.nn.ReLU, torch.nn.GELU, torch.nn.Sigmoid, torch.nn.SiLU, torch.nn.Softplus, torch.nn.ELU,
     torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity, Pointwise,
 )  # fmt: skip
-REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
 
 StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def seed_axis(mode: str) -> Literal["rows", "cols"]:
-    """Which axis of J a mode's seeds run along."""
-    check_mode(mode)
-    return "rows" if mode in ROW_MODES else "cols"
-
-
-def check_mode(mode: str, *, allow_auto: bool = False) -> None:
-    valid = (("auto",) if allow_auto else ()) + MODES
-    if mode not in valid:
-        raise ModeError(f"unknown mode {mode!r}; choose one of: {', '.join(valid)}.")
 
 
 @dataclass
@@ -213,38 +190,30 @@ class Kernel:
     """
 
     def __init__(self, target: Target, mode: str, colours: torch.Tensor | None = None) -> None:
-        check_mode(mode)
-        if mode in REPEAT_MODES and target.stacked_fn is None:
+        spec = modes.get(mode)
+        if spec.stacks and target.stacked_fn is None:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
-        if mode in CHAIN_MODES and target.stages is None:
+        if spec.chain and target.stages is None:
             raise ModeError(
                 f"mode {mode} needs f to be a torch.nn.Sequential, a Problem.chain of stages, or an unbatched function "
                 "with a constant linear layer followed only by elementwise ops, differentiated w.r.t. its input; "
                 "use rev or fwd for other functions."
             )
-        if mode == "chain-fwd" and not target.chain_fwd_ok:
+        if spec.chain and spec.axis == "cols" and not target.chain_fwd_ok:
             raise ModeError(
                 "mode chain-fwd cannot differentiate this problem: forward mode through its traced layers disagrees with "
                 "f's own (a custom autograd.Function's jvp?); use chain, rev or fwd."
             )
-        if colours is not None and mode in CHAIN_MODES:
+        if colours is not None and not spec.sparse:
             raise ModeError(f"mode {mode} has no compressed (sparse) form; use rev or fwd for sparse problems.")
         self.target = target
         self.mode = mode
         self.colours = colours
         self._key: tuple | None = None
         self._saved: tuple = ()
-        # Method names, not bound methods: a bound method stored on self is a reference cycle,
+        # A method name, not a bound method: a bound method stored on self is a reference cycle,
         # which would keep a finished run's problem (its weights) alive until the next gc pass.
-        self._run = {
-            "rev": "_rev",
-            "fwd": "_fwd",
-            "rev-repeat": "_rev_repeat",
-            "fwd-repeat": "_fwd_repeat",
-            "loop": "_loop",
-            "chain": "_chain_rev",
-            "chain-fwd": "_chain_fwd",
-        }[mode]
+        self._run = spec.kernel
 
     def clear(self) -> None:
         """Drop the kept forward pass (frees its activations)."""

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from raijac import modes
+from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError
-from raijac.kernels import REPEAT_MODES, Kernel, Target, check_mode, make_target, seed_axis
-from raijac.problem import Problem, _first_line, chain_stages
+from raijac.kernels import Kernel, Target, make_target
+from raijac.modes import check_mode, seed_axis
+from raijac.problem import Problem, _first_line
 
 SLOW_PATH_HINTS = ("performance drop", "batching rule", "fallback")
 
@@ -52,14 +55,13 @@ def candidate_modes(problem: Problem, requested: str) -> list[str]:
     check_mode(requested, allow_auto=True)
     if requested != "auto":
         return [requested]
-    if problem.n_out <= problem.n_in:
-        order = ["rev", "rev-repeat", "loop"]
-    else:
-        order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
-    if chain_stages(problem, auto=True) is not None:
-        order.insert(0, "chain" if problem.n_out <= problem.n_in else "chain-fwd")  # NOTE: [chain] in kernels
-    stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
-    return [m for m in order if stackable or m not in REPEAT_MODES]
+    chain = chain_stages(problem, auto=True) is not None
+    return modes.auto_order(problem.n_out, problem.n_in, stackable=stackable(problem), chain=chain)
+
+
+def stackable(problem: Problem) -> bool:
+    """Whether the repeat modes can stack copies of the problem's samples."""
+    return problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
 
 
 def try_mode(target: Target, mode: str) -> ModeReport:
@@ -159,7 +161,7 @@ def resolve_mode(
     first = candidates[0]
     if why is None:
         why = f"M={m} <= N={n}" if seed_axis(first) == "rows" else f"M={m} > N={n}"
-    if first in ("chain", "chain-fwd"):
+    if modes.get(first).chain:
         why = f"{why} and f is a chain of stages"
     if chosen.mode == first:
         reason = f"auto: {why}, so {first}"

@@ -61,55 +61,6 @@ class Chain:
         return f"Chain({', '.join(type(s).__name__ if isinstance(s, torch.nn.Module) else getattr(s, '__name__', '?') for s in self.stages)})"
 
 
-# auto does not try raijac.peel on a function with fewer seeds than this (rows when M <= N,
-# else columns): a chain skips one seeds x seeds x H product, too small then to pay for a
-# trace (~7-40 ms; measured on tanh(W x), 32 -> 2048: 7 ms of auto's 0.09 s).
-PEEL_MIN_SEEDS = 256
-
-
-def chain_stages(
-    problem: Problem, x: torch.Tensor | None = None, *, auto: bool = False, check: bool = True
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
-    """The stages the chain modes walk, for a problem differentiated w.r.t. its input: a
-    `Problem.chain`'s, a non-empty `nn.Sequential`'s, or for another unbatched function
-    ending in a constant linear layer, its layers (raijac.peel, traced at `x`, by default
-    the problem's, once per device; `check=False` skips the peel's check against autograd,
-    which a worker's driver made); None for any other problem. For `auto`'s choice a
-    function with fewer than PEEL_MIN_SEEDS seeds is not traced."""
-    f = problem.f
-    if not may_chain(problem, auto=auto):
-        return None
-    if isinstance(f, Chain):
-        return f.stages
-    if isinstance(f, torch.nn.Sequential) and len(f):
-        return tuple(f)
-    x = problem.x if x is None else x
-    peeled = problem.__dict__.setdefault("_peeled", {})
-    key = (str(x.device), check)
-    if key not in peeled:
-        from raijac.peel import peel_chain
-
-        peeled[key] = peel_chain(f, x, check=check)
-    return peeled[key]
-
-
-def may_chain(problem: Problem, *, auto: bool = False) -> bool:
-    """Whether `chain_stages` may find stages, known without tracing: a declared chain or
-    an nn.Sequential, or a function it would trace (workers start tracing it early)."""
-    if problem.wrt != "input":
-        return False
-    if isinstance(problem.f, Chain) or (isinstance(problem.f, torch.nn.Sequential) and len(problem.f)):
-        return True
-    return _peelable(problem, auto)
-
-
-def _peelable(problem: Problem, auto: bool) -> bool:
-    if problem.batched or problem.kind not in ("function", "module") or problem.sparsity is not None:
-        return False
-    seeds = problem.n_out if problem.n_out <= problem.n_in else problem.n_in  # auto's chain (M <= N) or chain-fwd
-    return not (auto and seeds < PEEL_MIN_SEEDS)
-
-
 class Problem:
     """The Jacobian of `f` at `x`.
 
@@ -391,32 +342,6 @@ class Problem:
                 "samples (batch norm in training mode, or a mean over the batch?); call module.eval(), or pass batched=False."
             )
 
-    @cached_property
-    def pattern(self):
-        """The sparsity pattern as a `raijac.sparsity.Pattern` (traced once for "detect"), or None."""
-        if getattr(self, "sparsity", None) is None:
-            return None
-        from raijac.sparsity import Pattern, make_pattern
-
-        if isinstance(self.sparsity, Pattern):
-            spec = (self.sparsity.rows, self.sparsity.cols)
-        elif isinstance(self.sparsity, str):
-            from raijac.detect import detect_pattern
-
-            if self.wrt == "params":
-                raise ProblemError("sparsity='detect' traces input Jacobians only; pass the parameter pattern itself.")
-            if self.batched:  # samples share one pattern: trace sample 0
-
-                def one(z: torch.Tensor) -> torch.Tensor:
-                    return self.f(z[None])[0]
-
-                spec = detect_pattern(one, self.x[0])
-            else:
-                spec = detect_pattern(self.f, self.x)
-        else:
-            spec = self.sparsity
-        return make_pattern(spec, (self.n_out, self.n_in))
-
     # ------------------------------------------------------------------ identity
     def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
         """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters."""
@@ -443,20 +368,12 @@ class Problem:
                 h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
 
-    def describe(self) -> str:
-        what = "per-sample " if self.batched else ""
-        wrt = "parameters" if self.wrt == "params" else "input"
-        return f"{what}Jacobian w.r.t. {wrt}: {self.output_shape} x {self.input_shape} -> {self.jacobian_shape}"
-
     def __repr__(self) -> str:
         return f"Problem(spec={self.spec!r}, batched={self.batched}, wrt={self.wrt!r}, x={tuple(self.x.shape)})"
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
-        state.pop("_peeled", None)  # traced again where it is used (raijac.peel)
-        if state.get("sparsity") is not None and "pattern" in state:
-            state["sparsity"] = state.pop("pattern")  # ship the traced pattern, not "detect"
         return state
 
 

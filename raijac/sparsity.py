@@ -22,12 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from raijac import modes
+from raijac.detect import detect_pattern
 from raijac.errors import ProblemError
+
+if TYPE_CHECKING:
+    from raijac.problem import Problem
 
 Axis = Literal["rows", "cols"]
 # Above this many conflict-graph entries an axis is not coloured greedily (the graph would
@@ -115,6 +121,36 @@ def make_pattern(spec: Any, shape: tuple[int, int]) -> Pattern:
     return Pattern(key // max(n, 1), key % max(n, 1), (m, n))
 
 
+_RESOLVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resolve_pattern(problem: Problem) -> Pattern | None:
+    """The problem's sparsity pattern as a `Pattern` (traced once for `"detect"`), or None for a dense problem.
+
+    Kept beside the problem (weakly), so asking twice traces once and the problem itself
+    stays a plain description."""
+    if problem.sparsity is None:
+        return None
+    if problem not in _RESOLVED:
+        _RESOLVED[problem] = _resolve(problem)
+    return _RESOLVED[problem]
+
+
+def _resolve(problem: Problem) -> Pattern:
+    spec = problem.sparsity
+    if isinstance(spec, Pattern):
+        spec = (spec.rows, spec.cols)
+    elif isinstance(spec, str):  # "detect": Problem refuses other strings
+        if problem.wrt == "params":
+            raise ProblemError("sparsity='detect' traces input Jacobians only; pass the parameter pattern itself.")
+        f = problem.f
+        if problem.batched:  # samples share one pattern: trace sample 0
+            spec = detect_pattern(lambda z: f(z[None])[0], problem.x[0])
+        else:
+            spec = detect_pattern(f, problem.x)
+    return make_pattern(spec, (problem.n_out, problem.n_in))
+
+
 def _sorted_unique(key: np.ndarray) -> np.ndarray:
     """Sorted distinct values (already sorted input, the usual case, costs one pass)."""
     if key.size > 1 and not bool((key[1:] > key[:-1]).all()):
@@ -180,10 +216,9 @@ def choose(pattern: Pattern, mode: str = "auto") -> tuple[Colouring, Colouring |
     `auto` colours both and takes the fewer colours (columns on a tie: JVPs need no
     stored forward pass); modes that seed rows colour rows, the others columns.
     """
-    from raijac.kernels import ROW_MODES
 
     if mode != "auto":
-        return colour(pattern, "rows" if mode in ROW_MODES else "cols"), None
+        return colour(pattern, modes.seed_axis(mode)), None
     cols, rows = colour(pattern, "cols"), colour(pattern, "rows")
     return (cols, rows) if cols.n_colours <= rows.n_colours else (rows, cols)
 

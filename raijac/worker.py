@@ -26,7 +26,7 @@ from raijac import store
 from raijac.errors import ProblemError
 from raijac.executor import Packed
 from raijac.kernels import Kernel, Target, make_target, seed_axis
-from raijac.plan import WorkerCost
+from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
 

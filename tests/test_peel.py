@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import raijac
+from raijac.chain import chain_stages, is_traced, may_chain
 from raijac.kernels import Kernel, make_target
 from raijac.peel import Peeled, Pointwise, Traced, peel_chain
 from raijac.probe import resolve_mode
-from raijac.problem import Chain, chain_stages, may_chain
+from raijac.problem import Chain
 from tests.problems import BY_NAME, CountProducts, _ClipGrad, assert_close
 
 G = torch.Generator().manual_seed(0)
@@ -107,7 +108,7 @@ def test_auto_runs_chain_on_a_plain_mlp_with_one_gemm_fewer():
 
 def test_auto_traces_only_functions_with_enough_outputs():
     small = raijac.Problem(PEELED["mv"], torch.randn(7))  # 5 outputs: the GEMM chain would skip is tiny
-    assert chain_stages(small, auto=True) is None and "_peeled" not in small.__dict__
+    assert chain_stages(small, auto=True) is None and not is_traced(small)
     assert chain_stages(small) is not None  # an explicit chain mode still gets it
 
 
@@ -144,7 +145,7 @@ def test_may_chain_is_known_without_tracing():
     assert may_chain(raijac.Problem(net, torch.randn(7)), auto=True)
     assert not may_chain(raijac.Problem(lambda x: torch.tanh(x @ W1.T) @ W2.T, torch.randn(3, 7), batched=True))
     assert not may_chain(raijac.Problem.from_module(_Net(), torch.randn(7), wrt="params"))
-    assert "_peeled" not in wide.__dict__ and "_peeled" not in small.__dict__
+    assert not is_traced(wide) and not is_traced(small)
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -162,14 +163,14 @@ def test_peel_is_traced_once_per_device_and_not_shipped():
     first = chain_stages(problem)
     assert first is not None and chain_stages(problem) is first
     shipped = cloudpickle.loads(cloudpickle.dumps(problem))
-    assert "_peeled" not in shipped.__dict__ and chain_stages(shipped) is not None
+    assert is_traced(problem) and not is_traced(shipped) and chain_stages(shipped) is not None
 
 
 def test_batched_and_parameter_problems_are_not_traced():
     batched = raijac.Problem(lambda x: torch.tanh(x @ W1.T) @ W2.T, torch.randn(3, 7), batched=True)
     params = raijac.Problem.from_module(_Net(), torch.randn(7), wrt="params")
     assert chain_stages(batched) is None and chain_stages(params) is None
-    assert "_peeled" not in batched.__dict__
+    assert not is_traced(batched)
 
 
 class _WrongJvp(torch.autograd.Function):

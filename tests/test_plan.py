@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from raijac.errors import BudgetError, RaijacError
-from raijac.plan import CHUNK_BYTES, Plan, WorkerCost, format_size, make_plan, parse_size
+from raijac.planner import CHUNK_BYTES, Plan, WorkerCost, format_size, make_plan, parse_size
 
 MAX_TILES = 5_000  # keeps one example's exhaustive checks well under a second
 

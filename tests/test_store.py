@@ -12,7 +12,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from raijac import store
 from raijac.errors import StoreError
-from raijac.plan import WorkerCost, make_plan
+from raijac.planner import WorkerCost, make_plan
 
 META = {"mode": "rev", "n_tiles": 6, "fingerprint": "abc123", "complete": False}
 

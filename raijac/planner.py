@@ -1,4 +1,4 @@
-"""plan: shapes + measured worker costs -> a Plan of tiles aligned to Zarr chunks (pure; no torch, Ray or Zarr).
+"""planner: shapes + measured worker costs -> a Plan of tiles aligned to Zarr chunks (pure; no torch, Ray or Zarr).
 
 The seed axis (rows for row modes, columns for column modes) is cut into tiles of whole
 Zarr chunks, so no two workers ever write one chunk. A tile is the unit of the completion
