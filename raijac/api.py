@@ -441,6 +441,8 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec:
         "compression_level": level,
         "compressor_reason": codec_reason,
         "params": [{"name": i.name, "shape": list(i.shape), "offset": i.offset} for i in problem.param_info],
+        "inputs": [leaf.to_dict() for leaf in problem.in_leaves],
+        "outputs": [leaf.to_dict() for leaf in problem.out_leaves],
         "versions": _versions(),
         "created": _now(),
         "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),

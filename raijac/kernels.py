@@ -33,7 +33,8 @@ ELEMENTWISE = (
     torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity, Pointwise,
 )  # fmt: skip
 
-StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Context = tuple[torch.Tensor, ...] | None
+StackFn = Callable[[torch.Tensor, Context], torch.Tensor]
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Target:
     """A problem in stacked form on one device (see NOTE: [Stacked form])."""
 
     z: torch.Tensor
-    ctx: torch.Tensor | None
+    ctx: Context  # per-sample inputs not differentiated (a module's inputs, labels, masks), sliced with z
     block_fn: StackFn
     stacked_fn: StackFn | None
     loop_fn: StackFn
@@ -77,8 +78,8 @@ class Target:
     def n_samples(self) -> int:
         return int(self.z.shape[0])
 
-    def block(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.z[b0:b1], None if self.ctx is None else self.ctx[b0:b1]
+    def block(self, b0: int, b1: int) -> tuple[torch.Tensor, Context]:
+        return self.z[b0:b1], None if self.ctx is None else tuple(c[b0:b1] for c in self.ctx)
 
 
 def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted: bool = False) -> Target:
@@ -87,11 +88,13 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     `trusted`: a worker's target, whose driver already checked a traced chain against
     autograd before choosing a chain mode (NOTE: [peel check]): the worker does not again."""
     device = torch.device(device)
+    in_shape, out_shape = problem.input_shape, problem.output_shape  # evaluates f once: fixes how f returns
     if problem.module is not None:
         problem.module.to(device)
-    elif isinstance(problem.f, torch.nn.Module):
+    if isinstance(problem.f, torch.nn.Module):
         problem.f.to(device)
     x = problem.x.to(device)
+    ctx = None if problem.ctx is None else tuple(c.to(device) for c in problem.ctx)
     for stage in problem.f.stages if isinstance(problem.f, Chain) else ():
         if isinstance(stage, torch.nn.Module):
             stage.to(device)
@@ -99,45 +102,53 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     def stages() -> tuple | None:
         return chain_stages(problem, x, check=not trusted)
 
-    in_shape, out_shape = problem.input_shape, problem.output_shape
     no_stack = "f is not batch-aware: pass batch_aware=True if f maps a stack (K, *in) to (K, *out) sample by sample"
 
     if problem.wrt == "params":
         p = problem.params.to(device)
         if not problem.batched:
 
-            def one(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-                return problem.call(x, z[0])[None]
+            def one(z: torch.Tensor, c: Context) -> torch.Tensor:
+                return problem.call(None, z[0], ctx)[None]
 
             why = "an unbatched parameter Jacobian has no samples to stack; use rev, fwd or loop"
             return Target(p[None], None, one, None, one, in_shape, out_shape, why)
 
-        def per_sample(pz: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-            return problem.call(xb[None], pz)[0]
+        def per_sample(pz: torch.Tensor, cb: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return problem.call(None, pz, tuple(t[None] for t in cb))[0]
 
-        def vmapped(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        def vmapped(z: torch.Tensor, c: Context) -> torch.Tensor:
             return torch.func.vmap(per_sample)(z, c)
 
-        def looped(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.stack([per_sample(z[i], c[i]) for i in range(z.shape[0])])
+        def looped(z: torch.Tensor, c: Context) -> torch.Tensor:
+            return torch.stack([per_sample(z[i], tuple(t[i] for t in c)) for i in range(z.shape[0])])
 
         z = p.expand(x.shape[0], p.numel())
-        return Target(z, x, vmapped, vmapped, looped, in_shape, out_shape)
+        return Target(z, ctx, vmapped, vmapped, looped, in_shape, out_shape)
 
     f = problem.f
     if problem.batched:
 
-        def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-            return f(z)
+        def stacked(z: torch.Tensor, c: Context) -> torch.Tensor:
+            return f(z) if c is None else f(z, c)
 
         return Target(
-            x, None, stacked, stacked, stacked, in_shape, out_shape, find_stages=stages, stages_batched=True, trusted=trusted
+            x,
+            ctx,
+            stacked,
+            stacked,
+            stacked,
+            in_shape,
+            out_shape,
+            find_stages=stages if ctx is None else None,
+            stages_batched=True,
+            trusted=trusted,
         )
 
-    def single(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def single(z: torch.Tensor, c: Context) -> torch.Tensor:
         return f(z[0])[None]
 
-    def stacked_plain(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def stacked_plain(z: torch.Tensor, c: Context) -> torch.Tensor:
         return f(z)
 
     stack_fn = stacked_plain if problem.batch_aware else None
@@ -169,10 +180,12 @@ def _scaled(g: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return g if scale is None else g * scale.reshape(-1, *[1] * (g.ndim - 1))
 
 
-def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """k stacked copies, copy-major: (k * n, ...)."""
+def _repeat(t: torch.Tensor | Context, k: int) -> torch.Tensor | Context:
+    """k stacked copies, copy-major: (k * n, ...) (of each tensor of a context)."""
     if t is None:
         return None
+    if isinstance(t, tuple):
+        return tuple(_repeat(c, k) for c in t)
     return t.detach().repeat(k, *([1] * (t.ndim - 1)))
 
 

@@ -13,6 +13,7 @@ problem that changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -28,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from raijac import trees
 from raijac.errors import ProblemError
 
 Wrt = Literal["input", "params"]
@@ -62,39 +64,77 @@ class Chain:
 
 
 class Problem:
-    """The Jacobian of `f` at `x`.
+    """The Jacobian of `f` at its inputs, as `torch.func.jacrev(f, argnums)(*args)` would give it.
 
     Arguments:
-        f: a function of one tensor returning one floating-point tensor.
-        x: the point; a floating-point tensor (its leading dimension is the batch when
-            `batched=True`).
-        batched: `x` is a stack of independent samples and `f` maps `(B, *in)` to
-            `(B, *out)` sample by sample; the result is the per-sample Jacobians
-            `(B, M, N)`. Batched problems are batch-aware.
+        f: a function returning a floating-point tensor, or a tuple, list, dict or dataclass
+            of them (all their tensors are differentiated, one after the other; pick some
+            with `outputs`).
+        *args: f's inputs. The ones named by `argnums` are differentiated: tensors or
+            pytrees of them, whose entries are J's columns one after the other. With one
+            input this is `Problem(f, x)`.
+        argnums: which of `args` to differentiate (an int or a tuple), as in torch.func.
+        has_aux: f returns `(output, aux)`; aux is not differentiated.
+        outputs: a key or index (or a list of them) choosing what of f's output to
+            differentiate (`outputs="logits"`).
+        kwargs: keyword arguments for f, not differentiated.
+        batched: every input tensor holds independent samples along its leading dimension
+            and f maps them sample by sample; the result is the per-sample Jacobians
+            `(B, M, N)`. Inputs not differentiated (labels, masks) travel with their samples.
+            Batched problems are batch-aware.
         batch_aware: `f` also maps a stack `(K, *in)` to `(K, *out)` sample by sample,
             which the repeat modes (`rev-repeat`, `fwd-repeat`) need.
         sparsity: the structural non-zeros of (one sample's) Jacobian `(M, N)`: a
             `scipy.sparse` matrix, a `(rows, cols)` pair of flat index arrays, or `"detect"`
             to trace them through the operations f runs. The columns (or rows) are then
             coloured and only as many JVPs (VJPs) as colours run; the result is stored sparse.
+
+    In `problem.x` the differentiated inputs are one tensor (flat, `(B, N)` or `(N,)`, when
+    there are several); `problem.f` maps it (and `problem.ctx`, the per-sample inputs not
+    differentiated) to one tensor. `in_leaves` / `out_leaves` say where each input and
+    output leaf sits among J's columns and rows (empty for a plain tensor).
     """
 
     def __init__(
         self,
-        f: Callable[[torch.Tensor], torch.Tensor],
-        x: torch.Tensor,
-        *,
+        f: Callable[..., object],
+        *args: object,
+        argnums: int | tuple[int, ...] = 0,
+        has_aux: bool = False,
+        outputs: trees.Select = None,
+        kwargs: dict[str, object] | None = None,
         batched: bool = False,
         batch_aware: bool = False,
         sparsity: object = None,
     ) -> None:
         if not callable(f):
             raise ProblemError(f"f must be callable, but got {type(f).__name__}; pass the function itself.")
-        _check_input(x, "x")
+        if not args:
+            raise ProblemError("Problem needs the point to differentiate at: Problem(f, x) or Problem(f, *args, argnums=...).")
+        nums = _argnums(argnums, len(args))
+        self.ctx: tuple[torch.Tensor, ...] | None = None
+        self.in_leaves: tuple[trees.Leaf, ...] = ()
+        if (
+            len(args) == 1
+            and nums == (0,)
+            and isinstance(args[0], torch.Tensor)
+            and not (has_aux or outputs is not None or kwargs)
+        ):
+            x = args[0]
+            _check_input(x, "x")
+        else:
+            flat = trees.Flat(f, args, nums, kwargs=kwargs, has_aux=has_aux, outputs=outputs, batched=batched)
+            x = flat.flat_input()
+            _check_input(x, "the differentiated input" if len(flat.x_leaves) == 1 else "the differentiated inputs")
+            if len(flat.x_leaves) > 1 or flat.x_leaves[0].name != "args[0]":
+                self.in_leaves = flat.x_leaves
+            self.ctx = flat.context()
+            f = flat
         if batched and x.ndim == 0:
             raise ProblemError(
                 "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
             )
+        _check_samples(self.ctx, x.shape[0] if batched else None)
         self.f = f
         self.x = x.detach()
         self.batched = bool(batched)
@@ -103,10 +143,13 @@ class Problem:
         self.module: torch.nn.Module | None = None
         self.params: torch.Tensor | None = None
         self.param_info: tuple[ParamInfo, ...] = ()
+        self.out_leaves: tuple[trees.Leaf, ...] = ()
         self.spec: str | None = None
         self.kind = "function"
         if isinstance(sparsity, str) and sparsity != "detect":
             raise ProblemError(f"sparsity={sparsity!r} is not understood; pass a scipy.sparse matrix, (rows, cols) or 'detect'.")
+        if sparsity is not None and self.ctx is not None:
+            raise ProblemError("sparsity applies to problems without per-sample inputs; close over them inside f.")
         self.sparsity = sparsity
 
     # ------------------------------------------------------------------ builders
@@ -135,33 +178,32 @@ class Problem:
     def from_module(
         cls,
         module: torch.nn.Module,
-        x: torch.Tensor,
-        *,
+        *args: object,
+        kwargs: dict[str, object] | None = None,
+        outputs: trees.Select = None,
         wrt: Wrt = "params",
+        argnums: int | tuple[int, ...] = 0,
         batched: bool = False,
     ) -> Problem:
-        """The Jacobian of `module(x)` w.r.t. its trainable parameters or its input.
+        """The Jacobian of `module(*args, **kwargs)` w.r.t. its trainable parameters or its inputs.
 
         With `wrt="params"` the columns are all parameters with `requires_grad`, flattened
         in `module.parameters()` order; `batched=True` gives per-sample parameter
-        Jacobians (the NTK / Fisher case) and `x` may then be any tensor (token ids too).
+        Jacobians (the NTK / Fisher case), and the inputs may be any tensors (token ids,
+        attention masks: each travels with its samples). With `wrt="input"`, `argnums`
+        picks the inputs to differentiate. `outputs` picks what of the module's output to
+        differentiate (`outputs="logits"` for a Hugging Face model's `ModelOutput`).
         """
         if not isinstance(module, torch.nn.Module):
             raise ProblemError(
                 f"from_module needs a torch.nn.Module, but got {type(module).__name__}; use Problem(f, x) for plain functions."
             )
         if wrt == "input":
-            problem = cls(module, x, batched=batched, batch_aware=batched)
+            problem = cls(module, *args, argnums=argnums, outputs=outputs, kwargs=kwargs, batched=batched, batch_aware=batched)
             problem.kind = "module"
             return problem
         if wrt != "params":
             raise ProblemError(f"wrt must be 'params' or 'input', but got {wrt!r}.")
-        if not isinstance(x, torch.Tensor):
-            raise ProblemError(f"x must be a torch.Tensor, but got {type(x).__name__}.")
-        if batched and x.ndim == 0:
-            raise ProblemError(
-                "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
-            )
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ProblemError(
@@ -173,18 +215,32 @@ class Problem:
                 raise ProblemError(f"parameter {name} has dtype {p.dtype}; raijac differentiates floating-point parameters only.")
             infos.append(ParamInfo(name, tuple(p.shape), offset))
             offset += p.numel()
-        problem = cls.__new__(cls)
-        problem.f = module
-        problem.x = x.detach()
-        problem.batched = bool(batched)
-        problem.batch_aware = bool(batched)
-        problem.wrt = "params"
-        problem.module = module
-        problem.params = torch.cat([p.detach().reshape(-1) for _, p in named])
-        problem.param_info = tuple(infos)
-        problem.spec = None
-        problem.kind = "module"
-        problem.sparsity = None
+        caller = trees.Flat(module, args, (), kwargs=kwargs, outputs=outputs, batched=batched, of_params=True)
+        ctx = caller.context()
+        if not ctx:
+            raise ProblemError("from_module needs the module's inputs: from_module(module, x, ...) with at least one tensor.")
+        if batched and ctx[0].ndim == 0:
+            raise ProblemError(
+                "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
+            )
+        _check_samples(ctx, ctx[0].shape[0] if batched else None)
+        problem = object.__new__(cls)
+        problem.__dict__.update(
+            f=caller,
+            x=ctx[0],  # the first input tensor: stored, and the batch size
+            ctx=ctx,
+            in_leaves=(),
+            out_leaves=(),
+            batched=bool(batched),
+            batch_aware=bool(batched),
+            wrt="params",
+            module=module,
+            params=torch.cat([p.detach().reshape(-1) for _, p in named]),
+            param_info=tuple(infos),
+            spec=None,
+            kind="module",
+            sparsity=None,
+        )
         return problem
 
     @classmethod
@@ -285,22 +341,59 @@ class Problem:
         return self.y.dtype
 
     # ------------------------------------------------------------------ evaluation
-    def call(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        """`f` on a stack of the module input or x (for parameter problems, at `params`)."""
-        if self.wrt != "params":
-            return self.f(x)
-        return torch.func.functional_call(self.module, self.unflatten_params(params), (x,))
+    def call(
+        self, x: torch.Tensor | None, params: torch.Tensor | None = None, ctx: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        """`f` at `x` (a stack of samples, or x itself) with the per-sample inputs `ctx` of those
+        samples (default: all of them); for parameter problems the module at the flat `params`
+        on its inputs `ctx` (x is then not used)."""
+        ctx = self.ctx if ctx is None else ctx
+        if self.wrt == "params":
+            return self.f(None, ctx, params=self.unflatten_params(params))
+        return self.f(x) if ctx is None else self.f(x, ctx)
 
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The flat parameter vector as a `{name: tensor}` dict (views, no copies)."""
-        return {i.name: flat[i.offset : i.offset + i.size].view(i.shape) for i in self.param_info}
+        """The flat parameter vector as a `{name: tensor}` dict of views.
+
+        One `split`, not a slice per parameter: the backward of a slice is a full-length zero
+        gradient per parameter tensor (cost ~ tensors x parameters); split's is one cat."""
+        parts = flat.split([i.size for i in self.param_info])
+        return {i.name: part.view(i.shape) for i, part in zip(self.param_info, parts, strict=True)}
+
+    def _evaluate(self) -> torch.Tensor:
+        """f at the problem's point as one tensor; a structured output (tuple, dict, dataclass)
+        is flattened leaf by leaf, and where each leaf sits is kept in `out_leaves`."""
+        params = None if self.params is None else self.unflatten_params(self.params)
+        x = None if self.wrt == "params" else self.x
+        if isinstance(self.f, trees.Flat):
+            out = self.f.tree(x, self.ctx, params)
+            lead = self.f.lead(x, self.ctx)
+        else:
+            out = self.f(self.x)
+            lead = tuple(self.x.shape[:1]) if self.batched else ()
+            if not isinstance(out, torch.Tensor) and isinstance(out, tuple | list | dict) or _is_dataclass(out):
+                self.f = trees.Flat(self.f, (self.x,), (0,), batched=self.batched)  # flattens it from now on
+                self.f.flat_input()
+        if isinstance(out, torch.Tensor) or not (isinstance(out, tuple | list | dict) or _is_dataclass(out)):
+            return out
+        leaves, names = trees.output_leaves(out)
+        for leaf, name in zip(leaves, names, strict=True):
+            if leaf.shape[: len(lead)] != lead:
+                raise ProblemError(
+                    f"batched=True needs every output to hold one entry per sample, but {name} has shape "
+                    f"{tuple(leaf.shape)} for B={lead[0]}; return per-sample outputs, or pass batched=False."
+                )
+        self.out_leaves = trees.layout(names, [tuple(t.shape[len(lead) :]) for t in leaves])
+        return trees.concat(leaves, lead)
 
     @cached_property
     def y(self) -> torch.Tensor:
         """`f(x)`, checked: one floating-point tensor, per-sample when batched."""
         try:
             with torch.no_grad():
-                y = self.call(self.x, self.params)
+                y = self._evaluate()
+        except ProblemError:
+            raise
         except Exception as exc:  # the user's function: show its own message
             raise ProblemError(
                 f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {_first_line(exc)}; "
@@ -308,8 +401,8 @@ class Problem:
             ) from exc
         if not isinstance(y, torch.Tensor):
             raise ProblemError(
-                f"f must return one torch.Tensor, but returned {type(y).__name__}; "
-                "return a single tensor (for several outputs, torch.cat their flattened parts)."
+                f"f must return tensors (one, or a tuple, list, dict or dataclass of them), but returned "
+                f"{type(y).__name__}; return tensors, or pick them with outputs=... (a key or index)."
             )
         if y.is_complex() or not y.is_floating_point():
             raise ProblemError(
@@ -331,7 +424,7 @@ class Problem:
             return
         x = self.x.clone().requires_grad_(True)
         with torch.enable_grad():
-            y = self.call(x, self.params)
+            y = self.call(None, self.params, (x, *self.ctx[1:])) if self.wrt == "params" else self.call(x, self.params)
             if not y.requires_grad:
                 return
             w = torch.randn(y[0].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
@@ -359,11 +452,14 @@ class Problem:
             "store_dtype": dtype,
             "mode": mode,
             "params": [[i.name, list(i.shape)] for i in self.param_info],
+            "in_leaves": [[i.name, list(i.shape)] for i in self.in_leaves],
+            "out_leaves": [[i.name, list(i.shape)] for i in self.out_leaves],
+            "ctx": [[list(t.shape), str(t.dtype)] for t in self.ctx or ()],
         }
         if getattr(self, "sparsity", None) is not None:  # the pattern itself is checked apart (cheap workers)
             head["sparse"] = True
         h.update(json.dumps(head, sort_keys=True).encode())
-        for t in (self.x, self.params):
+        for t in (self.x, self.params, *(self.ctx or ())):
             if t is not None:
                 h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
@@ -375,6 +471,31 @@ class Problem:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
         return state
+
+
+def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums) if isinstance(argnums, tuple | list) else None
+    if not nums or any(not isinstance(i, int) or not -n_args <= i < n_args for i in nums):
+        raise ProblemError(
+            f"argnums={argnums!r} must name inputs among the {n_args} given (an int or a tuple of ints, as in torch.func)."
+        )
+    return tuple(sorted({i % n_args for i in nums}))
+
+
+def _check_samples(ctx: tuple[torch.Tensor, ...] | None, batch: int | None) -> None:
+    """Per-sample inputs must hold as many samples as x."""
+    if batch is None:
+        return
+    for t in ctx or ():
+        if t.ndim == 0 or t.shape[0] != batch:
+            raise ProblemError(
+                f"batched=True needs every input tensor to hold B={batch} samples along its first dimension, but one has "
+                f"shape {tuple(t.shape)}; close over tensors shared by all samples inside f instead."
+            )
+
+
+def _is_dataclass(obj: object) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
 def _check_input(x: object, name: str) -> None:

@@ -191,6 +191,21 @@ class Jacobian:
         """
         return Unflattened(self)
 
+    def tree(self) -> dict[str, dict[str, LeafBlock]]:
+        """J cut back into f's structure: `{output leaf: {input leaf: block}}`, lazily.
+
+        Each block reads only its rows and columns when indexed or turned into numpy, shaped
+        `(B?, *output_leaf_shape, *input_leaf_shape)` as `torch.func.jacrev` gives that leaf
+        pair. Leaf names are the pytree paths (`y['logits']`, `args[1]['w']`); inputs of a
+        parameter Jacobian are the parameter names; a plain tensor is `x` or `y`.
+        """
+        outs = _leaves(self.meta.get("outputs"), "y", self.output_shape)
+        if self.meta.get("wrt") == "params":
+            ins = _leaves(self.meta.get("params"), "x", self.input_shape)
+        else:
+            ins = _leaves(self.meta.get("inputs"), "x", self.input_shape)
+        return {o[0]: {i[0]: LeafBlock(self, o, i) for i in ins} for o in outs}
+
     def to_dask(self):
         """The flat Jacobian as a lazy dask array chunked like the store."""
         try:
@@ -380,6 +395,38 @@ class Unflattened:
 
     def __repr__(self) -> str:
         return f"Unflattened({self.jac.path!r}, shape={self.shape}, axes={self.axis_names})"
+
+
+class LeafBlock:
+    """The block of J between one output leaf and one input leaf, read on demand."""
+
+    def __init__(self, jac: Jacobian, out: tuple[str, tuple[int, ...], int], inp: tuple[str, tuple[int, ...], int]) -> None:
+        self.jac, self.out, self.inp = jac, out, inp
+        lead = (jac.shape[0],) if jac.batched else ()
+        self.shape: tuple[int, ...] = (*lead, *out[1], *inp[1])
+
+    def numpy(self) -> np.ndarray:
+        rows = slice(self.out[2], self.out[2] + math.prod(self.out[1]))
+        cols = slice(self.inp[2], self.inp[2] + math.prod(self.inp[1]))
+        key = (slice(None), rows, cols) if self.jac.batched else (rows, cols)
+        return np.asarray(self.jac.array[key]).reshape(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self.numpy()
+        return data if dtype is None else data.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.numpy()[key]
+
+    def __repr__(self) -> str:
+        return f"LeafBlock(d {self.out[0]} / d {self.inp[0]}, shape={self.shape})"
+
+
+def _leaves(stored: list[dict] | None, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, shape, offset) of each stored leaf, or one leaf for a plain tensor."""
+    if not stored:
+        return [(name, tuple(shape), 0)]
+    return [(leaf["name"], tuple(leaf["shape"]), int(leaf["offset"])) for leaf in stored]
 
 
 # ---------------------------------------------------------------------- indexing

@@ -387,11 +387,11 @@ BAD_SPECS = {
     "output-not-tensor": (
         """
         def problem():
-            return raijac.Problem(lambda x: (x, 2 * x), torch.ones(3))
+            return raijac.Problem(lambda x: (x, "label"), torch.ones(3))
         """,
         "problem",
         [],
-        ["torch.Tensor", "tuple"],
+        ["returned a str at y[1]", "outputs="],
     ),
     "output-integer": (
         """

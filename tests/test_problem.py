@@ -63,7 +63,8 @@ def test_bad_inputs(x, match):
 @pytest.mark.parametrize(
     "f,match",
     [
-        (lambda x: (x, x), "must return one torch.Tensor, but returned tuple"),
+        (lambda x: "y", "must return tensors .*but returned str"),
+        (lambda x: (x, "y"), r"returned a str at y\[1\]"),
         (lambda x: x.long(), "floating-point outputs, but f returned torch.int64"),
         (lambda x: x.to(torch.complex64), "floating-point outputs"),
         (lambda x: 1 / 0, "f raised ZeroDivisionError.*division by zero"),

@@ -1,0 +1,202 @@
+"""Pytrees in and out, as torch.func takes them: several inputs, dict/tuple/dataclass outputs,
+has_aux, per-sample data that is not differentiated, a module's keyword inputs; each through
+raijac.compute on real Ray against torch.func, read back leaf by leaf with `Jacobian.tree()`."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import raijac
+from raijac.errors import ProblemError
+from tests.problems import assert_close
+
+G = torch.Generator().manual_seed(11)
+W = torch.randn(5, 4, generator=G, dtype=torch.float64)
+
+
+def two_inputs(a: torch.Tensor, params: dict) -> dict:
+    h = torch.tanh(a @ params["w"].T + params["b"])
+    return {"h": h, "norm": (h**2).sum(-1, keepdim=True)}
+
+
+def with_none(a: torch.Tensor, params: dict) -> dict:
+    return {**two_inputs(a, params), "skip": None}  # jacrev refuses None outputs; raijac drops them
+
+
+def _two_input_point():
+    a = torch.randn(3, 4, generator=G, dtype=torch.float64)
+    params = {"w": torch.randn(6, 4, generator=G, dtype=torch.float64), "b": torch.randn(6, generator=G, dtype=torch.float64)}
+    return a, params
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd", "loop"])
+def test_two_pytree_inputs_and_a_dict_output(mode, store_path):
+    a, params = _two_input_point()
+    problem = raijac.Problem(with_none, a, params, argnums=(0, 1))
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=4)
+    ref = torch.func.jacrev(two_inputs, argnums=(0, 1))(a, params)
+    tree = jac.tree()
+    assert list(tree) == ["y['h']", "y['norm']"]  # None outputs are dropped, the rest in pytree order
+    assert list(tree["y['h']"]) == ["args[0]", "args[1]['w']", "args[1]['b']"]  # dicts in insertion order, as torch's pytree
+    for out in ("h", "norm"):
+        assert_close(np.asarray(tree[f"y['{out}']"]["args[0]"]), ref[out][0].numpy())
+        for name in ("w", "b"):
+            assert_close(tree[f"y['{out}']"][f"args[1]['{name}']"].numpy(), ref[out][1][name].numpy())
+    assert jac.shape == (3 * 6 + 3, 3 * 4 + 6 + 6 * 4)
+
+
+def per_sample_loss(x: torch.Tensor, labels: torch.Tensor, *, scale: float):
+    logits = x @ W.T * scale
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), logits.detach()
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd", "rev-repeat", "fwd-repeat", "loop"])
+def test_per_sample_data_travels_with_its_samples(mode, store_path):
+    """Labels are per-sample inputs that are not differentiated; tiles cut the samples."""
+    x = torch.randn(7, 4, generator=G, dtype=torch.float64)
+    labels = torch.randint(0, 5, (7,), generator=G)
+    problem = raijac.Problem(per_sample_loss, x, labels, kwargs={"scale": 2.0}, has_aux=True, batched=True)
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=1)
+    assert jac.summary["tiles_total"] > 2
+    ref = torch.func.vmap(torch.func.jacrev(lambda xi, li: per_sample_loss(xi[None], li[None], scale=2.0)[0][0]))(x, labels)
+    assert jac.shape == (7, 1, 4)
+    assert_close(jac.numpy()[:, 0], ref.numpy())
+
+
+@dataclasses.dataclass
+class Output:  # a stand-in for a Hugging Face ModelOutput: a dataclass with optional fields
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(13, 6)
+        self.mix = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Output:
+        h = self.emb(ids) * attention_mask[..., None]
+        h = torch.tanh(self.mix(h))
+        return Output(logits=self.head(h[:, -1]), hidden=h)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("batched", [True, False])
+def test_module_with_keyword_inputs_and_a_dataclass_output(batched, store_path):
+    torch.manual_seed(2)
+    net = TinyLM().double()
+    ids = torch.randint(0, 13, (3, 5), generator=G)
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[1, :2] = 0
+    problem = raijac.Problem.from_module(net, ids, kwargs={"attention_mask": mask}, outputs="logits", batched=batched)
+    jac = raijac.compute(problem, store_path, workers=2, block_size=3)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def logits(p, i, m):
+        return torch.func.functional_call(net, p, (i,), {"attention_mask": m}).logits
+
+    if batched:
+        ref = torch.func.vmap(torch.func.jacrev(lambda p, i, m: logits(p, i[None], m[None])[0]), in_dims=(None, 0, 0))(
+            params, ids, mask
+        )
+    else:
+        ref = torch.func.jacrev(logits)(params, ids, mask)
+    tree = jac.tree()["y"]
+    assert list(tree) == list(params)
+    for name in params:
+        assert_close(tree[name].numpy(), ref[name].numpy())
+    assert np.array_equal(jac.x, ids.numpy())
+
+
+def test_problem_pickles_with_its_structure():
+    from ray import cloudpickle
+
+    a, params = _two_input_point()
+    problem = raijac.Problem(two_inputs, a, params, argnums=(0, 1))
+    copy = cloudpickle.loads(cloudpickle.dumps(problem))
+    assert copy.fingerprint() == problem.fingerprint() and copy.in_leaves == problem.in_leaves
+    assert torch.equal(copy.y, problem.y) and copy.out_leaves == problem.out_leaves
+
+
+def test_structure_changes_the_fingerprint():
+    a, params = _two_input_point()
+    both = raijac.Problem(two_inputs, a, params, argnums=(0, 1))
+    first = raijac.Problem(two_inputs, a, params, argnums=0)
+    assert both.fingerprint() != first.fingerprint() and first.n_in == a.numel()
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: raijac.Problem(two_inputs, *_two_input_point(), argnums=2), r"argnums=2 must name inputs among the 2"),
+        (lambda: raijac.Problem(lambda a: {"h": a}, torch.ones(2), outputs="g"), r"outputs='g' names nothing.*keys \['h'\]"),
+        (lambda: raijac.Problem(lambda a: a, torch.ones(2), has_aux=True), r"has_aux=True needs f to return \(output, aux\)"),
+        (
+            lambda: raijac.Problem(lambda a, b: a * b, torch.ones(4, 2), torch.ones(3), batched=True),
+            r"B=4 samples.*shape \(3,\)",
+        ),
+        (lambda: raijac.Problem(lambda a, b: a, torch.ones(2), [1.0], argnums=(0, 1)), r"args\[1\]\[0\] must be a torch.Tensor"),
+        (
+            lambda: raijac.Problem(lambda a, b: a + b, torch.ones(2), torch.ones(2, dtype=torch.float64), argnums=(0, 1)),
+            "mix dtypes",
+        ),
+        (lambda: raijac.Problem(lambda a: (a, "tag"), torch.ones(2)), r"returned a str at y\[1\].*outputs="),
+    ],
+)
+def test_bad_structures_are_one_clear_error(build, match):
+    with pytest.raises(ProblemError, match=match):
+        _ = build().y
+
+
+SPEC = """
+import torch
+import raijac
+
+
+def f(a, params):
+    return {"h": torch.tanh(a @ params["w"].T), "s": a.sum()}
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, generator=g)
+    params = {"w": torch.randn(5, 4, generator=g)}
+    return raijac.Problem(f, a, params, argnums=(0, 1))
+"""
+
+
+@pytest.mark.slow
+def test_cli_computes_a_pytree_spec(tmp_path):
+    spec = tmp_path / "tree_spec.py"
+    spec.write_text(textwrap.dedent(SPEC))
+    out = tmp_path / "t.zarr"
+    run = subprocess.run(
+        [sys.executable, "-m", "raijac", "compute", f"{spec}:problem", "--out", str(out), "--workers", "2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tree_spec
+    finally:
+        sys.path.remove(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, generator=g)
+    params = {"w": torch.randn(5, 4, generator=g)}
+    ref = torch.func.jacrev(tree_spec.f, argnums=(0, 1))(a, params)
+    tree = raijac.open(str(out)).tree()
+    assert_close(tree["y['h']"]["args[1]['w']"].numpy(), ref["h"][1]["w"].numpy())
+    assert_close(tree["y['s']"]["args[0]"].numpy(), ref["s"][0].numpy())
