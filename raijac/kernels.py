@@ -96,10 +96,6 @@ class Target:
     def n_out(self) -> int:
         return math.prod(self.out_shape)
 
-    @property
-    def n_samples(self) -> int:
-        return int(self.z.shape[0])
-
     def block(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.z[b0:b1], None if self.ctx is None else self.ctx[b0:b1]
 

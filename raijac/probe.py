@@ -243,11 +243,6 @@ class _PeakHeap(TorchDispatchMode):
         return out
 
 
-def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
-    """Peak memory `run()` adds above what was live before it (its result included)."""
-    return max(peak_parts(run, device))
-
-
 def peak_parts(run: Callable[[], object], device: torch.device) -> tuple[int, int]:
     """`(tensor peak, resident-set growth)` of `run()`: the second catches scratch memory
     inside single ops (BLAS packing buffers), but also pages malloc gave back and faults

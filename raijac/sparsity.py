@@ -260,10 +260,3 @@ def _greedy(g, seed: int = 0) -> np.ndarray:
         colours[ready] = mex[ready]
     return colours.astype(np.int32)
 
-
-def check_colouring(pattern: Pattern, colouring: Colouring) -> bool:
-    """Whether no two entries of one row (column colouring) or column (row colouring) share a colour."""
-    line, other = (pattern.rows, pattern.cols) if colouring.axis == "cols" else (pattern.cols, pattern.rows)
-    k = max(colouring.n_colours, 1)
-    key = line * k + colouring.colours[other]
-    return _sorted_unique(key).size == key.size
