@@ -3,7 +3,7 @@
 An MLP with N = H = M (Linear, tanh, Linear) as an nn.Sequential; jacrev and the kernels run
 in this process with the same threads; the end-to-end runs use 2 workers x 1 thread.
 
-    python benchmarks/chain.py [--sizes 4096 8192] [--e2e] [--batched]
+    python benchmarks/chain.py [--sizes 4096 8192] [--e2e] [--batched] [--tmp DIR]
 
 End to end, the MLP runs as an nn.Sequential (chain, then rev), as a custom nn.Module and as a
 plain function (both auto: raijac.peel finds their layers), each as many times as jacrev (best
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
 
+import folders
 import torch
 
 import raijac
@@ -44,18 +46,18 @@ class MLP(torch.nn.Module):
         return self.net[2](torch.tanh(self.net[0](x)))
 
 
-def ensure_ray() -> None:
+def ensure_ray(tmp: str) -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tempfile.mkdtemp() + "/w.zarr", workers=2)
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tmp + "/w.zarr", workers=2)
 
 
-def e2e(make: Callable[[], raijac.Problem], mode: str, repeats: int = 1) -> tuple[list[float], str]:
+def e2e(make: Callable[[], raijac.Problem], mode: str, tmp: str, repeats: int = 1) -> tuple[list[float], str]:
     """Every run's seconds (best of them is comparable with jacrev's best), and the mode that ran.
     Each run gets a fresh Problem, so nothing the driver learnt about the last one is reused."""
-    out = tempfile.mkdtemp() + "/chain.zarr"
+    out = tmp + "/chain.zarr"
     times, chosen = [], ""
     for _ in range(repeats):
         problem = make()
@@ -71,7 +73,17 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--e2e", action="store_true", help="also time raijac.compute end to end on a warm Ray")
     ap.add_argument("--batched", action="store_true", help="also a per-sample MLP (B=64, 256-1024-256), end to end")
+    ap.add_argument("--tmp", default=None, help="existing folder for the Zarr stores (default: the system temp folder)")
     args = ap.parse_args()
+    folders.existing_dir(args.tmp, "--tmp")
+    tmp = tempfile.mkdtemp(prefix="raijac-chain-", dir=args.tmp)
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, tmp: str) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in this process")
     for n in args.sizes:
         torch.manual_seed(0)
@@ -91,7 +103,7 @@ def main() -> None:
             flush=True,
         )
         if args.e2e:
-            ensure_ray()
+            ensure_ray(tmp)
             w1, b1, w2, b2 = net[0].weight, net[0].bias, net[2].weight, net[2].bias
             variants = {
                 "nn.Sequential, chain": (lambda net=net, x=x: raijac.Problem(net, x), "chain"),
@@ -103,7 +115,7 @@ def main() -> None:
                 ),
             }
             for what, (p, mode) in variants.items():
-                times, chosen = e2e(p, mode, repeats)  # as many as jacrev had
+                times, chosen = e2e(p, mode, tmp, repeats)  # as many as jacrev had
                 t = min(times)
                 print(
                     f"MLP-{n}: end to end, {what} ({chosen}): best {t:.2f} s = {t / t_jacrev:.2f}x jacrev "
@@ -113,13 +125,13 @@ def main() -> None:
             t_jacrev = best(lambda net=net, x=x: torch.func.jacrev(net)(x), 1)
             print(f"MLP-{n}: jacrev again after the runs: {t_jacrev:.2f} s", flush=True)
     if args.batched:
-        ensure_ray()
+        ensure_ray(tmp)
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 256)).requires_grad_(False)
         xs = torch.randn(64, 256)
         t_ref = best(lambda: torch.func.vmap(torch.func.jacrev(net))(xs), 3)
         for mode in ("chain", "rev", "auto"):
-            times, chosen = e2e(lambda: raijac.Problem(net, xs, batched=True), mode, repeats=2)
+            times, chosen = e2e(lambda: raijac.Problem(net, xs, batched=True), mode, tmp, repeats=2)
             t = min(times)
             print(
                 f"per-sample MLP B=64 256-1024-256: end to end {mode} ({chosen}) {t:.2f} s = {t / t_ref:.2f}x vmap(jacrev) ({t_ref:.2f} s)",

@@ -4,7 +4,7 @@ with 2 workers, against an unconstrained run of the same problem in the same pro
 Prints each run's seconds, tiles, and the largest growth of a worker's peak RSS above the
 idle worker holding the problem (read by the workers from /proc), as a ratio of the budget.
 
-    python benchmarks/out_of_core.py [--n 16384] [--budget 128MB]
+    python benchmarks/out_of_core.py [--n 16384] [--budget 128MB] [--tmp DIR]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 
+import folders
 import torch
 
 import raijac
@@ -25,7 +26,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--budget", default="128MB")
+    ap.add_argument("--tmp", default=None, help="existing folder for the Zarr stores (default: the system temp folder)")
     args = ap.parse_args()
+    folders.existing_dir(args.tmp, "--tmp")
     import ray
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
@@ -33,7 +36,7 @@ def main() -> None:
     n = args.n
     w = torch.randn(n, n) / n**0.5
     problem = raijac.Problem(lambda x: torch.tanh(x @ w), torch.randn(n))
-    tmp = tempfile.mkdtemp(prefix="raijac-ooc-")
+    tmp = tempfile.mkdtemp(prefix="raijac-ooc-", dir=args.tmp)
     raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), f"{tmp}/warm.zarr", workers=2)  # start the hosts
     results = {}
     for label, budget in (("unconstrained", None), (args.budget, args.budget)):

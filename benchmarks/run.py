@@ -4,14 +4,16 @@
     python benchmarks/run.py                 # the default run: every problem, MLP-8192 included (~15 min on 2 cores)
     python benchmarks/run.py --quick         # small problems, fewer repeats (~3 min)
     python benchmarks/run.py --only mlp-1000 zarr fixed
-    python benchmarks/run.py --out benchmarks --tmp /scratch
+    python benchmarks/run.py --out /tmp/bench --tmp /scratch
+    python benchmarks/run.py --out benchmarks    # replace the committed results, deliberately
 
 One process: machine and versions are recorded, a cold `raijac compute` CLI subprocess is
 timed, then ONE local Ray is started and warmed (its pooled worker hosts started by a tiny
 run), and every problem is timed with the anchors (torch.func, autograd.functional.jacobian,
 the naive row loop, the repeat trick) in this driver and with `raijac.compute` in each mode
 on the warm Ray; every result is checked against the torch.func anchor. Tables go to stdout,
-RESULTS.md, results.json and results.png in --out. See benchmarks/README.md for the columns.
+RESULTS.md, results.json and results.png in --out (default ~/.cache/raijac-bench, outside the
+tree: committing results is a deliberate copy). See benchmarks/README.md for the columns.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import folders  # noqa: E402
 import numpy as np  # noqa: E402
 import problems as P  # noqa: E402
 import torch  # noqa: E402
@@ -964,7 +967,25 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["## Issue 4 targets", "", md_table(["target", "measured", "goal", "status"], targets(report)), ""]
     if report.get("chart"):
         lines += [f"![ratios]({report['chart']})", ""]
+    lines += carried_sections(HERE / "RESULTS.md")
     path.write_text("\n".join(lines))
+
+
+CARRIED = ("## Measurements behind design choices",)  # hand-written sections of the committed RESULTS.md
+
+
+def carried_sections(committed: Path) -> list[str]:
+    """The hand-written sections of the committed RESULTS.md, so a new one keeps them."""
+    if not committed.exists():
+        return []
+    out: list[str] = []
+    keep = False
+    for line in committed.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line.strip() in CARRIED
+        if keep:
+            out.append(line)
+    return [*out, ""] if out else []
 
 
 def write_chart(report: dict[str, Any], path: Path) -> bool:
@@ -1010,8 +1031,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small problems and fewer repeats (~3 min on 2 cores)")
     ap.add_argument("--full", action="store_true", help="the default: every problem, MLP-8192 included")
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=names, help=f"run only these: {', '.join(names)}")
-    ap.add_argument("--out", default=str(HERE), help="folder for RESULTS.md, results.json, results.png (default: benchmarks/)")
-    ap.add_argument("--tmp", default=None, help="folder for the Zarr stores (default: the system temp folder); use local disk")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help=f"folder for RESULTS.md, results.json, results.png (default: {folders.default_out()}; "
+        "--out benchmarks replaces the committed ones)",
+    )
+    ap.add_argument(
+        "--tmp", default=None, help="existing folder for the Zarr stores (default: the system temp folder); use local disk"
+    )
     ap.add_argument(
         "--repeats",
         type=int,
@@ -1023,6 +1051,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick and args.full:
         ap.error("--quick and --full contradict each other")
+    args.tmp = folders.existing_dir(args.tmp, "--tmp")  # checked before --out or a store is created
+    args.out = folders.out_dir(args.out)
     return args
 
 
@@ -1049,8 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = EXTRA
     if args.quick and not args.only:
         log("--quick: the PDE stencil shrinks to N=4096 and MLP-4096/8192 are skipped (--only NAME runs any problem)")
-    out_dir = Path(args.out)
+    out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"results will go to {out_dir}")
     tmp = tempfile.mkdtemp(prefix="raijac-bench-", dir=args.tmp)
     command = "python benchmarks/run.py" + ("" if not sys.argv[1:] else " " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     report: dict[str, Any] = {
@@ -1139,6 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nwrote {out_dir / 'RESULTS.md'}, {out_dir / 'results.json'}"
         + (f", {out_dir / 'results.png'}" if report.get("chart") else "")
     )
+    if out_dir.resolve() != HERE:
+        log(f"to commit them, copy them into {HERE} (or rerun with --out {HERE})")
     log(f"total {report['wall_s'] / 60:.1f} min")
     return 1 if fails else 0
 

@@ -55,6 +55,7 @@ EXAMPLES = HERE.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import folders  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import sparse_pde as S  # noqa: E402
@@ -412,8 +413,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=None, help="bratu size (default 8192, --quick 2048)")
     ap.add_argument("--grid", type=int, default=None, help="reaction-diffusion grid side (default 1000, --quick 200)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold CLI subprocess")
-    ap.add_argument("--tmp", default=None, help="folder for the temporary Zarr stores (default: the system temp)")
+    ap.add_argument("--tmp", default=None, help="existing folder for the temporary Zarr stores (default: the system temp)")
     args = ap.parse_args()
+    folders.existing_dir(args.tmp, "--tmp")
+    folders.file_in_existing_dir(args.json_path, "--json")  # written at the end: checked before the run
     cfg: dict[str, Any] = {
         "n": args.n or (2048 if args.quick else 8192),
         "grid": args.grid or (200 if args.quick else 1000),

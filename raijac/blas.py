@@ -1,16 +1,14 @@
 """blas: the chain modes' big CPU matrix products, on whichever BLAS is faster here (torch's or numpy's).
 
 NOTE: [BLAS] torch's x86 CPU wheels multiply with Intel MKL; numpy's wheels bundle OpenBLAS.
-On this project's AMD EPYC machines OpenBLAS runs a big float32 GEMM ~10% faster: one
-thread, 1024 x 8192 @ 8192 x 8192 takes 1.35 s against MKL's 1.50 s (two such processes
-at once), 1024 x 2048 @ 2048 x 2048 is 1.09-1.12x faster, 128 x 8192 @ 8192 x 8192 1.07x;
-but with 2 to 32 rows OpenBLAS is 1.1-2x slower, so short products stay with MKL. That
-product is most of the chain mode's run time on an MLP. Timing both on a small product at
-start-up proved too noisy to choose by (1024 x 1024 @ 1024 x 512 read 1.01-1.08x), so the
-rule is fixed: OpenBLAS on AMD CPUs (where MKL does not pick its best kernels), MKL
-elsewhere; `RAIJAC_BLAS=torch|numpy` overrides it. numpy gets the same thread count as
-torch (threadpoolctl), so a worker never runs more BLAS threads than its CPU share. Small
-products, other devices and dtypes, and batched operands stay with torch.
+On this project's AMD EPYC machines OpenBLAS runs a big float32 GEMM faster, but short,
+wide products (2 to 32 rows) slower, so short products stay with MKL (the measurements are
+in benchmarks/RESULTS.md, "Measurements behind design choices"). That product is most of
+the chain mode's run time on an MLP. Timing both on a small product at start-up proved too
+noisy to choose by, so the rule is fixed: OpenBLAS on AMD CPUs (where MKL does not pick its
+best kernels), MKL elsewhere; `RAIJAC_BLAS=torch|numpy` overrides it. numpy gets the same
+thread count as torch (threadpoolctl), so a worker never runs more BLAS threads than its CPU
+share. Small products, other devices and dtypes, and batched operands stay with torch.
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ import torch
 
 from raijac.errors import RaijacError
 
-MIN_MACS = 1 << 27  # products smaller than this (~134M multiply-adds, ~1-2 ms) stay with torch
-MIN_ROWS = 128  # and ones with fewer rows: OpenBLAS is slower on short, wide operands (2 x 8192 @ 8192 x 8192: 2x)
+MIN_MACS = 1 << 27  # products smaller than this (134M multiply-adds) stay with torch: too short for a BLAS switch to pay
+MIN_ROWS = 128  # and ones with fewer rows: OpenBLAS is slower on short, wide operands
 _CHOICE: str | None = None  # "torch" | "numpy", decided once per process
 _CONTROLLER = None
 

@@ -5,6 +5,7 @@
     ├── ModeError(ValueError)        an unknown mode, or one that cannot run this problem
     ├── BudgetError(ValueError)      a memory budget too small for one seed
     ├── StoreError(OSError)          --out exists, is not a raijac store, or does not match
+    ├── ReadError(IndexError)        an index outside a stored Jacobian, or a vector of the wrong shape
     └── WorkerError(RuntimeError)    a tile failed on a worker; finished tiles are kept
 
 Messages are one or two sentences: what is wrong, the value seen, and the fix.
@@ -33,6 +34,10 @@ class StoreError(RaijacError, OSError):
     """The output location cannot be used (exists, wrong kind, other problem)."""
 
 
+class ReadError(RaijacError, IndexError):
+    """An index or slice outside a stored Jacobian, or a vector of the wrong shape (raised by raijac.reader)."""
+
+
 class WorkerError(RaijacError, RuntimeError):
     """A tile failed on a worker."""
 
@@ -42,6 +47,7 @@ __all__ = [
     "ModeError",
     "ProblemError",
     "RaijacError",
+    "ReadError",
     "StoreError",
     "WorkerError",
 ]

@@ -87,7 +87,7 @@ def peel_chain(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, ch
         # NOTE: [peel garbage] make_fx's tracer leaves reference cycles that hold the
         # model's tensors; freed now, while they are young (cheap), or the weights would
         # outlive the problem until a full gc pass (a worker's next problem then loads
-        # 1 s slower next to them: see WorkerHost._build).
+        # slower next to them: see WorkerHost._build).
         gc.collect(1)
 
 

@@ -18,11 +18,11 @@ from raijac.errors import BudgetError
 
 CHUNK_BYTES = 8 * 2**20  # target chunk size: large enough for throughput, small for readers
 TILES_PER_WORKER = 4  # tiles per worker when the budget allows bigger ones: keeps every worker busy
-# NOTE: [small runs] Each tile costs the run a fixed ~3-5 ms here (an actor call, a block
-# write, a ledger record). A tile of 1 MiB of Jacobian takes about as long to compute and
-# store, so a small Jacobian gets fewer, bigger tiles: still one per worker at least, so an
-# expensive function with a small Jacobian keeps every worker busy. An 8-output function
-# went from 8 tiles to 2 and from ~75 to ~50 ms on a warm Ray.
+# NOTE: [small runs] Each tile costs the run a fixed few milliseconds (an actor call, a
+# block write, a ledger record). A tile of 1 MiB of Jacobian takes about as long to compute
+# and store, so a small Jacobian gets fewer, bigger tiles: still one per worker at least, so
+# an expensive function with a small Jacobian keeps every worker busy (numbers:
+# benchmarks/RESULTS.md, "Measurements behind design choices").
 MIN_TILE_BYTES = 2**20
 _SIZE_UNITS = {"": 1, "B": 1}
 for _i, _p in enumerate("KMGT", start=1):

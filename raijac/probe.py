@@ -245,11 +245,6 @@ class _PeakHeap(TorchDispatchMode):
         return out
 
 
-def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
-    """Peak memory `run()` adds above what was live before it (its result included)."""
-    return max(peak_parts(run, device))
-
-
 def peak_parts(run: Callable[[], object], device: torch.device) -> tuple[int, int]:
     """`(tensor peak, resident-set growth)` of `run()`: the second catches scratch memory
     inside single ops (BLAS packing buffers), but also pages malloc gave back and faults
@@ -327,8 +322,8 @@ def measure_cost(kernel: Kernel, device: torch.device | str = "cpu") -> Cost:
     k1, k2 = min(2, n_seed), min(n_seed, max(10, min(32, (512 * 2**10) // max(floor, 1))))
     # NOTE: [probe cost] A run keeps a sample's forward pass across its blocks, and so do
     # the probes: the first block (fresh, forward included) gives the forward's memory, the
-    # others cost seeds only. Every probe of an MLP-8192 streams its 512 MiB of weights
-    # (~50 ms here even for 2 seeds), so six runs, not one per measurement plus warm-ups.
+    # others cost seeds only. Every probe of an MLP-8192 streams its 512 MiB of weights,
+    # even for 2 seeds, so six runs, not one per measurement plus warm-ups.
     kernel.clear()
     # Tensor memory only: a first call's resident-set growth is mostly library code paged in.
     fresh = peak_parts(lambda: kernel(0, 1, 0, k1), device)[0]

@@ -14,14 +14,10 @@ from typing import Any, Literal
 import numpy as np
 
 from raijac import store
-from raijac.errors import RaijacError, StoreError
+from raijac.errors import ReadError, StoreError  # ReadError: also raijac.reader.ReadError, as before
 
 Index = int | slice | Sequence[int] | np.ndarray | None
 BLOCK_BYTES = 64 << 20  # what one streamed block may hold: a few of them fit any laptop
-
-
-class ReadError(RaijacError, IndexError):
-    """An index or slice outside the stored Jacobian, or a vector of the wrong shape."""
 
 
 class Jacobian:

@@ -11,7 +11,7 @@ NOTE: [colouring] Up to three heuristics run and the fewest colours win:
 - greedy in natural order: each column takes the smallest colour none of its conflicting
   columns has, in index order; grid stencils get near-optimal counts (7 for the 5-point
   stencil, whose optimum is 5) because neighbouring indices are neighbouring points. A
-  plain loop, so it runs up to a few 10^7 conflict-graph entries (~1 s per 10^7).
+  plain Python loop, so it runs up to `MAX_SEQUENTIAL_ENTRIES` conflict-graph entries.
 - greedy largest-first: by decreasing degree, ties in a seeded random order, computed as
   Jones-Plassmann rounds in numpy (a vertex takes its smallest free colour once every
   higher-priority neighbour has one: exactly the sequential greedy colouring in that
@@ -39,7 +39,7 @@ Axis = Literal["rows", "cols"]
 # Above this many conflict-graph entries an axis is not coloured greedily (the graph would
 # not fit comfortably); such an axis needs nearly as many colours as it has entries anyway.
 MAX_GRAPH_ENTRIES = 200_000_000
-MAX_SEQUENTIAL_ENTRIES = 30_000_000  # the natural-order greedy loop: ~3 s at this size
+MAX_SEQUENTIAL_ENTRIES = 30_000_000  # the natural-order greedy loop: a few seconds at most
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,11 +294,3 @@ def _greedy(g, seed: int = 0) -> np.ndarray:
             mex[ks[starts]] = first
         colours[ready] = mex[ready]
     return colours.astype(np.int32)
-
-
-def check_colouring(pattern: Pattern, colouring: Colouring) -> bool:
-    """Whether no two entries of one row (column colouring) or column (row colouring) share a colour."""
-    line, other = (pattern.rows, pattern.cols) if colouring.axis == "cols" else (pattern.cols, pattern.rows)
-    k = max(colouring.n_colours, 1)
-    key = line * k + colouring.colours[other]
-    return _sorted_unique(key).size == key.size

@@ -59,9 +59,9 @@ def compressor_codec(name: str | None, level: int | None = None):
 def choose_compressor(sample: np.ndarray) -> tuple[str, str]:
     """`auto`: zstd when a sample block compresses well, else none; returns (name, why).
 
-    Measured here (2 cores): dense float32 blocks compress only ~1.08x with zstd-1, which
-    halves zarr's write throughput (~780 -> ~360 MiB/s); banded or sparse blocks compress
-    100-2000x, where compression saves far more than it costs.
+    Dense float32 blocks barely compress with zstd-1, yet it halves zarr's write throughput;
+    banded or sparse blocks compress 100x and more, where compression saves far more than it
+    costs (numbers: benchmarks/RESULTS.md, "Measurements behind design choices").
     """
     from numcodecs import Zstd
 
@@ -279,8 +279,8 @@ class Ledger:
 
     The driver is the ledger's only writer during a run, so a record rewrites the touched
     chunks whole from the copy: no chunk is read back or decoded, and the array is opened
-    once. Measured here, a partial write (open, read, decode, modify, encode, write) took
-    ~3.3 ms and a whole-chunk write of the open array ~1.0 ms; a small run records every tile.
+    once: a partial write (open, read, decode, modify, encode, write) costs several times a
+    whole-chunk write of the open array, and a small run records every tile.
     """
 
     def __init__(self, group: zarr.Group) -> None:
@@ -312,8 +312,8 @@ def block_array(group: zarr.Group, name: str) -> zarr.Array:
 
     NOTE: [empty chunks] By default zarr first compares each chunk with the fill value (NaN)
     to skip storing "empty" ones. Every block a worker writes is computed, so that scan is
-    pure cost: measured here, 8 MiB uncompressed chunks went from ~1250 to ~3400 MiB/s
-    without it (an all-NaN block is then stored too; it reads back the same either way).
+    pure cost, and a large one for uncompressed chunks (an all-NaN block is then stored too;
+    it reads back the same either way).
     """
     with zarr.config.set({"array.write_empty_chunks": True}):  # read when the array is opened
         return group[name]

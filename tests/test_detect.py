@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import raijac.detect as detect
+import raijac.detect_deps as detect_deps
 from raijac.detect import detect_pattern
 from raijac.errors import ProblemError
 
@@ -390,7 +390,7 @@ def test_swallowed_refusal_still_raises():
 
 
 def test_too_dense_refused(monkeypatch):
-    monkeypatch.setattr(detect, "MAX_NNZ", 50)
+    monkeypatch.setattr(detect_deps, "MAX_NNZ", 50)  # read where the guard checks it
     with pytest.raises(ProblemError, match="too dense"):
         detect_pattern(lambda u: u - u.mean(), _rand(20))
 
