@@ -78,6 +78,10 @@ class Problem:
         outputs: a key or index (or a list of them) choosing what of f's output to
             differentiate (`outputs="logits"`).
         kwargs: keyword arguments for f, not differentiated.
+        loss: differentiate `loss(output, *targets)` instead of f's output: with
+            `batched=True` sample by sample, so `loss=F.cross_entropy` and the labels as
+            `targets` give per-sample losses (their parameter Jacobian: per-sample gradients).
+        targets: a tensor or a tuple of them for `loss` (per-sample when batched).
         batched: every input tensor holds independent samples along its leading dimension
             and f maps them sample by sample; the result is the per-sample Jacobians
             `(B, M, N)`. Inputs not differentiated (labels, masks) travel with their samples.
@@ -103,6 +107,8 @@ class Problem:
         has_aux: bool = False,
         outputs: trees.Select = None,
         kwargs: dict[str, object] | None = None,
+        loss: Callable[..., torch.Tensor] | None = None,
+        targets: object = None,
         batched: bool = False,
         batch_aware: bool = False,
         sparsity: object = None,
@@ -114,16 +120,14 @@ class Problem:
         nums = _argnums(argnums, len(args))
         self.ctx: tuple[torch.Tensor, ...] | None = None
         self.in_leaves: tuple[trees.Leaf, ...] = ()
-        if (
-            len(args) == 1
-            and nums == (0,)
-            and isinstance(args[0], torch.Tensor)
-            and not (has_aux or outputs is not None or kwargs)
-        ):
+        plain = not (has_aux or outputs is not None or kwargs or loss is not None or targets is not None)
+        if len(args) == 1 and nums == (0,) and isinstance(args[0], torch.Tensor) and plain:
             x = args[0]
             _check_input(x, "x")
         else:
-            flat = trees.Flat(f, args, nums, kwargs=kwargs, has_aux=has_aux, outputs=outputs, batched=batched)
+            flat = trees.Flat(
+                f, args, nums, kwargs=kwargs, has_aux=has_aux, outputs=outputs, batched=batched, loss=loss, targets=targets
+            )
             x = flat.flat_input()
             _check_input(x, "the differentiated input" if len(flat.x_leaves) == 1 else "the differentiated inputs")
             if len(flat.x_leaves) > 1 or flat.x_leaves[0].name != "args[0]":
@@ -181,6 +185,8 @@ class Problem:
         *args: object,
         kwargs: dict[str, object] | None = None,
         outputs: trees.Select = None,
+        loss: Callable[..., torch.Tensor] | None = None,
+        targets: object = None,
         wrt: Wrt = "params",
         argnums: int | tuple[int, ...] = 0,
         batched: bool = False,
@@ -193,13 +199,26 @@ class Problem:
         attention masks: each travels with its samples). With `wrt="input"`, `argnums`
         picks the inputs to differentiate. `outputs` picks what of the module's output to
         differentiate (`outputs="logits"` for a Hugging Face model's `ModelOutput`).
+        `loss` and `targets` differentiate a loss of that output instead; with
+        `wrt="params", batched=True` that is per-sample gradients:
+        `from_module(net, x, loss=F.cross_entropy, targets=labels, batched=True)`.
         """
         if not isinstance(module, torch.nn.Module):
             raise ProblemError(
                 f"from_module needs a torch.nn.Module, but got {type(module).__name__}; use Problem(f, x) for plain functions."
             )
         if wrt == "input":
-            problem = cls(module, *args, argnums=argnums, outputs=outputs, kwargs=kwargs, batched=batched, batch_aware=batched)
+            problem = cls(
+                module,
+                *args,
+                argnums=argnums,
+                outputs=outputs,
+                kwargs=kwargs,
+                loss=loss,
+                targets=targets,
+                batched=batched,
+                batch_aware=batched,
+            )
             problem.kind = "module"
             return problem
         if wrt != "params":
@@ -215,7 +234,9 @@ class Problem:
                 raise ProblemError(f"parameter {name} has dtype {p.dtype}; raijac differentiates floating-point parameters only.")
             infos.append(ParamInfo(name, tuple(p.shape), offset))
             offset += p.numel()
-        caller = trees.Flat(module, args, (), kwargs=kwargs, outputs=outputs, batched=batched, of_params=True)
+        caller = trees.Flat(
+            module, args, (), kwargs=kwargs, outputs=outputs, batched=batched, of_params=True, loss=loss, targets=targets
+        )
         ctx = caller.context()
         if not ctx:
             raise ProblemError("from_module needs the module's inputs: from_module(module, x, ...) with at least one tensor.")

@@ -138,11 +138,17 @@ class Flat(torch.nn.Module):
         outputs: Select = None,
         batched: bool = False,
         of_params: bool = False,
+        loss: Callable[..., torch.Tensor] | None = None,
+        targets: Any = None,
     ) -> None:
         super().__init__()
         self.fn = fn  # an nn.Module is registered as a submodule here
         self.has_aux, self.outputs, self.batched, self.of_params = has_aux, outputs, batched, of_params
-        leaves, names, self.spec = flatten((tuple(args), dict(kwargs or {})), "")
+        self.loss = loss
+        targets = () if targets is None else targets if isinstance(targets, tuple) else (targets,)
+        if loss is None and targets:
+            raise ProblemError("targets are inputs of a loss: pass loss=... with them, or pass them to f as inputs.")
+        leaves, names, self.spec = flatten((tuple(args), dict(kwargs or {}), targets), "")
         self.names = [_arg_name(n) for n in names]
         self.roles: list[str] = []  # per leaf: "x" (differentiated), "ctx" (per-sample), "const", "value"
         self.values: list[Any] = []  # non-tensor leaves, kept as they are
@@ -236,7 +242,7 @@ class Flat(torch.nn.Module):
                 leaves.append(next(consts))
             else:
                 leaves.append(value)
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        args, kwargs, targets = pytree.tree_unflatten(leaves, self.spec)
         if params is not None:
             out = torch.func.functional_call(self.fn, params, tuple(args), kwargs)
         else:
@@ -248,7 +254,20 @@ class Flat(torch.nn.Module):
                     "return a pair or pass has_aux=False."
                 )
             out = out[0]
-        return select(out, self.outputs)
+        out = select(out, self.outputs)
+        return out if self.loss is None else self._loss(out, targets)
+
+    def _loss(self, out: Any, targets: tuple) -> torch.Tensor:
+        """`loss(out, *targets)`; for batched problems sample by sample (vmapped), so a loss
+        that averages over its batch (cross_entropy's default) gives each sample's own loss."""
+        if not self.batched:
+            return self.loss(out, *targets)
+
+        def one(o: Any, t: tuple) -> torch.Tensor:
+            value = self.loss(*pytree.tree_map(_unsqueeze, (o, *t)))
+            return value.squeeze(0) if value.ndim and value.shape[0] == 1 else value
+
+        return torch.func.vmap(one)(out, targets)
 
 
 def split(x: torch.Tensor, leaves: tuple[Leaf, ...], lead: torch.Size | tuple[int, ...]) -> list[torch.Tensor]:
@@ -261,6 +280,10 @@ def concat(tensors: Sequence[torch.Tensor], lead: torch.Size | tuple[int, ...]) 
     """Tensors `(*lead, *shape_i)` as one `(*lead, sum size_i)`."""
     flat = [t.reshape(*lead, -1) for t in tensors]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
+
+
+def _unsqueeze(leaf: Any) -> Any:
+    return leaf.unsqueeze(0) if isinstance(leaf, torch.Tensor) else leaf
 
 
 def _per_sample_shape(leaf: Any, name: str, batched: bool) -> tuple[int, ...]:
@@ -285,7 +308,5 @@ def _arg_index(name: str) -> int | None:
 
 
 def _arg_name(name: str) -> str:
-    """`[0][1]['w']` -> `args[1]['w']`; `[1]['mask']` -> `kwargs['mask']`."""
-    if name.startswith("[0]"):
-        return "args" + name[3:]
-    return "kwargs" + name[3:]
+    """`[0][1]['w']` -> `args[1]['w']`; `[1]['mask']` -> `kwargs['mask']`; `[2][0]` -> `targets[0]`."""
+    return {"[0]": "args", "[1]": "kwargs", "[2]": "targets"}[name[:3]] + name[3:]

@@ -200,3 +200,35 @@ def test_cli_computes_a_pytree_spec(tmp_path):
     tree = raijac.open(str(out)).tree()
     assert_close(tree["y['h']"]["args[1]['w']"].numpy(), ref["h"][1]["w"].numpy())
     assert_close(tree["y['s']"]["args[0]"].numpy(), ref["s"][0].numpy())
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["auto", "rev", "loop"])
+def test_per_sample_gradients_of_a_loss_with_labels(mode, store_path):
+    """from_module(loss=..., targets=labels, batched=True): each sample's gradient of its own
+    loss (cross_entropy's default mean reduction applied to that sample alone), as vmap(grad)."""
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5)
+    ).double()
+    x = torch.randn(9, 1, 6, 6, generator=G, dtype=torch.float64)
+    labels = torch.randint(0, 5, (9,), generator=G)
+    problem = raijac.Problem.from_module(
+        net, x, loss=torch.nn.functional.cross_entropy, targets=labels, wrt="params", batched=True
+    )
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=1)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(net, p, (xi[None],)), yi[None])
+
+    ref = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    tree = jac.tree()["y"]
+    for name in params:
+        assert_close(tree[name].numpy(), ref[name].numpy())  # (B, *parameter shape): one scalar loss per sample
+    assert jac.shape == (9, 1, sum(p.numel() for p in params.values()))
+
+
+def test_targets_need_a_loss():
+    with pytest.raises(ProblemError, match="targets are inputs of a loss"):
+        raijac.Problem(lambda a: a, torch.ones(2), targets=torch.ones(2))
