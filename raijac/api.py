@@ -25,6 +25,7 @@ from raijac.problem import Problem, load_problem, may_chain
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose
+from raijac.verify import portable_spec, spec_digest
 from raijac.worker import TORCH_DTYPES
 
 STORE_DTYPES = ("float16", "float32", "float64")
@@ -434,7 +435,8 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec:
         "x_shape": list(problem.x.shape),
         "dtype": the_plan.dtype,
         "compute_dtype": str(problem.dtype).replace("torch.", ""),
-        "spec": problem.spec,
+        "spec": portable_spec(problem.spec),
+        "spec_sha256": spec_digest(problem.spec) if problem.spec else None,
         "fingerprint": fingerprint,
         "seed_axis": the_plan.seed_axis,
         "n_tiles": the_plan.n_tiles,

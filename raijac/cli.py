@@ -123,7 +123,7 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
     if check:
         from raijac.verify import verify
 
-        report = verify(out)
+        report = verify(out, spec=spec)  # the spec this command was given: the store's own name is never run
         s = {**s, "verify": report.to_dict()}
     if as_json:
         click.echo(json.dumps(s))
@@ -263,6 +263,15 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
 
 @cli.command()
 @click.argument("path")
+@click.option(
+    "--spec",
+    default=None,
+    metavar="FILE:NAME",
+    help="The spec to rebuild f from; a spec file must be the one the store was computed from (sha256), wherever it is now.",
+)
+@click.option(
+    "--trust-spec", is_flag=True, help="Run the spec the store names instead (it runs that file's code; printed first)."
+)
 @click.option("--probes", type=click.IntRange(min=1), default=8, show_default=True, metavar="K", help="Random probes.")
 @click.option(
     "--rtol",
@@ -274,11 +283,26 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seeds the probes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_errors
-def verify(path: str, probes: int, rtol: float | None, seed: int, as_json: bool) -> None:
-    """Check the stored J against fresh JVPs (J v) and VJPs (u^T J) at random probes; exit 1 past --rtol."""
+def verify(path: str, spec: str | None, trust_spec: bool, probes: int, rtol: float | None, seed: int, as_json: bool) -> None:
+    """Check the stored J against fresh JVPs (J v) and VJPs (u^T J) at random probes; exit 1 past --rtol.
+
+    f is rebuilt from --spec; a store never runs code on its own (--trust-spec runs the spec it names).
+    """
+    from raijac.reader import Jacobian
+    from raijac.verify import checked_spec, stored_spec
     from raijac.verify import verify as check
 
-    report = check(path, probes=probes, rtol=rtol, seed=seed)
+    if spec is not None and trust_spec:
+        from raijac.errors import RaijacError
+
+        raise RaijacError("--spec and --trust-spec contradict each other; pass --spec FILE:NAME, or --trust-spec alone.")
+    if trust_spec:
+        meta = Jacobian(path, allow_partial=True).meta  # "not a raijac store" before anything else
+        spec = checked_spec(path, meta, None, trust_spec=True)  # refusals before anything runs
+        digest = stored_spec(meta)[1]
+        sha = f" (sha256 {digest[:12]}...)" if digest else ""
+        click.echo(f"--trust-spec: running {spec}{sha}, the spec {path} names", err=True)
+    report = check(path, probes=probes, rtol=rtol, seed=seed, spec=spec)
     click.echo(json.dumps(report.to_dict()) if as_json else str(report))
     if not report.ok:
         sys.exit(1)

@@ -249,7 +249,7 @@ def test_compute_hessian_says_so_and_verify_checks_symmetry(ray_session, tmp_pat
     assert "kind      Hessian of a scalar f" in shown.stdout, explain(shown)
     info = inspect_json(out)
     assert info["kind"] == "hessian" and info["hessian"] is True
-    checked = invoke("verify", out)
+    checked = invoke("verify", out, "--spec", spec)
     assert checked.exit_code == 0 and "symmetry" in checked.stdout, explain(checked)
 
 
