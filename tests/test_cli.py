@@ -528,16 +528,48 @@ def test_resume_and_overwrite_together(plain_run, existing):
     assert tree_digest(existing) == before
 
 
-@pytest.mark.parametrize("change", ["other-problem", "other-dtype"])
-def test_resume_refuses_a_different_fingerprint(ray_session, existing, tmp_path, plain_run, change):
-    if change == "other-problem":
-        args = [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)]
-    else:
-        args = [plain_run.spec, "--dtype", "float64"]
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ("other-point", ["(--resume) refused", "another point x", "--overwrite"]),
+        ("other-dtype", ["(--resume) refused", "storage dtype (dtype= / --dtype) (stored float32, this run float64)"]),
+        ("other-mode", ["(--resume) refused", "mode (mode= / --mode) (stored auto, this run fwd)"]),
+        ("old-store", ["(--resume) refused", "fingerprint"]),
+    ],
+)
+def test_resume_refusal_names_what_differs(ray_session, existing, tmp_path, plain_run, change, needles):
+    args = {
+        "other-point": [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)],
+        "other-dtype": [plain_run.spec, "--dtype", "float64"],
+        "other-mode": [plain_run.spec, "--mode", "fwd"],
+        "old-store": [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)],
+    }[change]
+    if change == "old-store":  # written before the fingerprint's parts were stored: only the whole is compared
+        group = zarr.open_group(str(existing), mode="r+")
+        group.attrs["raijac"] = {k: v for k, v in group.attrs["raijac"].items() if k != "fingerprint_parts"}
     before = tree_digest(existing)
     result = invoke("compute", *args, "--out", existing, "--workers", 2, "--resume")
-    assert_one_line_error(result, "--resume refused", "fingerprint")
+    line = assert_one_line_error(result, *needles)
+    assert line.count("another") == 1, line  # only what differs is named
     assert tree_digest(existing) == before
+
+
+def test_resume_takes_the_stored_mode_and_dtype(ray_session, plain_run, tmp_path):
+    """Ctrl-C says "rerun with --resume": that alone must do, whatever --mode and --dtype the run had."""
+    out = tmp_path / "fwd64.zarr"
+    first = compute(plain_run.spec, out, "--mode", "fwd", "--dtype", "float64", "--block-size", 3)
+    group = zarr.open_group(str(out), mode="r+")
+    seeds = group.attrs["raijac"]["layout"]["tile_seeds"]
+    group["jacobian"][:, :seeds] = np.nan  # tile 0's columns, lost as if interrupted
+    group["tiles"][0] = 0
+    group.attrs["raijac"] = {**group.attrs["raijac"], "complete": False}
+
+    s = compute(plain_run.spec, out, "--resume")
+    assert (s["mode"], s["requested_mode"], s["dtype"]) == ("fwd", "fwd", "float64")
+    assert s["tiles_computed"] == 1 and s["tiles_skipped"] == first["tiles_total"] - 1
+    got = stored(out)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, reference(plain_run.spec), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("kind", ["folder", "file", "zarr-group", "missing"])
