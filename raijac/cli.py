@@ -163,8 +163,7 @@ def plan(spec: str, **options: Any) -> None:
 @click.option("--sample", type=int, default=None, metavar="I", help="Which sample of a batched store to draw (default 0).")
 @_errors
 def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -> None:
-    """Show a store's metadata, completion, shapes, size, compression, timings and versions."""
-    from raijac.plan import format_size
+    """Show what a store holds: completion, shapes, sparsity, parameters, size, timings and versions."""
     from raijac.reader import Jacobian
 
     jac = Jacobian(path, allow_partial=True)
@@ -177,49 +176,7 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
         from raijac.plot import plot_jacobian
 
         drawn = plot_jacobian(jac, plot_to, sample=sample)
-    stored = _stored_bytes(jac)
-    raw = jac.array.nbytes
-    lead = [jac.shape[0]] if jac.batched else []
-    runs = jac.meta.get("runs") or []
-    info = {
-        "path": path,
-        "complete": jac.complete,
-        "tiles_done": jac.tiles_done,
-        "tiles_total": jac.n_tiles,
-        "shape": list(jac.shape),
-        "unflattened_shape": lead + list(jac.output_shape) + list(jac.input_shape),
-        "dtype": str(jac.dtype),
-        "chunks": list(jac.array.chunks),
-        "bytes": raw,
-        "bytes_stored": stored,
-        "compression_ratio": round(raw / stored, 3) if stored else None,
-        **{
-            k: jac.meta.get(k)
-            for k in (
-                "kind",
-                "hessian",
-                "mode",
-                "requested_mode",
-                "mode_reason",
-                "batched",
-                "wrt",
-                "input_shape",
-                "output_shape",
-                "compute_dtype",
-                "compressor",
-                "spec",
-                "fingerprint",
-                "created",
-                "finished",
-                "seconds",
-                "versions",
-            )
-        },
-        "sparse": jac.meta.get("sparse"),
-        "runs": len(runs),
-        "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
-        "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),
-    }
+    info = {**jac.info(), "path": path}
     if drawn is not None:
         info["plot"] = {
             "path": plot_to,
@@ -227,38 +184,73 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
             "block": list(drawn.factor),
             "density": drawn.density,
         }
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    state = "complete" if jac.complete else "INCOMPLETE"
-    click.echo(f"{path}: {state}, {jac.tiles_done}/{jac.n_tiles} tiles")
-    click.echo(f"  jacobian  {tuple(jac.shape)} {jac.dtype}, chunks {tuple(jac.array.chunks)}")
+    click.echo(json.dumps(info) if as_json else _describe(info))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """`raijac inspect`'s text: `Jacobian.info()` as aligned lines."""
+    from raijac.plan import format_size
+    from raijac.plot import percent
+
+    lines = []
+    total = info["tiles_total"]
+    state = "complete" if info["complete"] else "INCOMPLETE"
+    lines.append(f"{info['path']}: {state}, {info['tiles_done']}/{total} {'tile' if total == 1 else 'tiles'}")
+    if info["tiles_pending"]:
+        spans = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in info["pending"][:8])
+        more = ", ..." if len(info["pending"]) > 8 else ""
+        lines.append(f"  pending   {_plural(info['tiles_pending'], 'tile')} ({spans}{more}); finish with --resume")
+    shape, dtype = tuple(info["shape"]), info["dtype"]
+    sp = info["sparse"]
+    if sp:
+        axis = "columns" if sp["axis"] == "cols" else "rows"
+        dense = "; dense jacobian stored too" if sp["dense_stored"] else ""
+        lines.append(f"  jacobian  sparse {shape} {dtype}, stored as its non-zeros (values, CSR pattern)")
+        lines.append(
+            f"  sparse    {sp['nnz']} non-zeros per sample; {sp['colours']} colours of {axis} ({sp['colouring']}); "
+            f"pattern density {percent(sp['density'])}{dense}"
+        )
+    else:
+        lines.append(f"  jacobian  {shape} {dtype}, chunks {tuple(info['chunks'])}")
     per = " per sample" if info["batched"] else ""
-    click.echo(
+    lines.append(
         f"  shapes    output {tuple(info['output_shape'])} x input {tuple(info['input_shape'])}{per} "
         f"(w.r.t. {info['wrt']}); unflattened {tuple(info['unflattened_shape'])}"
     )
+    if info["params"]:
+        shown = ", ".join(f"{p['name']} {tuple(p['shape'])}" for p in info["params"][:6])
+        more = f", ... ({len(info['params'])} in all)" if len(info["params"]) > 6 else ""
+        lines.append(f"  params    {_plural(len(info['params']), 'tensor')}, columns in this order: {shown}{more}")
     if info["hessian"]:
         of = "a loss w.r.t. the module's parameters" if info["kind"] == "hessian-params" else "a scalar f"
-        click.echo(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
-    click.echo(f"  mode      {info['mode']} ({info['mode_reason']})")
-    if info["sparse"]:
-        sp = info["sparse"]
-        axis = "columns" if sp["axis"] == "cols" else "rows"
-        dense = "; dense jacobian stored too" if sp.get("dense") else ""
-        click.echo(f"  sparse    {sp['nnz']} non-zeros per sample; {sp['colours']} colours of {axis} ({sp['colouring']}){dense}")
-    ratio = f"{raw / stored:.2f}x" if stored else "n/a"
-    click.echo(f"  size      {format_size(raw)} raw, {format_size(stored)} on disk (compression {ratio})")
-    click.echo(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
+        lines.append(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
+    lines.append(f"  mode      {info['mode']} ({info['mode_reason']})")
+    raw, stored = format_size(info["bytes"]), format_size(info["bytes_stored"])
+    what = " (non-zeros, pattern, colours, compressed product)" if sp else ""
+    if info["complete"]:
+        ratio = f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "n/a"
+        size = f"{raw} raw{what}, {stored} on disk (compression {ratio})"
+    else:
+        size = f"{raw} raw{what} when complete; {stored} on disk so far ({info['tiles_done']}/{total} written)"
+    if sp:
+        size += f"; a dense J would take {format_size(info['dense_bytes'])}"
+    lines.append(f"  size      {size}")
+    lines.append(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
     if info["seconds"] is not None:
-        click.echo(
-            f"  time      {info['seconds']} s over {info['runs']} run(s): {info['compute_seconds']} s computing, "
+        lines.append(
+            f"  time      {info['seconds']} s over {_plural(info['runs'], 'run')}: {info['compute_seconds']} s computing, "
             f"{info['write_seconds']} s writing (summed over workers)"
         )
     versions = info["versions"] or {}
-    click.echo("  versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    if drawn is not None:
-        click.echo(f"  plot      {plot_to} ({drawn.absmax.shape[0]} x {drawn.absmax.shape[1]} pixels)")
+    lines.append("  versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if "plot" in info:
+        p, q = info["plot"]["pixels"]
+        lines.append(f"  plot      {info['plot']['path']} ({p} x {q} pixels)")
+    return "\n".join(lines)
 
 
 @cli.command()
@@ -306,15 +298,6 @@ def verify(path: str, spec: str | None, trust_spec: bool, probes: int, rtol: flo
     click.echo(json.dumps(report.to_dict()) if as_json else str(report))
     if not report.ok:
         sys.exit(1)
-
-
-def _stored_bytes(jac: Any) -> int:
-    from raijac.store import stored_bytes
-
-    if jac.sparse:
-        names = ("values", "rows", "cols", "row_ptr", "colours", "compressed", "jacobian")
-        return sum(stored_bytes(jac.path, name) for name in names if name in jac.group)
-    return stored_bytes(jac.path)
 
 
 def main() -> None:
