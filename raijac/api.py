@@ -6,22 +6,24 @@ output location, fingerprint), so bad input never touches an existing store.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
 from raijac import blas, store
-from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
+from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import CHAIN_MODES, REPEAT_MODES, Kernel, check_mode, make_target, seed_axis
-from raijac.plan import Plan, WorkerCost, make_plan, parse_budgets
+from raijac.plan import Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes
 from raijac.problem import Problem, load_problem, may_chain, spec_key
 from raijac.reader import Jacobian
@@ -132,15 +134,20 @@ def plan(
     else:
         chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    n = torch.cuda.device_count() if device.type == "cuda" else (workers or default_workers(os.cpu_count() or 1))
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+    else:
+        n = workers or (len(budgets) if budgets and len(budgets) > 1 else default_workers(os.cpu_count() or 1))
+    if budgets and len(budgets) not in (1, n):  # as compute refuses it (executor.boot)
+        raise BudgetError(
+            f"memory_budget (--memory-budget) lists {len(budgets)} budgets for {n} workers; give one, or one per worker."
+        )
     cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
     other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
     per_seed = seed_bytes(cost.per_seed, other, np.dtype(store_dtype).itemsize)
-    if budgets is not None and len(budgets) > 1:
-        n = len(budgets)
     per_worker = budgets * n if budgets and len(budgets) == 1 else budgets or [default_budget(device, n)] * n
     costs = [WorkerCost(f"{device.type}{i}", device.type, b, cost.base, per_seed) for i, b in enumerate(per_worker)]
-    return _plan_for(
+    the_plan = _plan_for(
         problem,
         chosen,
         reason,
@@ -150,6 +157,27 @@ def plan(
         block_size=block_size,
         triage=_triage_rows(reports),
         **_sparse_plan_args(problem, colouring),
+    )
+    too_big = _budget_beyond_memory(budgets, device)
+    return dataclasses.replace(the_plan, notes=(*the_plan.notes, too_big)) if too_big else the_plan
+
+
+def _budget_beyond_memory(budgets: list[int] | None, device: torch.device) -> str | None:
+    """A warning when a budget exceeds this machine's memory (RAM, or the GPU's): blocks sized
+    for it would not fit, and the run would swap or be killed."""
+    if not budgets:
+        return None
+    if device.type == "cuda":
+        total, where = torch.cuda.get_device_properties(device).total_memory, "GPU's"
+    else:
+        import psutil
+
+        total, where = psutil.virtual_memory().total, "machine's"
+    if max(budgets) <= total:
+        return None
+    return (
+        f"memory budget {format_size(max(budgets))} is more than this {where} {format_size(total)} of memory; "
+        "blocks sized for it will not fit: give each worker a share of what is free (or leave the default)."
     )
 
 
@@ -209,6 +237,10 @@ def compute(
         mode = prior.get("requested_mode", mode) if mode == "auto" else mode
         dtype = prior.get("dtype") if dtype is None else dtype
     store_dtype = _store_dtype(problem, dtype)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster's nodes are not this machine
+        too_big = _budget_beyond_memory(budgets, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if too_big:
+            warnings.warn(too_big, UserWarning, stacklevel=2)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
     pattern = problem.pattern  # traced or checked now: a bad pattern fails before any work

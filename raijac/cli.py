@@ -7,10 +7,12 @@ Ray, Zarr) happen inside the commands so `raijac --help` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -44,6 +46,15 @@ def _errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(wrapper)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings as `warning: ...` lines on stderr, like errors, not Python's file:line form."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
+        yield
 
 
 def _common(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,7 +128,8 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
     """Compute the Jacobian SPEC names (path/to/file.py:NAME or package.module:NAME) into --out."""
     from raijac.api import compute as run
 
-    result = run(spec, out, progress=False if no_progress else None, **options)
+    with _warnings_as_lines():
+        result = run(spec, out, progress=False if no_progress else None, **options)
     s = result.summary
     report = None
     if check:

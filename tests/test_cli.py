@@ -620,6 +620,42 @@ def test_plan_bad_input(plain_run, tmp_path, monkeypatch, options, needles):
     assert_one_line_error(result, *needles)
 
 
+@pytest.mark.parametrize("which", ["plain", "mlp"])
+def test_plans_advised_budget_is_one_compute_accepts(plain_run, tmp_path, monkeypatch, which):
+    """`plan` measures in a warm process, compute on fresh workers: the advice must cover both."""
+    spec = plain_run.spec if which == "plain" else f"{REPO / 'examples' / 'mlp.py'}:problem"
+    monkeypatch.chdir(tmp_path)
+    refused = invoke("plan", spec, "--workers", 2, "--memory-budget", "1KB")
+    line = assert_one_line_error(refused, "too small", "at least")
+    advised = line.rsplit("at least ", 1)[1].rstrip(".")
+    out = tmp_path / "o.zarr"
+    compute(spec, out, "--memory-budget", advised, "--no-progress")
+    assert_matches(out, spec)
+
+
+def test_budget_beyond_this_machine_warns(plain_run, tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    huge = f"{psutil.virtual_memory().total * 2 // 10**9}GB"
+    planned = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", huge)
+    assert planned.exit_code == 0, explain(planned)
+    assert "more than this machine's" in planned.stdout and "note" in planned.stdout
+    result = invoke("compute", plain_run.spec, "--out", tmp_path / "o.zarr", "--workers", 2, "--memory-budget", huge, "--json")
+    assert result.exit_code == 0, explain(result)
+    assert result.stderr.startswith("warning: memory budget") and "more than this machine's" in result.stderr
+    assert_matches(tmp_path / "o.zarr", plain_run.spec)
+    fits = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", "64MB")
+    assert fits.exit_code == 0 and "more than this machine's" not in fits.stdout + fits.stderr
+
+
+def test_plan_refuses_a_budget_list_that_does_not_match_workers(plain_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", "1MB,2MB,3MB")
+    assert_one_line_error(result, "lists 3 budgets for 2 workers", "one per worker")
+
+
 def test_plan_missing_spec(tmp_path):
     result = invoke("plan", f"{tmp_path / 'gone.py'}:problem")
     assert_one_line_error(result, "does not exist", "gone.py")
