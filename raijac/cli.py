@@ -146,8 +146,8 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
         noun = "Hessian" if result.meta.get("hessian") else "Jacobian"
         click.echo(
             f"wrote {shape} {s['dtype']} {what}{noun} to {out} in {s['seconds']:.2f} s "
-            f"(mode {s['mode']}; {s['tiles_computed']} tiles computed, {s['tiles_skipped']} skipped, "
-            f"{s['workers']} workers)"
+            f"(mode {s['mode']}; {_plural(s['tiles_computed'], 'tile')} computed, {s['tiles_skipped']} skipped, "
+            f"{_plural(s['workers'], 'worker')})"
         )
         if report is not None:
             click.echo(f"verify: {report.verdict()}")

@@ -357,6 +357,14 @@ def test_overwrite_without_json_prints_one_summary_line(plain_run, existing):
     assert_matches(existing, plain_run.spec)
 
 
+def test_one_tile_one_worker_reads_in_the_singular(plain_run, tmp_path):
+    result = invoke("compute", plain_run.spec, "--out", tmp_path / "o.zarr", "--workers", 1, "--no-progress")
+    assert result.exit_code == 0, explain(result)
+    assert "(mode rev; 1 tile computed, 0 skipped, 1 worker)" in result.stdout
+    shown = invoke("inspect", tmp_path / "o.zarr").stdout
+    assert "complete, 1/1 tile\n" in shown and "over 1 run:" in shown
+
+
 # ---------------------------------------------------------------------- bad input
 # Each case: spec body (None: PLAIN), the spec's NAME, extra options, words the error must contain.
 # They all run with --overwrite against a copy of a finished store, which must survive untouched:
