@@ -212,7 +212,9 @@ def compute(
         address: a Ray cluster to join; default `RAY_ADDRESS`, else an embedded local Ray.
             A Ray the caller already initialised is used as is and left running.
         dtype: storage dtype (float16/32/64); default: the output's dtype.
-        resume: finish an interrupted run, computing only tiles not recorded as done.
+        resume: finish an interrupted run, computing only tiles not recorded as done; `mode`
+            left at `auto` and `dtype` at None take the stored ones, and a store computed
+            with other options or inputs is refused naming what differs.
         overwrite: replace an existing raijac store at `out`.
         progress: show a progress bar (default: when stderr is a terminal).
         compressor: `auto` (zstd when a sample block compresses 1.5x or better, else none),
