@@ -6,10 +6,14 @@ output location, fingerprint), so bad input never touches an existing store.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,16 +21,17 @@ import torch
 
 from raijac import blas, modes, store
 from raijac.chain import may_chain
-from raijac.errors import ModeError, ProblemError, RaijacError, StoreError
+from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
 from raijac.kernels import Kernel, make_target
 from raijac.modes import check_mode, seed_axis
-from raijac.planner import Plan, WorkerCost, make_plan, parse_budgets
+from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
-from raijac.problem import Problem, load_problem
+from raijac.problem import Problem, load_problem, spec_key
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose, resolve_pattern
+from raijac.verify import portable_spec, spec_digest
 from raijac.worker import TORCH_DTYPES
 
 STORE_DTYPES = ("float16", "float32", "float64")
@@ -43,7 +48,7 @@ def _problem(problem_or_spec: Problem | str) -> Problem:
 def _store_dtype(problem: Problem, dtype: str | torch.dtype | None) -> str:
     name = str(problem.dtype if dtype is None else dtype).replace("torch.", "")
     if name not in STORE_DTYPES:
-        raise ProblemError(f"cannot store the Jacobian as {name}; choose --dtype from {', '.join(STORE_DTYPES)}.")
+        raise ProblemError(f"cannot store the Jacobian as {name}; choose dtype= (--dtype) from {', '.join(STORE_DTYPES)}.")
     return name
 
 
@@ -55,7 +60,7 @@ def _sparse_plan_args(problem: Problem, colouring: Colouring | None) -> dict[str
 
 def _check_block_size(block_size: int | None) -> None:
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise RaijacError(f"--block-size must be a positive number of seeds, but got {block_size!r}.")
+        raise RaijacError(f"block_size (--block-size) must be a positive number of seeds, but got {block_size!r}.")
 
 
 def _may_chain(problem: Problem, mode: str) -> bool:
@@ -127,15 +132,20 @@ def plan(
     else:
         chosen, reason, reports = resolve_mode(problem, mode, try_all=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    n = torch.cuda.device_count() if device.type == "cuda" else (workers or default_workers(os.cpu_count() or 1))
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+    else:
+        n = workers or (len(budgets) if budgets and len(budgets) > 1 else default_workers(os.cpu_count() or 1))
+    if budgets and len(budgets) not in (1, n):  # as compute refuses it (executor.boot)
+        raise BudgetError(
+            f"memory_budget (--memory-budget) lists {len(budgets)} budgets for {n} workers; give one, or one per worker."
+        )
     cost = measure_cost(Kernel(make_target(problem, device), chosen), device)
     other = problem.n_in if seed_axis(chosen) == "rows" else problem.n_out
     per_seed = seed_bytes(cost.per_seed, other, np.dtype(store_dtype).itemsize)
-    if budgets is not None and len(budgets) > 1:
-        n = len(budgets)
     per_worker = budgets * n if budgets and len(budgets) == 1 else budgets or [default_budget(device, n)] * n
     costs = [WorkerCost(f"{device.type}{i}", device.type, b, cost.base, per_seed) for i, b in enumerate(per_worker)]
-    return _plan_for(
+    the_plan = _plan_for(
         problem,
         chosen,
         reason,
@@ -145,6 +155,27 @@ def plan(
         block_size=block_size,
         triage=_triage_rows(reports),
         **_sparse_plan_args(problem, colouring),
+    )
+    too_big = _budget_beyond_memory(budgets, device)
+    return dataclasses.replace(the_plan, notes=(*the_plan.notes, too_big)) if too_big else the_plan
+
+
+def _budget_beyond_memory(budgets: list[int] | None, device: torch.device) -> str | None:
+    """A warning when a budget exceeds this machine's memory (RAM, or the GPU's): blocks sized
+    for it would not fit, and the run would swap or be killed."""
+    if not budgets:
+        return None
+    if device.type == "cuda":
+        total, where = torch.cuda.get_device_properties(device).total_memory, "GPU's"
+    else:
+        import psutil
+
+        total, where = psutil.virtual_memory().total, "machine's"
+    if max(budgets) <= total:
+        return None
+    return (
+        f"memory budget {format_size(max(budgets))} is more than this {where} {format_size(total)} of memory; "
+        "blocks sized for it will not fit: give each worker a share of what is free (or leave the default)."
     )
 
 
@@ -179,7 +210,9 @@ def compute(
         address: a Ray cluster to join; default `RAY_ADDRESS`, else an embedded local Ray.
             A Ray the caller already initialised is used as is and left running.
         dtype: storage dtype (float16/32/64); default: the output's dtype.
-        resume: finish an interrupted run, computing only tiles not recorded as done.
+        resume: finish an interrupted run, computing only tiles not recorded as done; `mode`
+            left at `auto` and `dtype` at None take the stored ones, and a store computed
+            with other options or inputs is refused naming what differs.
         overwrite: replace an existing raijac store at `out`.
         progress: show a progress bar (default: when stderr is a terminal).
         compressor: `auto` (zstd when a sample block compresses 1.5x or better, else none),
@@ -199,7 +232,15 @@ def compute(
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     store.compressor_codec("zstd" if compressor == "auto" else compressor, compression_level)  # bad names/levels fail now
+    prior = store.read_meta(out) if resume else None
+    if prior is not None:  # a resumed run keeps the options it was started with unless told otherwise
+        mode = prior.get("requested_mode", mode) if mode == "auto" else mode
+        dtype = prior.get("dtype") if dtype is None else dtype
     store_dtype = _store_dtype(problem, dtype)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster's nodes are not this machine
+        too_big = _budget_beyond_memory(budgets, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if too_big:
+            warnings.warn(too_big, UserWarning, stacklevel=2)
     fp_args = {"mode": mode, "dtype": store_dtype}
     fingerprint = problem.fingerprint(**fp_args)  # evaluates f(x) and validates it
     pattern = resolve_pattern(problem)  # traced or checked now: a bad pattern fails before any work
@@ -208,7 +249,7 @@ def compute(
     existing = store.check_out(out, resume=resume, overwrite=overwrite)
     colouring: Colouring | None = None
     if existing is not None:
-        _check_resumable(existing, out, fingerprint, problem)
+        _check_resumable(existing, out, fingerprint, fingerprint_parts(problem, **fp_args), problem)
         if pattern is not None:
             colouring = _stored_colouring(existing, out, pattern.digest())
     if progress is None:
@@ -263,7 +304,8 @@ def compute(
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
             codec_name, codec_reason = codec["choice"]
-            group = _create(out, problem, the_plan, fingerprint, (codec_name, codec_reason, compression_level), started)
+            ids = {"fingerprint": fingerprint, "fingerprint_parts": fingerprint_parts(problem, **fp_args)}
+            group = _create(out, problem, the_plan, ids, (codec_name, codec_reason, compression_level), started)
             if colouring is not None:
                 _create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
         ledger = store.Ledger(group)
@@ -328,17 +370,18 @@ def _stored_colouring(meta: dict, out: str, digest: str) -> Colouring:
     sparse = meta.get("sparse")
     if not sparse and "compressed" in store.open_group(out):
         raise StoreError(
-            f"--resume refused: {out} was interrupted while it was being created, before any tile ran; "
-            "use --overwrite to start it again."
+            f"resume=True (--resume) refused: {out} was interrupted while it was being created, before any tile ran; "
+            "use overwrite=True (--overwrite) to start it again."
         )
     if not sparse:
         raise StoreError(
-            f"--resume refused: {out} holds a dense Jacobian but this problem is sparse; use --overwrite or a new --out."
+            f"resume=True (--resume) refused: {out} holds a dense Jacobian but this problem is sparse; use "
+            "overwrite=True (--overwrite) or a new out."
         )
     if sparse.get("pattern") != digest:
         raise StoreError(
-            f"--resume refused: the sparsity pattern differs from the one {out} was computed with; use the same pattern, "
-            "or --overwrite / a new --out."
+            f"resume=True (--resume) refused: the sparsity pattern differs from the one {out} was computed with; use "
+            "the same pattern, or overwrite=True (--overwrite) / a new out."
         )
     colours = store.open_group(out)["colours"][...]
     return Colouring(sparse["axis"], colours, int(sparse["colours"]), sparse["colouring"])
@@ -393,22 +436,85 @@ def _decompress(group, out: str, the_plan: Plan) -> None:
     store.update_meta(group, sparse={**sparse, "decompressed": True})
 
 
-def _check_resumable(meta: dict, out: str, fingerprint: str, problem: Problem) -> None:
+def fingerprint_parts(problem: Problem, *, mode: str, dtype: str) -> dict[str, str | None]:
+    """What the fingerprint covers, piece by piece, so a refused resume can name what differs."""
+
+    def digest(*items: Any) -> str:
+        h = hashlib.sha256()
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                h.update(item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(json.dumps(item, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    x = problem.x
+    params = problem.params
+    shapes = {
+        "kind": problem.kind,
+        "batched": problem.batched,
+        "batch_aware": problem.batch_aware,
+        "wrt": problem.wrt,
+        "input_shape": list(problem.input_shape),
+        "output_shape": list(problem.output_shape),
+        "dtype": str(problem.dtype),
+        "sparse": getattr(problem, "sparsity", None) is not None,
+    }
+    return {
+        "mode": mode,
+        "dtype": dtype,
+        "spec": spec_key(problem.spec),
+        "x": digest([list(x.shape), str(x.dtype)], x),
+        "parameters": None if params is None else digest([[i.name, list(i.shape)] for i in problem.param_info], params),
+        "shapes": digest(shapes),
+    }
+
+
+# What each part is called in a refusal: the option (Python argument and CLI flag) or input.
+_PART_NAMES = {
+    "mode": "mode (mode= / --mode)",
+    "dtype": "storage dtype (dtype= / --dtype)",
+    "spec": "spec",
+    "x": "point x",
+    "parameters": "parameters",
+    "shapes": "shapes or problem kind (batched, wrt, input/output shapes, output dtype, sparsity)",
+}
+
+
+def _differences(stored: dict, now: dict) -> list[str]:
+    out = []
+    for key, name in _PART_NAMES.items():
+        a, b = stored.get(key), now.get(key)
+        if a != b:
+            shown = f" (stored {a}, this run {b})" if key in ("mode", "dtype", "spec") else ""
+            out.append(name + shown)
+    return out
+
+
+def _check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, problem: Problem) -> None:
     if meta.get("fingerprint") != fingerprint:
-        raise StoreError(
-            f"--resume refused: {out} was computed for another problem or options (fingerprint {meta.get('fingerprint')} "
-            f"!= {fingerprint}); use the same spec, mode and dtype, or --overwrite / a new --out."
+        stored = meta.get("fingerprint_parts")
+        differs = _differences(stored, parts) if isinstance(stored, dict) else []
+        if differs:
+            raise StoreError(
+                f"resume=True (--resume) refused: {out} was computed with another {'; another '.join(differs)}; "
+                "resume with the same ones, or use overwrite=True (--overwrite) / a new out."
+            )
+        raise StoreError(  # a store from before the parts were recorded: only the whole fingerprint is known
+            f"resume=True (--resume) refused: {out} was computed for another problem or options (fingerprint "
+            f"{meta.get('fingerprint')} != {fingerprint}); use the same spec, x, parameters, mode and dtype, or "
+            "overwrite=True (--overwrite) / a new out."
         )
     stored_y = store.open_group(out)["y"][...]
     y = problem.y.detach().cpu().numpy()
     if stored_y.shape != y.shape or not np.allclose(stored_y, y, rtol=1e-5, atol=1e-6, equal_nan=True):
         raise StoreError(
-            f"--resume refused: f(x) differs from the y stored in {out}, so f changed since the run started; "
-            "use --overwrite or a new --out."
+            f"resume=True (--resume) refused: f(x) differs from the y stored in {out}, so f changed since the run "
+            "started; use overwrite=True (--overwrite) or a new out."
         )
 
 
-def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec: tuple, started: float):
+def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, started: float):
     compressor, codec_reason, level = codec
     arrays = {
         "x": (problem.x.detach().cpu().numpy(), problem.batched),
@@ -432,8 +538,9 @@ def _create(out: str, problem: Problem, the_plan: Plan, fingerprint: str, codec:
         "x_shape": list(problem.x.shape),
         "dtype": the_plan.dtype,
         "compute_dtype": str(problem.dtype).replace("torch.", ""),
-        "spec": problem.spec,
-        "fingerprint": fingerprint,
+        "spec": portable_spec(problem.spec),
+        "spec_sha256": spec_digest(problem.spec) if problem.spec else None,
+        **ids,  # the fingerprint and its parts
         "seed_axis": the_plan.seed_axis,
         "n_tiles": the_plan.n_tiles,
         "layout": {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds},

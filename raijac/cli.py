@@ -7,10 +7,12 @@ Ray, Zarr) happen inside the commands so `raijac --help` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -45,6 +47,15 @@ def _errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")(wrapper)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings as `warning: ...` lines on stderr, like errors, not Python's file:line form."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
+        yield
 
 
 def _common(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,13 +129,14 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
     """Compute the Jacobian SPEC names (path/to/file.py:NAME or package.module:NAME) into --out."""
     from raijac.api import compute as run
 
-    result = run(spec, out, progress=False if no_progress else None, **options)
+    with _warnings_as_lines():
+        result = run(spec, out, progress=False if no_progress else None, **options)
     s = result.summary
     report = None
     if check:
         from raijac.verify import verify
 
-        report = verify(out)
+        report = verify(out, spec=spec)  # the spec this command was given: the store's own name is never run
         s = {**s, "verify": report.to_dict()}
     if as_json:
         click.echo(json.dumps(s))
@@ -135,8 +147,8 @@ def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, 
         noun = "Hessian" if result.meta.get("hessian") else "Jacobian"
         click.echo(
             f"wrote {shape} {s['dtype']} {what}{noun} to {out} in {s['seconds']:.2f} s "
-            f"(mode {s['mode']}; {s['tiles_computed']} tiles computed, {s['tiles_skipped']} skipped, "
-            f"{s['workers']} workers)"
+            f"(mode {s['mode']}; {_plural(s['tiles_computed'], 'tile')} computed, {s['tiles_skipped']} skipped, "
+            f"{_plural(s['workers'], 'worker')})"
         )
         if report is not None:
             click.echo(f"verify: {report.verdict()}")
@@ -164,8 +176,7 @@ def plan(spec: str, **options: Any) -> None:
 @click.option("--sample", type=int, default=None, metavar="I", help="Which sample of a batched store to draw (default 0).")
 @_errors
 def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -> None:
-    """Show a store's metadata, completion, shapes, size, compression, timings and versions."""
-    from raijac.planner import format_size
+    """Show what a store holds: completion, shapes, sparsity, parameters, size, timings and versions."""
     from raijac.reader import Jacobian
 
     jac = Jacobian(path, allow_partial=True)
@@ -178,49 +189,7 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
         from raijac.plot import plot_jacobian
 
         drawn = plot_jacobian(jac, plot_to, sample=sample)
-    stored = _stored_bytes(jac)
-    raw = jac.array.nbytes
-    lead = [jac.shape[0]] if jac.batched else []
-    runs = jac.meta.get("runs") or []
-    info = {
-        "path": path,
-        "complete": jac.complete,
-        "tiles_done": jac.tiles_done,
-        "tiles_total": jac.n_tiles,
-        "shape": list(jac.shape),
-        "unflattened_shape": lead + list(jac.output_shape) + list(jac.input_shape),
-        "dtype": str(jac.dtype),
-        "chunks": list(jac.array.chunks),
-        "bytes": raw,
-        "bytes_stored": stored,
-        "compression_ratio": round(raw / stored, 3) if stored else None,
-        **{
-            k: jac.meta.get(k)
-            for k in (
-                "kind",
-                "hessian",
-                "mode",
-                "requested_mode",
-                "mode_reason",
-                "batched",
-                "wrt",
-                "input_shape",
-                "output_shape",
-                "compute_dtype",
-                "compressor",
-                "spec",
-                "fingerprint",
-                "created",
-                "finished",
-                "seconds",
-                "versions",
-            )
-        },
-        "sparse": jac.meta.get("sparse"),
-        "runs": len(runs),
-        "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
-        "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),
-    }
+    info = {**jac.info(), "path": path}
     if drawn is not None:
         info["plot"] = {
             "path": plot_to,
@@ -228,42 +197,86 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
             "block": list(drawn.factor),
             "density": drawn.density,
         }
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    state = "complete" if jac.complete else "INCOMPLETE"
-    click.echo(f"{path}: {state}, {jac.tiles_done}/{jac.n_tiles} tiles")
-    click.echo(f"  jacobian  {tuple(jac.shape)} {jac.dtype}, chunks {tuple(jac.array.chunks)}")
+    click.echo(json.dumps(info) if as_json else _describe(info))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """`raijac inspect`'s text: `Jacobian.info()` as aligned lines."""
+    from raijac.planner import format_size
+    from raijac.plot import percent
+
+    lines = []
+    total = info["tiles_total"]
+    state = "complete" if info["complete"] else "INCOMPLETE"
+    lines.append(f"{info['path']}: {state}, {info['tiles_done']}/{total} {'tile' if total == 1 else 'tiles'}")
+    if info["tiles_pending"]:
+        spans = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in info["pending"][:8])
+        more = ", ..." if len(info["pending"]) > 8 else ""
+        lines.append(f"  pending   {_plural(info['tiles_pending'], 'tile')} ({spans}{more}); finish with --resume")
+    shape, dtype = tuple(info["shape"]), info["dtype"]
+    sp = info["sparse"]
+    if sp:
+        axis = "columns" if sp["axis"] == "cols" else "rows"
+        dense = "; dense jacobian stored too" if sp["dense_stored"] else ""
+        lines.append(f"  jacobian  sparse {shape} {dtype}, stored as its non-zeros (values, CSR pattern)")
+        lines.append(
+            f"  sparse    {sp['nnz']} non-zeros per sample; {sp['colours']} colours of {axis} ({sp['colouring']}); "
+            f"pattern density {percent(sp['density'])}{dense}"
+        )
+    else:
+        lines.append(f"  jacobian  {shape} {dtype}, chunks {tuple(info['chunks'])}")
     per = " per sample" if info["batched"] else ""
-    click.echo(
+    lines.append(
         f"  shapes    output {tuple(info['output_shape'])} x input {tuple(info['input_shape'])}{per} "
         f"(w.r.t. {info['wrt']}); unflattened {tuple(info['unflattened_shape'])}"
     )
+    if info["params"]:
+        shown = ", ".join(f"{p['name']} {tuple(p['shape'])}" for p in info["params"][:6])
+        more = f", ... ({len(info['params'])} in all)" if len(info["params"]) > 6 else ""
+        lines.append(f"  params    {_plural(len(info['params']), 'tensor')}, columns in this order: {shown}{more}")
     if info["hessian"]:
         of = "a loss w.r.t. the module's parameters" if info["kind"] == "hessian-params" else "a scalar f"
-        click.echo(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
-    click.echo(f"  mode      {info['mode']} ({info['mode_reason']})")
-    if info["sparse"]:
-        sp = info["sparse"]
-        axis = "columns" if sp["axis"] == "cols" else "rows"
-        dense = "; dense jacobian stored too" if sp.get("dense") else ""
-        click.echo(f"  sparse    {sp['nnz']} non-zeros per sample; {sp['colours']} colours of {axis} ({sp['colouring']}){dense}")
-    ratio = f"{raw / stored:.2f}x" if stored else "n/a"
-    click.echo(f"  size      {format_size(raw)} raw, {format_size(stored)} on disk (compression {ratio})")
-    click.echo(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
+        lines.append(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
+    lines.append(f"  mode      {info['mode']} ({info['mode_reason']})")
+    raw, stored = format_size(info["bytes"]), format_size(info["bytes_stored"])
+    what = " (non-zeros, pattern, colours, compressed product)" if sp else ""
+    if info["complete"]:
+        ratio = f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "n/a"
+        size = f"{raw} raw{what}, {stored} on disk (compression {ratio})"
+    else:
+        size = f"{raw} raw{what} when complete; {stored} on disk so far ({info['tiles_done']}/{total} written)"
+    if sp:
+        size += f"; a dense J would take {format_size(info['dense_bytes'])}"
+    lines.append(f"  size      {size}")
+    lines.append(f"  spec      {info['spec'] or '(none: computed from a Python Problem)'}")
     if info["seconds"] is not None:
-        click.echo(
-            f"  time      {info['seconds']} s over {info['runs']} run(s): {info['compute_seconds']} s computing, "
+        lines.append(
+            f"  time      {info['seconds']} s over {_plural(info['runs'], 'run')}: {info['compute_seconds']} s computing, "
             f"{info['write_seconds']} s writing (summed over workers)"
         )
     versions = info["versions"] or {}
-    click.echo("  versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    if drawn is not None:
-        click.echo(f"  plot      {plot_to} ({drawn.absmax.shape[0]} x {drawn.absmax.shape[1]} pixels)")
+    lines.append("  versions  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if "plot" in info:
+        p, q = info["plot"]["pixels"]
+        lines.append(f"  plot      {info['plot']['path']} ({p} x {q} pixels)")
+    return "\n".join(lines)
 
 
 @cli.command()
 @click.argument("path")
+@click.option(
+    "--spec",
+    default=None,
+    metavar="FILE:NAME",
+    help="The spec to rebuild f from; a spec file must be the one the store was computed from (sha256), wherever it is now.",
+)
+@click.option(
+    "--trust-spec", is_flag=True, help="Run the spec the store names instead (it runs that file's code; printed first)."
+)
 @click.option("--probes", type=click.IntRange(min=1), default=8, show_default=True, metavar="K", help="Random probes.")
 @click.option(
     "--rtol",
@@ -275,23 +288,29 @@ def inspect(path: str, as_json: bool, plot_to: str | None, sample: int | None) -
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seeds the probes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_errors
-def verify(path: str, probes: int, rtol: float | None, seed: int, as_json: bool) -> None:
-    """Check the stored J against fresh JVPs (J v) and VJPs (u^T J) at random probes; exit 1 past --rtol."""
+def verify(path: str, spec: str | None, trust_spec: bool, probes: int, rtol: float | None, seed: int, as_json: bool) -> None:
+    """Check the stored J against fresh JVPs (J v) and VJPs (u^T J) at random probes; exit 1 past --rtol.
+
+    f is rebuilt from --spec; a store never runs code on its own (--trust-spec runs the spec it names).
+    """
+    from raijac.reader import Jacobian
+    from raijac.verify import checked_spec, stored_spec
     from raijac.verify import verify as check
 
-    report = check(path, probes=probes, rtol=rtol, seed=seed)
+    if spec is not None and trust_spec:
+        from raijac.errors import RaijacError
+
+        raise RaijacError("--spec and --trust-spec contradict each other; pass --spec FILE:NAME, or --trust-spec alone.")
+    if trust_spec:
+        meta = Jacobian(path, allow_partial=True).meta  # "not a raijac store" before anything else
+        spec = checked_spec(path, meta, None, trust_spec=True)  # refusals before anything runs
+        digest = stored_spec(meta)[1]
+        sha = f" (sha256 {digest[:12]}...)" if digest else ""
+        click.echo(f"--trust-spec: running {spec}{sha}, the spec {path} names", err=True)
+    report = check(path, probes=probes, rtol=rtol, seed=seed, spec=spec)
     click.echo(json.dumps(report.to_dict()) if as_json else str(report))
     if not report.ok:
         sys.exit(1)
-
-
-def _stored_bytes(jac: Any) -> int:
-    from raijac.store import stored_bytes
-
-    if jac.sparse:
-        names = ("values", "rows", "cols", "row_ptr", "colours", "compressed", "jacobian")
-        return sum(stored_bytes(jac.path, name) for name in names if name in jac.group)
-    return stored_bytes(jac.path)
 
 
 def main() -> None:

@@ -18,6 +18,14 @@ from raijac.errors import RaijacError
 from raijac.reader import Jacobian
 
 MAX_PIXELS = 512  # per side: a readable figure, and small block-max arrays
+LOG_BELOW = 0.05  # a J with fewer nonzero entries than this: the pattern panel goes to a log scale
+
+
+def percent(fraction: float) -> str:
+    """A share with two significant digits however small (a tridiagonal 10^6 x 10^6 J is 3e-4 % non-zero)."""
+    if fraction == 0 or fraction >= 0.01:
+        return f"{fraction:.1%}"
+    return f"{fraction * 100:.2g}%"
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,34 @@ def plot_jacobian(jac: Jacobian, out: str, *, sample: int | None = None, max_pix
     fig.colorbar(image, ax=left, extend="min", label="|J| (white: exactly 0)")
     per = "" if d.factor == (1, 1) else f", max over {d.factor[0]} x {d.factor[1]} blocks"
     left.set_title(f"|J|, log scale{per}")
-    grey = colormaps["Greys"].with_extremes(bad="magenta")
-    pattern = right.imshow(d.nonzero, vmin=0, vmax=1, cmap=grey, extent=extent, aspect="auto", interpolation="nearest")
-    fig.colorbar(pattern, ax=right, label="fraction of nonzero entries")
-    right.set_title(f"sparsity pattern ({d.density:.1%} of entries nonzero)")
+    grey = colormaps["Greys"].with_extremes(bad="magenta", under="white")
+    fractions = d.nonzero[d.nonzero > 0]
+    if fractions.size and d.density < LOG_BELOW:
+        # A sparse J's pixels hold a few non-zeros among thousands of entries: on a linear
+        # scale from 0 to 1 they are all but white, and the panel looks empty.
+        top = float(fractions.max())
+        low = min(float(fractions.min()), top / 10)
+        norm: Any = LogNorm(vmin=low, vmax=top)  # the densest pixel black, empty ones white
+        shade = np.where(d.nonzero > 0, d.nonzero, low / 2)
+        shade[np.isnan(d.nonzero)] = np.nan
+        scale = ", log scale"
+    else:
+        norm, shade, scale = None, d.nonzero, ""
+    pattern = right.imshow(
+        shade,
+        norm=norm,
+        **({} if norm else {"vmin": 0, "vmax": 1}),
+        cmap=grey,
+        extent=extent,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    fig.colorbar(pattern, ax=right, label=f"fraction of nonzero entries{scale}")
+    if jac.sparse:
+        what = f"{jac.nnz} stored non-zeros per sample, {percent(d.density)} of entries"
+    else:
+        what = f"{percent(d.density)} of entries nonzero"
+    right.set_title(f"sparsity pattern ({what})")
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))

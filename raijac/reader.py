@@ -117,13 +117,98 @@ class Jacobian:
 
     @property
     def params(self) -> dict[str, np.ndarray] | None:
-        """Parameter values by name, for parameter Jacobians."""
-        if self.meta.get("wrt") != "params":
+        """Parameter values by name, for parameter Jacobians and parameter Hessians (else None)."""
+        infos = self.meta.get("params") or []
+        if not infos:
             return None
-        flat = self.group["params"][...]
-        return {
-            p["name"]: flat[p["offset"] : p["offset"] + math.prod(p["shape"])].reshape(p["shape"]) for p in self.meta["params"]
+        if "params" in self.group:
+            flat = self.group["params"][...]
+        elif self.meta.get("kind") == "hessian-params":  # its point x is the flat parameter vector
+            flat = self.group["x"][...].reshape(-1)
+        else:
+            return None
+        return {p["name"]: flat[p["offset"] : p["offset"] + math.prod(p["shape"])].reshape(p["shape"]) for p in infos}
+
+    def info(self) -> dict[str, Any]:
+        """What the store holds, as plain JSON-ready values (`raijac inspect` prints this).
+
+        Every store: kind, shapes, completion (`tiles_pending` and the `pending` tile ranges),
+        the arrays that hold J with their raw and stored bytes (`compression_ratio` only once
+        complete: unwritten chunks take no space). Sparse stores: non-zeros, colours and the
+        pattern's density. Parameter Jacobians and Hessians: the parameters' names, shapes
+        and offsets (`wrt` is "params" for both).
+        """
+        meta = self.meta
+        m, n = self.shape[-2:]
+        lead = [self.shape[0]] if self.batched else []
+        names = ("values", "rows", "cols", "row_ptr", "colours", "compressed", "jacobian") if self.sparse else ("jacobian",)
+        arrays = {}
+        for name in names:
+            if name in self.group:
+                a = self.group[name]
+                arrays[name] = {
+                    "shape": list(a.shape),
+                    "chunks": list(a.chunks),
+                    "dtype": str(a.dtype),
+                    "bytes": int(a.nbytes),
+                    "bytes_stored": store.stored_bytes(self.path, name),
+                }
+        raw = sum(a["bytes"] for a in arrays.values())
+        stored = sum(a["bytes_stored"] for a in arrays.values())
+        tiled = arrays.get("compressed" if self.sparse else "jacobian") or {}
+        ledger = self.group["tiles"][:] if "tiles" in self.group else np.zeros(0, np.uint8)
+        runs = meta.get("runs") or []
+        kind = meta.get("kind")
+        info: dict[str, Any] = {
+            "path": self.path,
+            "kind": kind,
+            "hessian": bool(meta.get("hessian")),
+            "storage": "sparse" if self.sparse else "dense",
+            "complete": self.complete,
+            "tiles_done": self.tiles_done,
+            "tiles_total": self.n_tiles,
+            "tiles_pending": self.n_tiles - self.tiles_done,
+            "pending": _spans(np.flatnonzero(ledger == 0)),
+            "shape": list(self.shape),
+            "unflattened_shape": lead + list(self.output_shape) + list(self.input_shape),
+            "dtype": str(self.dtype),
+            "chunks": tiled.get("chunks"),
+            "arrays": arrays,
+            "bytes": raw,
+            "bytes_stored": stored,
+            "compression_ratio": round(raw / stored, 3) if stored and self.complete else None,
+            "dense_bytes": int(math.prod(self.shape) * self.dtype.itemsize),
+            "wrt": "params" if kind == "hessian-params" else meta.get("wrt"),
+            "params": [dict(p) for p in meta.get("params") or []] or None,
+            "sparse": None,
+            **{
+                k: meta.get(k)
+                for k in (
+                    "mode",
+                    "requested_mode",
+                    "mode_reason",
+                    "batched",
+                    "input_shape",
+                    "output_shape",
+                    "compute_dtype",
+                    "compressor",
+                    "spec",
+                    "spec_sha256",
+                    "fingerprint",
+                    "created",
+                    "finished",
+                    "seconds",
+                    "versions",
+                )
+            },
+            "runs": len(runs),
+            "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
+            "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),
         }
+        if self.sparse:
+            sp = dict(meta["sparse"])
+            info["sparse"] = {**sp, "density": sp["nnz"] / max(m * n, 1), "dense_stored": bool(sp.get("dense"))}
+        return info
 
     # ------------------------------------------------------------------ data
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -577,6 +662,14 @@ def _read(array: Any, sel: list[Any], kept: list[int | None]) -> np.ndarray:
     out = np.asarray(out).reshape(sizes)
     drop = tuple(i for i, (s, k) in enumerate(zip(sel, kept, strict=True)) if isinstance(s, int) and k is None)
     return out.squeeze(axis=drop) if drop else out
+
+
+def _spans(indices: np.ndarray) -> list[list[int]]:
+    """Sorted indices as `[first, last]` runs: tiles 0-3 and 7 are `[[0, 3], [7, 7]]`."""
+    if not indices.size:
+        return []
+    cuts = np.flatnonzero(np.diff(indices) != 1) + 1
+    return [[int(run[0]), int(run[-1])] for run in np.split(indices, cuts)]
 
 
 def _ranges(n: int, step: int) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """verify: random-probe checks of a stored J against fresh JVPs and VJPs (after store and reader).
 
-`verify(path)` rebuilds the problem from the store's spec, checks its fingerprint and
+`verify(path, spec=...)` rebuilds the problem from a spec the caller names, checks its fingerprint and
 `f(x)` against the stored ones, draws K dense Gaussian probes `v` and `u`, streams `J @ v`
 and `u^T J` out of the store in one pass, block by block (`Jacobian.products`, never J whole)
 and compares them with `torch.func.jvp` / `torch.func.vjp` of the problem at x.
@@ -11,11 +11,19 @@ nonzero (almost surely, and of order one), so each probe sees every entry: a cha
 caught as soon as `|d|` exceeds about `rtol * ||J v|| / |v_j|`, which is `rtol` times the
 Frobenius norm of J (one sample's J for batched inputs). The row of the largest `J v`
 error and the column of the largest `u^T J` error then point at the changed entry.
+
+NOTE: [Stores never run code] A store's metadata names the spec it was computed from, but a
+store may come from anywhere (a shared disk, a download), and importing a spec file runs it.
+So `verify` imports only a spec its caller names (`spec=`, `--spec`), compared by sha256
+with the one recorded at compute time; the stored name is run only with `trust_spec=True`
+(`--trust-spec`), which the CLI announces before it runs anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 
 from raijac.errors import ProblemError, StoreError
-from raijac.problem import Problem, load_problem
+from raijac.problem import Problem, _is_path, load_problem
 from raijac.reader import Jacobian
 
 # Relative error allowed by default, by the coarser of the store's and the computation's dtype.
@@ -118,6 +126,8 @@ def verify(
     rtol: float | None = None,
     seed: int = 0,
     problem: Problem | None = None,
+    spec: str | None = None,
+    trust_spec: bool = False,
 ) -> VerifyReport:
     """Check a stored Jacobian against fresh JVPs and VJPs of its problem at K random probes.
 
@@ -128,8 +138,12 @@ def verify(
             1e-4 for float32, 2e-3 for float16, 1e-9 for float64 (the coarser of the store's
             and the computation's dtype).
         seed: seeds the probes.
-        problem: the problem to check against, for stores computed from a Python `Problem`
-            (they hold no spec); default: rebuilt from the stored spec.
+        problem: the problem to check against (stores computed from a Python `Problem`
+            hold no spec).
+        spec: or the spec `path/to/file.py:NAME` / `package.module:NAME` to rebuild it from;
+            a spec file must have the sha256 the store recorded (it may have moved).
+        trust_spec: or run the spec the store names. Off by default: importing a spec runs
+            its code, and a store may come from anyone (NOTE: [Stores never run code]).
 
     Returns:
         A `VerifyReport`; `report.ok` is the verdict, `print(report)` the table.
@@ -145,13 +159,7 @@ def verify(
         )
     meta = jac.meta
     if problem is None:
-        spec = meta.get("spec")
-        if not spec:
-            raise StoreError(
-                f"{path} has no spec: it was computed from a Python Problem, so the CLI cannot rebuild it; verify it from "
-                "Python with raijac.verify.verify(path, problem=problem)."
-            )
-        problem = load_problem(spec)
+        problem = load_problem(checked_spec(path, meta, spec, trust_spec=trust_spec))
     fingerprint = problem.fingerprint(mode=meta["requested_mode"], dtype=meta["dtype"])
     if fingerprint != meta.get("fingerprint"):
         raise StoreError(
@@ -193,6 +201,61 @@ def verify(
     )
     suspect = None if report.ok else _suspect(jac, stored_jv - fresh_jv, stored_uj - fresh_uj)
     return VerifyReport(**{**asdict(report), "suspect": suspect, "seconds": round(time.perf_counter() - started, 4)})
+
+
+# ---------------------------------------------------------------------- which spec runs
+def spec_digest(spec: str) -> str | None:
+    """sha256 of a spec's file (None for a `package.module:NAME` spec, or a file that is not there)."""
+    target = spec.rpartition(":")[0]
+    if not _is_path(target) or not os.path.isfile(target):
+        return None
+    with open(target, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def portable_spec(spec: str | None) -> str | None:
+    """A spec file's path relative to the working folder, as a store records it: an absolute
+    path breaks when the checkout moves; the sha256 beside it says whether a copy is the same file."""
+    if not spec:
+        return spec
+    target, _, name = spec.rpartition(":")
+    if not _is_path(target):
+        return spec
+    try:
+        return f"{os.path.relpath(target)}:{name}"
+    except ValueError:  # another drive (Windows): no relative path exists
+        return spec
+
+
+def stored_spec(meta: dict) -> tuple[str | None, str | None]:
+    """The spec a store names, as recorded (relative to the folder compute ran in), and its file's sha256."""
+    return meta.get("spec"), meta.get("spec_sha256")
+
+
+def checked_spec(path: str, meta: dict, spec: str | None, *, trust_spec: bool = False) -> str:
+    """The spec verify may run for the store at `path`: the caller's, if its file is the one the
+    store recorded; the stored one only when trusted; else a refusal (NOTE: [Stores never run code])."""
+    named, digest = stored_spec(meta)
+    if spec is None:
+        if not named:
+            raise StoreError(
+                f"{path} has no spec: it was computed from a Python Problem; verify it from Python with "
+                "raijac.verify.verify(path, problem=problem), or pass spec=FILE:NAME (--spec) of a spec that builds it."
+            )
+        if not trust_spec:
+            raise StoreError(
+                f"{path} was computed from {named}; pass spec='FILE:NAME' (--spec FILE:NAME) to re-run f, or "
+                "trust_spec=True (--trust-spec) to run the file the store names; stores never run code on their own."
+            )
+        spec = named
+    given = spec_digest(spec)
+    if digest and given and given != digest:
+        raise StoreError(
+            f"cannot verify {path} with {spec}: that file differs from the one the store was computed from "
+            f"(sha256 {given[:12]}... != {digest[:12]}...); pass the spec file the store was made with, or recompute "
+            "the store with --overwrite."
+        )
+    return spec
 
 
 # ---------------------------------------------------------------------- probes and references

@@ -249,7 +249,7 @@ def test_compute_hessian_says_so_and_verify_checks_symmetry(ray_session, tmp_pat
     assert "kind      Hessian of a scalar f" in shown.stdout, explain(shown)
     info = inspect_json(out)
     assert info["kind"] == "hessian" and info["hessian"] is True
-    checked = invoke("verify", out)
+    checked = invoke("verify", out, "--spec", spec)
     assert checked.exit_code == 0 and "symmetry" in checked.stdout, explain(checked)
 
 
@@ -355,6 +355,14 @@ def test_overwrite_without_json_prints_one_summary_line(plain_run, existing):
     assert line.startswith(f"wrote 7 x 11 float32 Jacobian to {existing} in ")
     assert f"(mode rev; {n} tiles computed, 0 skipped, 2 workers)" in line
     assert_matches(existing, plain_run.spec)
+
+
+def test_one_tile_one_worker_reads_in_the_singular(plain_run, tmp_path):
+    result = invoke("compute", plain_run.spec, "--out", tmp_path / "o.zarr", "--workers", 1, "--no-progress")
+    assert result.exit_code == 0, explain(result)
+    assert "(mode rev; 1 tile computed, 0 skipped, 1 worker)" in result.stdout
+    shown = invoke("inspect", tmp_path / "o.zarr").stdout
+    assert "complete, 1/1 tile\n" in shown and "over 1 run:" in shown
 
 
 # ---------------------------------------------------------------------- bad input
@@ -528,16 +536,48 @@ def test_resume_and_overwrite_together(plain_run, existing):
     assert tree_digest(existing) == before
 
 
-@pytest.mark.parametrize("change", ["other-problem", "other-dtype"])
-def test_resume_refuses_a_different_fingerprint(ray_session, existing, tmp_path, plain_run, change):
-    if change == "other-problem":
-        args = [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)]
-    else:
-        args = [plain_run.spec, "--dtype", "float64"]
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ("other-point", ["(--resume) refused", "another point x", "--overwrite"]),
+        ("other-dtype", ["(--resume) refused", "storage dtype (dtype= / --dtype) (stored float32, this run float64)"]),
+        ("other-mode", ["(--resume) refused", "mode (mode= / --mode) (stored auto, this run fwd)"]),
+        ("old-store", ["(--resume) refused", "fingerprint"]),
+    ],
+)
+def test_resume_refusal_names_what_differs(ray_session, existing, tmp_path, plain_run, change, needles):
+    args = {
+        "other-point": [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)],
+        "other-dtype": [plain_run.spec, "--dtype", "float64"],
+        "other-mode": [plain_run.spec, "--mode", "fwd"],
+        "old-store": [write_spec(tmp_path / "b", PLAIN_OTHER_POINT)],
+    }[change]
+    if change == "old-store":  # written before the fingerprint's parts were stored: only the whole is compared
+        group = zarr.open_group(str(existing), mode="r+")
+        group.attrs["raijac"] = {k: v for k, v in group.attrs["raijac"].items() if k != "fingerprint_parts"}
     before = tree_digest(existing)
     result = invoke("compute", *args, "--out", existing, "--workers", 2, "--resume")
-    assert_one_line_error(result, "--resume refused", "fingerprint")
+    line = assert_one_line_error(result, *needles)
+    assert line.count("another") == 1, line  # only what differs is named
     assert tree_digest(existing) == before
+
+
+def test_resume_takes_the_stored_mode_and_dtype(ray_session, plain_run, tmp_path):
+    """Ctrl-C says "rerun with --resume": that alone must do, whatever --mode and --dtype the run had."""
+    out = tmp_path / "fwd64.zarr"
+    first = compute(plain_run.spec, out, "--mode", "fwd", "--dtype", "float64", "--block-size", 3)
+    group = zarr.open_group(str(out), mode="r+")
+    seeds = group.attrs["raijac"]["layout"]["tile_seeds"]
+    group["jacobian"][:, :seeds] = np.nan  # tile 0's columns, lost as if interrupted
+    group["tiles"][0] = 0
+    group.attrs["raijac"] = {**group.attrs["raijac"], "complete": False}
+
+    s = compute(plain_run.spec, out, "--resume")
+    assert (s["mode"], s["requested_mode"], s["dtype"]) == ("fwd", "fwd", "float64")
+    assert s["tiles_computed"] == 1 and s["tiles_skipped"] == first["tiles_total"] - 1
+    got = stored(out)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, reference(plain_run.spec), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("kind", ["folder", "file", "zarr-group", "missing"])
@@ -586,6 +626,42 @@ def test_plan_bad_input(plain_run, tmp_path, monkeypatch, options, needles):
     monkeypatch.chdir(tmp_path)
     result = invoke("plan", plain_run.spec, "--workers", 2, *options)
     assert_one_line_error(result, *needles)
+
+
+@pytest.mark.parametrize("which", ["plain", "mlp"])
+def test_plans_advised_budget_is_one_compute_accepts(plain_run, tmp_path, monkeypatch, which):
+    """`plan` measures in a warm process, compute on fresh workers: the advice must cover both."""
+    spec = plain_run.spec if which == "plain" else f"{REPO / 'examples' / 'mlp.py'}:problem"
+    monkeypatch.chdir(tmp_path)
+    refused = invoke("plan", spec, "--workers", 2, "--memory-budget", "1KB")
+    line = assert_one_line_error(refused, "too small", "at least")
+    advised = line.rsplit("at least ", 1)[1].rstrip(".")
+    out = tmp_path / "o.zarr"
+    compute(spec, out, "--memory-budget", advised, "--no-progress")
+    assert_matches(out, spec)
+
+
+def test_budget_beyond_this_machine_warns(plain_run, tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    huge = f"{psutil.virtual_memory().total * 2 // 10**9}GB"
+    planned = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", huge)
+    assert planned.exit_code == 0, explain(planned)
+    assert "more than this machine's" in planned.stdout and "note" in planned.stdout
+    result = invoke("compute", plain_run.spec, "--out", tmp_path / "o.zarr", "--workers", 2, "--memory-budget", huge, "--json")
+    assert result.exit_code == 0, explain(result)
+    assert result.stderr.startswith("warning: memory budget") and "more than this machine's" in result.stderr
+    assert_matches(tmp_path / "o.zarr", plain_run.spec)
+    fits = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", "64MB")
+    assert fits.exit_code == 0 and "more than this machine's" not in fits.stdout + fits.stderr
+
+
+def test_plan_refuses_a_budget_list_that_does_not_match_workers(plain_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("plan", plain_run.spec, "--workers", 2, "--memory-budget", "1MB,2MB,3MB")
+    assert_one_line_error(result, "lists 3 budgets for 2 workers", "one per worker")
 
 
 def test_plan_missing_spec(tmp_path):

@@ -265,8 +265,8 @@ def test_budget_below_one_seed_names_need_and_fix():
     msg = str(info.value)
     assert "budget 1.0 KiB on cpu1 is too small" in msg
     assert "one seed of this problem needs about 37.1 KiB" in msg  # 38000 bytes
-    assert "Raise --memory-budget to at least 47KiB." in msg
-    fixed = [WorkerCost("cpu1", "cpu", parse_size("47KiB"), 10_000, 28_000)]
+    assert "Raise memory_budget (--memory-budget) to at least 2MiB." in msg  # 1.5 x 38000 + 1 MiB, rounded up
+    fixed = [WorkerCost("cpu1", "cpu", parse_size("2MiB"), 10_000, 28_000)]
     assert plan_for(fixed, n_out=10, n_in=7000).tile_seeds >= 1
 
 

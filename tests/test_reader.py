@@ -286,3 +286,94 @@ def test_damaged_stores_are_one_sentence(multidim_store, tmp_path):
         assert_one_line_error(invoke(command, newer), "newer than this raijac reads", "upgrade raijac")
         assert_one_line_error(invoke(command, no_jacobian), "no 'jacobian' array")
         assert_one_line_error(invoke(command, tmp_path / "missing.zarr"), "not a raijac store")
+
+
+# ---------------------------------------------------------------------- info(): what inspect shows
+def _partial_copy(path: str, dest: Path) -> str:
+    """A copy with tiles 0 and 1 unrecorded and their chunk files gone, as after a run killed mid-way."""
+    shutil.copytree(path, dest)
+    group = zarr.open_group(str(dest), mode="r+")
+    group["tiles"][:2] = 0
+    group.attrs["raijac"] = {**group.attrs["raijac"], "complete": False}
+    return str(dest)
+
+
+def test_info_of_a_partial_store_names_the_pending_tiles_and_no_ratio(multidim_store, tmp_path):
+    path = _partial_copy(multidim_store[0], tmp_path / "partial.zarr")
+    for p in Path(path, "jacobian", "c").rglob("*"):
+        if p.is_file() and p.parts[-1] in ("0", "1"):
+            p.unlink()
+    info = raijac.open(path, allow_partial=True).info()
+    total = info["tiles_total"]
+    assert (info["complete"], info["tiles_done"], info["tiles_pending"]) == (False, total - 2, 2)
+    assert info["pending"] == [[0, 1]]
+    assert info["compression_ratio"] is None  # unwritten chunks take no space: no ratio until complete
+    files = [p for p in Path(path, "jacobian").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert info["bytes_stored"] == sum(p.stat().st_size for p in files) > 0
+    text = invoke("inspect", path).stdout
+    assert f"INCOMPLETE, {total - 2}/{total} tiles" in text and "pending   2 tiles (0-1); finish with --resume" in text
+    assert "compression" not in text and "on disk so far" in text
+
+
+def test_info_of_a_sparse_store_describes_the_nonzeros(tmp_path):
+    """A tridiagonal 20000 x 20000 J: no dense (N, N) array, its density, and a pattern the plot shows."""
+    import scipy.sparse as sp
+
+    n = 20_000
+    x = torch.linspace(-1, 1, n, dtype=torch.float64)
+    pattern = sp.diags_array([np.ones(n - 1), np.ones(n), np.ones(n - 1)], offsets=[-1, 0, 1], shape=(n, n))
+
+    def f(u):
+        return torch.cat([u[:1], u[:-2] - 2 * u[1:-1] + u[2:] + torch.sin(u[1:-1]), u[-1:] ** 2])
+
+    path = str(tmp_path / "s.zarr")
+    raijac.compute(raijac.Problem(f, x, sparsity=pattern), path, workers=2)
+    info = raijac.open(path).info()
+    nnz = 3 * n - 2
+    assert info["storage"] == "sparse" and info["shape"] == [n, n]
+    assert info["sparse"]["nnz"] == nnz and info["sparse"]["colours"] == 3
+    assert info["sparse"]["density"] == pytest.approx(nnz / n**2, rel=1e-12)
+    assert info["dense_bytes"] == n * n * 8
+    assert info["bytes"] == sum(a["bytes"] for a in info["arrays"].values()) < 100 * nnz * 8  # the non-zeros, not n^2
+    assert info["compression_ratio"] == pytest.approx(info["bytes"] / info["bytes_stored"], rel=1e-2)
+    assert "jacobian" not in info["arrays"] and info["arrays"]["values"]["shape"] == [nnz]
+
+    png = tmp_path / "s.png"
+    result = invoke("inspect", path, "--plot", png)
+    text = result.stdout
+    assert result.exit_code == 0, text + result.stderr
+    assert f"jacobian  sparse ({n}, {n}) float64" in text
+    assert f"{nnz} non-zeros per sample; 3 colours of columns" in text and "pattern density 0.015%" in text
+    assert f"a dense J would take {n * n * 8 / 2**30:.1f} GiB" in text
+    assert "chunks" not in text
+    from matplotlib.image import imread
+
+    image = imread(png)[..., :3].mean(axis=-1)
+    h, w = image.shape
+    inside = image[int(0.2 * h) : int(0.85 * h), int(0.6 * w) : int(0.8 * w)]  # inside the pattern panel's axes
+    assert (inside < 0.3).mean() > 0.001, "the pattern panel is blank: its diagonal shows no dark pixels"
+
+
+def test_info_of_a_parameter_hessian_names_the_parameters(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+
+    def loss(out):
+        return torch.nn.functional.cross_entropy(out, labels)
+
+    path = str(tmp_path / "h.zarr")
+    raijac.compute(raijac.Problem.hessian_from_module(net, loss, inputs), path, workers=2)
+    jac = raijac.open(path)
+    by_name = jac.params
+    assert by_name is not None and list(by_name) == [n for n, _ in net.named_parameters()]
+    for name, p in net.named_parameters():
+        np.testing.assert_array_equal(by_name[name], p.detach().numpy())
+    info = jac.info()
+    assert info["wrt"] == "params" and info["kind"] == "hessian-params"
+    assert [p["name"] for p in info["params"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [p["offset"] for p in info["params"]] == [0, 12, 16, 24]
+    text = invoke("inspect", path).stdout
+    assert "(w.r.t. params)" in text and "w.r.t. input" not in text
+    assert "params    4 tensors, columns in this order: 0.weight (4, 3), 0.bias (4,), 2.weight (2, 4), 2.bias (2,)" in text
