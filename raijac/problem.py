@@ -46,6 +46,12 @@ class ParamInfo:
         return math.prod(self.shape)
 
 
+def unflatten(info: Sequence[ParamInfo], flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat parameter vector as `{name: view}` (see NOTE: [split] in Problem.unflatten_params)."""
+    parts = torch.split(flat, [i.size for i in info])
+    return {i.name: part.view(i.shape) for i, part in zip(info, parts, strict=True)}
+
+
 class Chain:
     """A function given as its stages, first to last (`Problem.chain`); picklable when they are."""
 
@@ -284,8 +290,7 @@ class Problem:
         info = template.param_info
 
         def objective(flat: torch.Tensor) -> torch.Tensor:
-            params = {i.name: flat[i.offset : i.offset + i.size].view(i.shape) for i in info}
-            return loss(torch.func.functional_call(module, params, inputs))
+            return loss(torch.func.functional_call(module, unflatten(info, flat), inputs))
 
         problem = cls.hessian(objective, template.params)
         problem.param_info = info
@@ -341,8 +346,14 @@ class Problem:
         return torch.func.functional_call(self.module, self.unflatten_params(params), (x,))
 
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The flat parameter vector as a `{name: tensor}` dict (views, no copies)."""
-        return {i.name: flat[i.offset : i.offset + i.size].view(i.shape) for i in self.param_info}
+        """The flat parameter vector as a `{name: tensor}` dict (views, no copies).
+
+        NOTE: [split] One `torch.split`, not a slice per tensor: a slice's backward writes
+        its gradient into a full-length zero vector, so a VJP through L slices of a P-vector
+        costs L x P (measured: 92% of a ResNet-18 row, 62 tensors x 11.2M); the split's
+        backward is one concatenation, P.
+        """
+        return unflatten(self.param_info, flat)
 
     @cached_property
     def y(self) -> torch.Tensor:
