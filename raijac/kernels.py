@@ -20,6 +20,7 @@ one cotangent row `e_r` broadcast over the stack yields row `r` of every sample'
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from functools import cached_property
 from typing import Literal
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac import blas
 from raijac.errors import ModeError
@@ -43,6 +45,8 @@ ELEMENTWISE = (
     torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity, Pointwise,
 )  # fmt: skip
 REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
+# Modes that vmap, over seeds or (parameter problems) samples: NOTE: [attention].
+VMAPPED_MODES = frozenset(MODES) - {"loop"}
 
 StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -251,7 +255,15 @@ class Kernel:
         self._key, self._saved = None, ()
 
     def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
-        return getattr(self, self._run)(b0, b1, s0, s1)
+        with self._attention():
+            return getattr(self, self._run)(b0, b1, s0, s1)
+
+    # NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash
+    # attention) that vmap has no batching rule for: it falls back to a per-seed loop (and
+    # auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math backend is plain
+    # matmuls and softmax, which vmap batches; every mode but loop uses it.
+    def _attention(self) -> contextlib.AbstractContextManager:
+        return sdpa_kernel(SDPBackend.MATH) if self.mode in VMAPPED_MODES else contextlib.nullcontext()
 
     def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
         if self._key != key:

@@ -8,8 +8,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from raijac import Problem
+from raijac import Problem, kernels
 from raijac.kernels import Kernel, make_target
+from raijac.probe import resolve_mode, try_mode
+from tests.models import GPT
 
 
 class _Written(TorchDispatchMode):
@@ -44,3 +46,51 @@ def test_param_jacobian_cost_is_linear_in_params(mode, batched):
     a slice per tensor made every VJP write a full-length zero gradient per tensor (NOTE: [split])."""
     few, many = _written_per_entry(10, mode, batched), _written_per_entry(40, mode, batched)
     assert many < 1.25 * few, f"{mode}: {many:.1f} elements written per Jacobian entry with 40 tensors, {few:.1f} with 10"
+
+
+# ---------------------------------------------------------------------- references
+def param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample parameter Jacobians (B, M, P) by torch.func, flattened in parameters() order."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def one(p: dict, xb: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (xb[None],))[0].reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x)
+    return torch.cat([j.reshape(x.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
+
+
+def block(problem: Problem, mode: str, b1: int, s1: int) -> torch.Tensor:
+    """Samples 0:b1, seeds 0:s1 of `mode`, as (b1, M-rows or M, N-cols or N)."""
+    return Kernel(make_target(problem), mode)(0, b1, 0, s1)
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Relative to the reference's largest entry: float32 sums of thousands of products."""
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} against a largest entry {scale:.3g}"
+
+
+# ---------------------------------------------------------------------- attention
+def _gpt() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return GPT().eval(), torch.randint(0, 50, (3, 8))
+
+
+def test_gpt_auto_picks_a_vmapped_mode():
+    """F.scaled_dot_product_attention runs on its math backend inside the kernels
+    (NOTE: [attention]), so auto keeps rev instead of falling back to loop."""
+    model, ids = _gpt()
+    problem = Problem.from_module(model, ids, wrt="params", batched=True)
+    mode, reason, _ = resolve_mode(problem, "auto")
+    assert mode == "rev", reason
+    assert_rel_close(block(problem, mode, 3, problem.n_out), param_jacobian(model, ids), 1e-5)
+
+
+def test_slow_path_note_names_the_op(monkeypatch):
+    """Without the math backend, the triage says which op vmap cannot batch."""
+    monkeypatch.setattr(kernels, "VMAPPED_MODES", frozenset())
+    model, ids = _gpt()
+    report = try_mode(make_target(Problem.from_module(model, ids, wrt="params", batched=True)), "rev")
+    assert report.slow and report.note.startswith("vmap has no batching rule for aten::_scaled_dot_product"), report.note
