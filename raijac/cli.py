@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-MODE_CHOICES = ["auto", "rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
+MODE_CHOICES = ["auto", "rev", "fwd", "rev-batched", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
 DTYPE_CHOICES = ["float16", "float32", "float64"]
 
 

@@ -6,6 +6,7 @@ problems have one "sample"). Modes:
 
     rev         vmap(vjp_fn) over identity rows; the forward pass is kept across blocks
     fwd         vmap(jvp) over identity columns
+    rev-batched one forward, then one autograd.grad over a block of identity rows (is_grads_batched)
     rev-repeat  stack k copies of the samples, one autograd.grad with an identity block
     fwd-repeat  stacked copies + double backward: d(VJP)/d(cotangent) applied to identity columns
     loop        one autograd.grad per row (last resort: needs nothing but backward formulas)
@@ -35,9 +36,9 @@ from raijac.errors import ModeError
 from raijac.peel import Peeled, Pointwise, forward_agrees
 from raijac.problem import Chain, Problem, chain_stages
 
-Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
-MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
-ROW_MODES = frozenset({"rev", "rev-repeat", "loop", "chain"})
+Mode = Literal["rev", "fwd", "rev-batched", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
+MODES: tuple[str, ...] = ("rev", "fwd", "rev-batched", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
+ROW_MODES = frozenset({"rev", "rev-batched", "rev-repeat", "loop", "chain"})
 CHAIN_MODES = frozenset({"chain", "chain-fwd"})
 # Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
 ELEMENTWISE = (
@@ -243,6 +244,7 @@ class Kernel:
         self._run = {
             "rev": "_rev",
             "fwd": "_fwd",
+            "rev-batched": "_rev_batched",
             "rev-repeat": "_rev_repeat",
             "fwd-repeat": "_fwd_repeat",
             "loop": "_loop",
@@ -328,18 +330,35 @@ class Kernel:
         (u,) = torch.autograd.grad(g, v, tangents, allow_unused=True)
         return _zeros_or(u, y).reshape(k, nb, t.n_out).permute(1, 2, 0)
 
+    def _autograd_forward(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain autograd forward of the sample block (no vmap): leaf z and y (nb, n_out)."""
+        t = self.target
+        zb, cb = t.block(b0, b1)
+        z = zb.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = t.loop_fn(z, cb).reshape(b1 - b0, t.n_out)
+        return z, y
+
+    # NOTE: [rev-batched] autograd.grad with is_grads_batched=True vmaps the backward pass
+    # only: the forward is plain autograd, so functions that torch.func cannot transform
+    # (an autograd.Function without setup_context, torchdiffeq's odeint) still get a block
+    # of rows per backward instead of one row per backward (loop).
+    def _rev_batched(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        nb, k = b1 - b0, s1 - s0
+        z, y = self._kept(("loop", b0, b1), lambda: self._autograd_forward(b0, b1))
+        if not y.requires_grad:
+            return torch.zeros(nb, k, t.n_in, dtype=z.dtype, device=z.device)
+        seeds = _seeds(k, nb, s0, t.n_out, (t.n_out,), y, self.colours)
+        (g,) = torch.autograd.grad(y, z, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        return (
+            (torch.zeros(k, *z.shape, dtype=z.dtype, device=z.device) if g is None else g).reshape(k, nb, t.n_in).transpose(0, 1)
+        )
+
     def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
         nb = b1 - b0
-
-        def forward() -> tuple:
-            zb, cb = t.block(b0, b1)
-            z = zb.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                y = t.loop_fn(z, cb).reshape(nb, t.n_out)
-            return z, y
-
-        z, y = self._kept(("loop", b0, b1), forward)
+        z, y = self._kept(("loop", b0, b1), lambda: self._autograd_forward(b0, b1))
         rows = []
         for r in range(s0, s1):
             g = None

@@ -54,9 +54,9 @@ def candidate_modes(problem: Problem, requested: str) -> list[str]:
     if requested != "auto":
         return [requested]
     if problem.n_out <= problem.n_in:
-        order = ["rev", "rev-repeat", "loop"]
+        order = ["rev", "rev-batched", "rev-repeat", "loop"]
     else:
-        order = ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
+        order = ["fwd", "fwd-repeat", "rev", "rev-batched", "rev-repeat", "loop"]
     if chain_stages(problem, auto=True) is not None:
         order.insert(0, "chain" if problem.n_out <= problem.n_in else "chain-fwd")  # NOTE: [chain] in kernels
     stackable = problem.batch_aware and not (problem.wrt == "params" and not problem.batched)

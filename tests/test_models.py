@@ -94,3 +94,62 @@ def test_slow_path_note_names_the_op(monkeypatch):
     model, ids = _gpt()
     report = try_mode(make_target(Problem.from_module(model, ids, wrt="params", batched=True)), "rev")
     assert report.slow and report.note.startswith("vmap has no batching rule for aten::_scaled_dot_product"), report.note
+
+
+# ---------------------------------------------------------------------- rev-batched
+class _OldTanh(torch.autograd.Function):
+    """tanh as an old-style Function (no setup_context): torch.func refuses to transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OldStyleNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_OldTanh.apply(self.inp(x)))
+
+
+def _autograd_rows(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample parameter Jacobians, one autograd.grad per sample and row: (B, M, P)."""
+    params = list(model.parameters())
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[i : i + 1])[0, r], params)])
+        for i in range(x.shape[0])
+        for r in range(model(x[:1]).shape[1])
+    ]
+    return torch.stack(rows).reshape(x.shape[0], -1, rows[0].numel())
+
+
+def test_old_style_function_gets_rev_batched():
+    """rev is refused (torch.func cannot transform the Function); auto takes rev-batched, one
+    batched backward per block of rows, before the row-by-row loop."""
+    torch.manual_seed(0)
+    model, x = _OldStyleNet().double(), torch.randn(3, 4, dtype=torch.float64)
+    problem = Problem.from_module(model, x, wrt="params", batched=True)
+    mode, reason, reports = resolve_mode(problem, "auto")
+    assert mode == "rev-batched", reason
+    assert not reports[0].ok and reports[0].mode == "rev"
+    assert_rel_close(block(problem, mode, 3, problem.n_out), _autograd_rows(model, x), 1e-12)
+
+
+def test_rev_batched_compressed_rows_match_rev():
+    """With colours (a sparse problem's seeds), rev-batched gives rev's compressed rows S^T J."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    problem = Problem(lambda z: torch.tanh(z[..., :6]) * z[..., 1:], x, batched=True)
+    colours = torch.tensor([0, 1, 2, 0, 1, 2])
+    want = Kernel(make_target(problem), "rev", colours)(0, 4, 0, 3)
+    got = Kernel(make_target(problem), "rev-batched", colours)(1, 4, 1, 3)
+    assert_rel_close(got, want[1:, 1:], 1e-14)
