@@ -8,10 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import raijac
 from raijac import Problem, kernels
 from raijac.kernels import Kernel, make_target
 from raijac.probe import resolve_mode, try_mode
-from tests.models import GPT
+from tests.models import GPT, LSTMHead, ResNet18, conv_bn
 
 
 class _Written(TorchDispatchMode):
@@ -153,3 +154,67 @@ def test_rev_batched_compressed_rows_match_rev():
     want = Kernel(make_target(problem), "rev", colours)(0, 4, 0, 3)
     got = Kernel(make_target(problem), "rev-batched", colours)(1, 4, 1, 3)
     assert_rel_close(got, want[1:, 1:], 1e-14)
+
+
+# ---------------------------------------------------------------------- the zoo on Ray
+def input_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample input Jacobians (B, M, N) by torch.func."""
+    jac = torch.func.vmap(torch.func.jacrev(lambda xb: model(xb[None])[0].reshape(-1)))(x)
+    return jac.reshape(x.shape[0], jac.shape[1], -1)
+
+
+def whole_param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The whole batch's output w.r.t. the parameters, (B*M, P), by plain autograd: train-mode
+    BatchNorm couples the samples and updates its running statistics, which torch.func refuses."""
+    names, params = zip(*((n, p.detach()) for n, p in model.named_parameters()), strict=True)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, params)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def _zoo(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resnet":
+        return ResNet18(width=2).eval(), torch.randn(2, 3, 4, 4)
+    if name == "resnet-train":
+        return ResNet18(width=2).train(), torch.randn(2, 3, 4, 4)
+    if name == "conv-bn":
+        return conv_bn().eval(), torch.randn(2, 1, 8, 8)
+    if name == "gpt":
+        return GPT().eval(), torch.randint(0, 50, (2, 8))
+    return LSTMHead(), torch.randn(2, 5, 3)
+
+
+# (network, wrt, auto's mode): vmapped modes, or rev-batched where torch.func refuses the
+# forward (train-mode BatchNorm updates its statistics in place; aten::lstm has no batching
+# rule for per-sample weights); never the row-by-row loop.
+ZOO = [
+    ("resnet", "params", "rev"),
+    ("resnet", "input", "rev"),
+    ("resnet-train", "params", "rev-batched"),
+    ("conv-bn", "params", "rev"),
+    ("conv-bn", "input", "chain"),
+    ("gpt", "params", "rev"),
+    ("lstm", "params", "rev-batched"),
+    ("lstm", "input", "rev"),
+]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("name,wrt,mode", ZOO, ids=[f"{n}-{w}" for n, w, _ in ZOO])
+def test_zoo_matches_torch_func(name, wrt, mode, store_path):
+    """Each network through raijac.compute (auto, two Ray workers, several tiles) against torch.func:
+    per sample in eval mode; train-mode BatchNorm mixes the samples, so the whole batch's Jacobian."""
+    model, x = _zoo(name)
+    batched = model.training is False or name == "lstm"
+    problem = Problem.from_module(model, x, wrt=wrt, batched=batched)
+    jac = raijac.compute(problem, store_path, workers=2, block_size=4)
+    assert jac.mode == mode, jac.meta["mode_reason"]
+    if not batched:
+        want = whole_param_jacobian(model, x)
+    else:
+        want = param_jacobian(model, x) if wrt == "params" else input_jacobian(model, x)
+    assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-5)
