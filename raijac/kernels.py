@@ -351,9 +351,9 @@ class Kernel:
             return torch.zeros(nb, k, t.n_in, dtype=z.dtype, device=z.device)
         seeds = _seeds(k, nb, s0, t.n_out, (t.n_out,), y, self.colours)
         (g,) = torch.autograd.grad(y, z, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
-        return (
-            (torch.zeros(k, *z.shape, dtype=z.dtype, device=z.device) if g is None else g).reshape(k, nb, t.n_in).transpose(0, 1)
-        )
+        if g is None:  # y does not depend on z
+            g = z.new_zeros(k, *z.shape)
+        return g.reshape(k, nb, t.n_in).transpose(0, 1)
 
     def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
