@@ -8,7 +8,8 @@
 - end to end on a warm Ray (2 workers x 1 thread, auto), per-sample parameter and input
   Jacobians, against `vmap(jacrev(functional_call))` in this process (its threads), including
   the concatenation of its dict into the `(B, M, P)` array raijac stores;
-- the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits.
+- the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits
+  (torch.func on the math attention backend too, which its vmap batches).
 
 Every ratio is raijac / torch.func, best of `--repeats` runs each (machines shared with other
 work give noisy seconds; the best of a few is the steadiest figure).
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import raijac
 from raijac.kernels import Kernel, make_target
@@ -47,6 +49,12 @@ def func_param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
     jac = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x)
     return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=2)
+
+
+def with_math_attention(fn: Callable[[], object]) -> object:
+    """torch.func at its best on attention: vmap batches the math backend, not CPU flash attention."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return fn()
 
 
 def func_input_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +153,7 @@ def main() -> None:
     e2e(
         f"GPT (2 layers, width 64, vocab {args.vocab}, 16 tokens) per-sample parameter Jacobians B={b}",
         lambda: raijac.Problem.from_module(gpt, ids, wrt="params", batched=True),
-        lambda: func_param_jacobian(gpt, ids),
+        lambda: with_math_attention(lambda: func_param_jacobian(gpt, ids)),
         args.repeats,
     )
 
