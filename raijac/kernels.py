@@ -13,12 +13,14 @@ one cotangent row `e_r` broadcast over the stack yields row `r` of every sample'
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac import blas, modes
 from raijac.chain import chain_stages
@@ -229,7 +231,15 @@ class Kernel:
         self._key, self._saved = None, ()
 
     def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
-        return getattr(self, self._run)(b0, b1, s0, s1)
+        with self._attention():
+            return getattr(self, self._run)(b0, b1, s0, s1)
+
+    # NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash
+    # attention) that vmap has no batching rule for: it falls back to a per-seed loop (and
+    # auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math backend is plain
+    # matmuls and softmax, which vmap batches; every mode but loop uses it.
+    def _attention(self) -> contextlib.AbstractContextManager:
+        return sdpa_kernel(SDPBackend.MATH) if modes.get(self.mode).vmaps else contextlib.nullcontext()
 
     def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
         if self._key != key:
@@ -294,18 +304,35 @@ class Kernel:
         (u,) = torch.autograd.grad(g, v, tangents, allow_unused=True)
         return _zeros_or(u, y).reshape(k, nb, t.n_out).permute(1, 2, 0)
 
+    def _autograd_forward(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain autograd forward of the sample block (no vmap): leaf z and y (nb, n_out)."""
+        t = self.target
+        zb, cb = t.block(b0, b1)
+        z = zb.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = t.loop_fn(z, cb).reshape(b1 - b0, t.n_out)
+        return z, y
+
+    # NOTE: [rev-batched] autograd.grad with is_grads_batched=True vmaps the backward pass
+    # only: the forward is plain autograd, so functions that torch.func cannot transform
+    # (an autograd.Function without setup_context, torchdiffeq's odeint) still get a block
+    # of rows per backward instead of one row per backward (loop).
+    def _rev_batched(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        t = self.target
+        nb, k = b1 - b0, s1 - s0
+        z, y = self._kept(("loop", b0, b1), lambda: self._autograd_forward(b0, b1))
+        if not y.requires_grad:
+            return torch.zeros(nb, k, t.n_in, dtype=z.dtype, device=z.device)
+        seeds = _seeds(k, nb, s0, t.n_out, (t.n_out,), y, self.colours)
+        (g,) = torch.autograd.grad(y, z, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        if g is None:  # y does not depend on z
+            g = z.new_zeros(k, *z.shape)
+        return g.reshape(k, nb, t.n_in).transpose(0, 1)
+
     def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
         nb = b1 - b0
-
-        def forward() -> tuple:
-            zb, cb = t.block(b0, b1)
-            z = zb.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                y = t.loop_fn(z, cb).reshape(nb, t.n_out)
-            return z, y
-
-        z, y = self._kept(("loop", b0, b1), forward)
+        z, y = self._kept(("loop", b0, b1), lambda: self._autograd_forward(b0, b1))
         rows = []
         for r in range(s0, s1):
             g = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -79,11 +80,17 @@ def try_mode(target: Target, mode: str) -> ModeReport:
     except Exception as exc:  # vmap, forward-AD and user errors all land here
         return ModeReport(mode, False, f"{type(exc).__name__}: {_first_line(exc)}", seconds=time.perf_counter() - start)
     slow = [str(w.message) for w in caught if any(h in str(w.message).lower() for h in SLOW_PATH_HINTS)]
-    note = _first_line(Warning(slow[0])) if slow else ""
+    note = _slow_note(slow[0]) if slow else ""
     mismatch = _check_block(target, mode, block, k)
     if mismatch:
         return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
     return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start)
+
+
+def _slow_note(warning: str) -> str:
+    """vmap's slow-path warning, shortened to the op that lacks a batching rule where it names one."""
+    op = re.search(r"batching rule for (\S+?)\.?(\s|$)", warning)
+    return f"vmap has no batching rule for {op.group(1)}" if op else _first_line(Warning(warning))
 
 
 def _check_block(target: Target, mode: str, block: torch.Tensor, k: int) -> str:

@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import raijac
 
-ALL_MODES = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop")
-PLAIN_MODES = ("rev", "fwd", "loop")
+ALL_MODES = ("rev", "fwd", "rev-batched", "rev-repeat", "fwd-repeat", "loop")
+PLAIN_MODES = ("rev", "fwd", "rev-batched", "loop")
 CHAIN = ("chain", "chain-fwd")
 
 
@@ -247,7 +247,7 @@ _CALLS = torch.zeros(())
 
 def inplace_captured() -> raijac.Problem:
     """Records its input in a captured buffer: torch.func refuses the in-place write, so
-    only the loop mode is left (not batch-aware)."""
+    only the plain-autograd forwards are left, rev-batched and loop (not batch-aware)."""
 
     def f(x):
         _LAST_INPUT.copy_(x.detach())
@@ -399,14 +399,21 @@ CASES: list[Case] = [
     Case("chain_batched_wide", chain_batched_wide, jacrev_reference, ALL_MODES + CHAIN, auto="chain-fwd"),
     Case("linear_only_batched", linear_only_batched, jacrev_reference, ALL_MODES + CHAIN, auto="chain"),
     Case("item_call", item_call, autograd_reference, PLAIN_MODES, broken=("rev-repeat",), auto="fwd"),
-    Case("inplace_captured", inplace_captured, autograd_reference, ("loop",), broken=("rev", "fwd", "rev-repeat"), auto="loop"),
+    Case(
+        "inplace_captured",
+        inplace_captured,
+        autograd_reference,
+        ("rev-batched", "loop"),
+        broken=("rev", "fwd", "rev-repeat"),
+        auto="rev-batched",
+    ),
     Case(
         "breaks_vmap_stackable",
         breaks_vmap_stackable,
         autograd_reference,
-        ("rev-repeat", "fwd-repeat", "loop"),
+        ("rev-batched", "rev-repeat", "fwd-repeat", "loop"),
         broken=("rev", "fwd"),
-        auto="rev-repeat",
+        auto="rev-batched",
     ),
     Case(
         "no_forward_rule",
@@ -428,7 +435,14 @@ CASES: list[Case] = [
     Case("module_mlp", module_mlp, jacrev_reference, PLAIN_MODES + CHAIN, auto="rev"),
     Case("linear_tail", linear_tail, jacrev_reference, PLAIN_MODES + CHAIN, auto="fwd"),
     Case("clipped_backward_tail", clipped_backward_tail, autograd_reference, ("rev", "loop"), broken=("fwd",), auto="rev"),
-    Case("old_style_function", old_style_function, autograd_reference, ("loop",), broken=("rev", "fwd"), auto="loop"),
+    Case(
+        "old_style_function",
+        old_style_function,
+        autograd_reference,
+        ("rev-batched", "loop"),
+        broken=("rev", "fwd"),
+        auto="rev-batched",
+    ),
 ]
 
 BY_NAME = {c.name: c for c in CASES}

@@ -29,10 +29,10 @@ def test_unknown_mode_names_the_choices():
 @pytest.mark.parametrize(
     ("m", "n", "stackable", "chain", "order"),
     [
-        (3, 5, True, False, ["rev", "rev-repeat", "loop"]),
-        (3, 5, False, True, ["chain", "rev", "loop"]),
-        (9, 5, True, False, ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]),
-        (9, 5, False, True, ["chain-fwd", "fwd", "rev", "loop"]),
+        (3, 5, True, False, ["rev", "rev-batched", "rev-repeat", "loop"]),
+        (3, 5, False, True, ["chain", "rev", "rev-batched", "loop"]),
+        (9, 5, True, False, ["fwd", "fwd-repeat", "rev", "rev-batched", "rev-repeat", "loop"]),
+        (9, 5, False, True, ["chain-fwd", "fwd", "rev", "rev-batched", "loop"]),
     ],
 )
 def test_auto_order_reads_the_registry(m, n, stackable, chain, order):

@@ -34,9 +34,9 @@ def test_auto_prefers_rev_for_tall_and_fwd_for_wide():
 
 def test_candidates_skip_repeat_modes_unless_batch_aware():
     plain = BY_NAME["item_call"].build()
-    assert candidate_modes(plain, "auto") == ["fwd", "rev", "loop"]
+    assert candidate_modes(plain, "auto") == ["fwd", "rev", "rev-batched", "loop"]
     aware = BY_NAME["no_forward_rule"].build()
-    assert candidate_modes(aware, "auto") == ["fwd", "fwd-repeat", "rev", "rev-repeat", "loop"]
+    assert candidate_modes(aware, "auto") == ["fwd", "fwd-repeat", "rev", "rev-batched", "rev-repeat", "loop"]
     assert "rev-repeat" not in candidate_modes(BY_NAME["params"].build(), "auto")
 
 
@@ -49,7 +49,7 @@ def test_explicit_broken_mode_is_refused(name, mode):
 def test_try_all_reports_every_candidate():
     _, _, reports = resolve_mode(BY_NAME["no_forward_rule"].build(), "auto", try_all=True)
     status = {r.mode: r.status for r in reports}
-    assert status == {"fwd": "fails", "fwd-repeat": "ok", "rev": "ok", "rev-repeat": "ok", "loop": "ok"}
+    assert status == {"fwd": "fails", "fwd-repeat": "ok", "rev": "ok", "rev-batched": "ok", "rev-repeat": "ok", "loop": "ok"}
     fwd = next(r for r in reports if r.mode == "fwd")
     assert "jvp" in fwd.note
 

@@ -1,0 +1,162 @@
+"""Real models against torch.func (issue 13): ResNet-18 and a GPT-style decoder, per-sample Jacobians.
+
+    PYTHONPATH=. python benchmarks/models.py [--batch 2] [--repeats 2] [--parts kernel params input gpt]
+
+- ResNet-18 (full width, 11.2M parameters, 32x32 inputs, 10 classes): the `rev` kernel alone on
+  one sample and 2 rows against `vjp(functional_call)` vmapped over the same rows (its output
+  a dict of per-tensor gradients, and the same concatenated into flat rows as raijac's);
+- end to end on a warm Ray (2 workers x 1 thread, auto), per-sample parameter and input
+  Jacobians, against `vmap(jacrev(functional_call))` in this process (its threads), including
+  the concatenation of its dict into the `(B, M, P)` array raijac stores;
+- the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits
+  (torch.func on the math attention backend too, which its vmap batches).
+
+Every ratio is raijac / torch.func, best of `--repeats` runs each (machines shared with other
+work give noisy seconds; the best of a few is the steadiest figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import raijac
+from raijac.kernels import Kernel, make_target
+from tests.models import GPT, ResNet18
+
+
+def best(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def func_param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """vmap(jacrev(functional_call)) over samples, flattened to (B, M, P) as raijac stores it."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p: dict, xb: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (xb[None],))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x)
+    return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=2)
+
+
+def with_math_attention(fn: Callable[[], object]) -> object:
+    """torch.func at its best on attention: vmap batches the math backend, not CPU flash attention."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return fn()
+
+
+def func_input_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.func.vmap(torch.func.jacrev(lambda xb: model(xb[None])[0]))(x)
+
+
+def kernel_vs_rows(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> None:
+    """The rev kernel alone, one sample, 2 rows (forward included), against vjp + vmap over the rows."""
+    problem = raijac.Problem.from_module(model, x[:1], wrt="params", batched=True)
+    kernel = Kernel(make_target(problem), "rev")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    seeds = torch.eye(problem.n_out)[:2]
+
+    def rows(flat: bool) -> object:
+        _, vjp_fn = torch.func.vjp(lambda p: torch.func.functional_call(model, p, (x[:1],))[0], params)
+        g = torch.func.vmap(vjp_fn)(seeds)[0]
+        return torch.cat([v.reshape(2, -1) for v in g.values()], 1) if flat else g
+
+    def ours() -> torch.Tensor:
+        kernel.clear()
+        return kernel(0, 1, 0, 2)
+
+    ours(), rows(False)  # first calls pay functorch's one-off costs
+    t_ours, t_dict, t_flat = best(ours, repeats), best(lambda: rows(False), repeats), best(lambda: rows(True), repeats)
+    print(
+        f"ResNet-18 rev kernel, 1 sample x 2 rows: {t_ours:.3f} s = {t_ours / t_dict:.2f}x vjp rows as a dict "
+        f"({t_dict:.3f} s), {t_ours / t_flat:.2f}x as flat rows ({t_flat:.3f} s)",
+        flush=True,
+    )
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tempfile.mkdtemp() + "/w.zarr", workers=2)
+
+
+def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], object], repeats: int) -> None:
+    """raijac.compute (auto, fresh Problem each run) against the torch.func reference, best of each."""
+    ensure_ray()
+    out = tempfile.mkdtemp() + "/models.zarr"
+    times, mode, summary = [], "", {}
+    for _ in range(repeats):
+        problem = make()
+        start = time.perf_counter()
+        jac = raijac.compute(problem, out, workers=2, overwrite=True)
+        times.append(time.perf_counter() - start)
+        mode, summary = jac.mode, jac.summary
+    t_ref = best(reference, repeats)
+    t = min(times)
+    print(
+        f"{what}: end to end ({mode}) {t:.2f} s = {t / t_ref:.2f}x torch.func ({t_ref:.2f} s); "
+        f"runs {', '.join(f'{r:.2f}' for r in times)} s; last run's workers: {summary['compute_seconds']:.2f} s computing, "
+        f"{summary['write_seconds']:.2f} s writing, {summary['tiles_total']} tiles",
+        flush=True,
+    )
+
+
+PARTS = ["kernel", "params", "input", "gpt"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2, help="samples (the issue's target is B=8: 3.6 GB of J)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to run (all by default)")
+    ap.add_argument("--vocab", type=int, default=200, help="GPT vocabulary (J per sample: vocab x parameters)")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in this process", flush=True)
+    torch.manual_seed(0)
+    resnet = ResNet18().eval()
+    images = torch.randn(args.batch, 3, 32, 32)
+    if "kernel" in args.parts:
+        kernel_vs_rows(resnet, images, max(args.repeats, 3))
+    b = args.batch
+    if "params" in args.parts:
+        e2e(
+            f"ResNet-18 per-sample parameter Jacobians B={b}",
+            lambda: raijac.Problem.from_module(resnet, images, wrt="params", batched=True),
+            lambda: func_param_jacobian(resnet, images),
+            args.repeats,
+        )
+    if "input" in args.parts:
+        e2e(
+            f"ResNet-18 per-sample input Jacobians B={b}",
+            lambda: raijac.Problem.from_module(resnet, images, wrt="input", batched=True),
+            lambda: func_input_jacobian(resnet, images),
+            args.repeats,
+        )
+    if "gpt" not in args.parts:
+        return
+    gpt = GPT(vocab=args.vocab, dim=64, heads=4, layers=2, context=16).eval()
+    ids = torch.randint(0, args.vocab, (b, 16))
+    e2e(
+        f"GPT (2 layers, width 64, vocab {args.vocab}, 16 tokens) per-sample parameter Jacobians B={b}",
+        lambda: raijac.Problem.from_module(gpt, ids, wrt="params", batched=True),
+        lambda: with_math_attention(lambda: func_param_jacobian(gpt, ids)),
+        args.repeats,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Real models (issue 13): parameter Jacobians whose cost is linear in the parameters, and a
+zoo of networks (tests/models.py) through the kernels and raijac.compute against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import raijac
+from raijac import Problem, kernels
+from raijac.kernels import Kernel, make_target
+from raijac.probe import resolve_mode, try_mode
+from tests.models import GPT, LSTMHead, ResNet18, conv_bn
+
+
+class _Written(TorchDispatchMode):
+    """Counts the elements every aten op writes (its outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.n += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def _written_per_entry(layers: int, mode: str, batched: bool) -> float:
+    """Elements written by one block of `mode`, per entry of the block, for a stack of tiny Linears."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(layers)])
+    problem = Problem.from_module(module, torch.randn(2, 3) if batched else torch.randn(3), wrt="params", batched=batched)
+    kernel = Kernel(make_target(problem), mode)
+    nb = 2 if batched else 1
+    with _Written() as count:
+        kernel(0, nb, 0, 3)
+    return count.n / (nb * 3 * problem.n_in)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "plain"])
+@pytest.mark.parametrize("mode", ["rev", "fwd", "loop"])
+def test_param_jacobian_cost_is_linear_in_params(mode, batched):
+    """Four times the parameter tensors (and parameters) cost four times the work, not sixteen:
+    a slice per tensor made every VJP write a full-length zero gradient per tensor (NOTE: [split])."""
+    few, many = _written_per_entry(10, mode, batched), _written_per_entry(40, mode, batched)
+    assert many < 1.25 * few, f"{mode}: {many:.1f} elements written per Jacobian entry with 40 tensors, {few:.1f} with 10"
+
+
+# ---------------------------------------------------------------------- references
+def param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample parameter Jacobians (B, M, P) by torch.func, flattened in parameters() order."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def one(p: dict, xb: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (xb[None],))[0].reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(params, x)
+    return torch.cat([j.reshape(x.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
+
+
+def block(problem: Problem, mode: str, b1: int, s1: int) -> torch.Tensor:
+    """Samples 0:b1, seeds 0:s1 of `mode`, as (b1, M-rows or M, N-cols or N)."""
+    return Kernel(make_target(problem), mode)(0, b1, 0, s1)
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Relative to the reference's largest entry: float32 sums of thousands of products."""
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} against a largest entry {scale:.3g}"
+
+
+# ---------------------------------------------------------------------- attention
+def _gpt() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return GPT().eval(), torch.randint(0, 50, (3, 8))
+
+
+def test_gpt_auto_picks_a_vmapped_mode():
+    """F.scaled_dot_product_attention runs on its math backend inside the kernels
+    (NOTE: [attention]), so auto keeps rev instead of falling back to loop."""
+    model, ids = _gpt()
+    problem = Problem.from_module(model, ids, wrt="params", batched=True)
+    mode, reason, _ = resolve_mode(problem, "auto")
+    assert mode == "rev", reason
+    assert_rel_close(block(problem, mode, 3, problem.n_out), param_jacobian(model, ids), 1e-5)
+
+
+def test_slow_path_note_names_the_op(monkeypatch):
+    """Without the math backend, the triage says which op vmap cannot batch."""
+    monkeypatch.setattr(kernels, "VMAPPED_MODES", frozenset())
+    model, ids = _gpt()
+    report = try_mode(make_target(Problem.from_module(model, ids, wrt="params", batched=True)), "rev")
+    assert report.slow and report.note.startswith("vmap has no batching rule for aten::_scaled_dot_product"), report.note
+
+
+# ---------------------------------------------------------------------- rev-batched
+class _OldTanh(torch.autograd.Function):
+    """tanh as an old-style Function (no setup_context): torch.func refuses to transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OldStyleNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_OldTanh.apply(self.inp(x)))
+
+
+def _autograd_rows(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample parameter Jacobians, one autograd.grad per sample and row: (B, M, P)."""
+    params = list(model.parameters())
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[i : i + 1])[0, r], params)])
+        for i in range(x.shape[0])
+        for r in range(model(x[:1]).shape[1])
+    ]
+    return torch.stack(rows).reshape(x.shape[0], -1, rows[0].numel())
+
+
+def test_old_style_function_gets_rev_batched():
+    """rev is refused (torch.func cannot transform the Function); auto takes rev-batched, one
+    batched backward per block of rows, before the row-by-row loop."""
+    torch.manual_seed(0)
+    model, x = _OldStyleNet().double(), torch.randn(3, 4, dtype=torch.float64)
+    problem = Problem.from_module(model, x, wrt="params", batched=True)
+    mode, reason, reports = resolve_mode(problem, "auto")
+    assert mode == "rev-batched", reason
+    assert not reports[0].ok and reports[0].mode == "rev"
+    assert_rel_close(block(problem, mode, 3, problem.n_out), _autograd_rows(model, x), 1e-12)
+
+
+def test_rev_batched_compressed_rows_match_rev():
+    """With colours (a sparse problem's seeds), rev-batched gives rev's compressed rows S^T J."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    problem = Problem(lambda z: torch.tanh(z[..., :6]) * z[..., 1:], x, batched=True)
+    colours = torch.tensor([0, 1, 2, 0, 1, 2])
+    want = Kernel(make_target(problem), "rev", colours)(0, 4, 0, 3)
+    got = Kernel(make_target(problem), "rev-batched", colours)(1, 4, 1, 3)
+    assert_rel_close(got, want[1:, 1:], 1e-14)
+
+
+# ---------------------------------------------------------------------- the zoo on Ray
+def input_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample input Jacobians (B, M, N) by torch.func."""
+    jac = torch.func.vmap(torch.func.jacrev(lambda xb: model(xb[None])[0].reshape(-1)))(x)
+    return jac.reshape(x.shape[0], jac.shape[1], -1)
+
+
+def whole_param_jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The whole batch's output w.r.t. the parameters, (B*M, P), by plain autograd: train-mode
+    BatchNorm couples the samples and updates its running statistics, which torch.func refuses."""
+    names, params = zip(*((n, p.detach()) for n, p in model.named_parameters()), strict=True)
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,)).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(f, params)
+    return torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+
+
+def _zoo(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resnet":
+        return ResNet18(width=2).eval(), torch.randn(2, 3, 4, 4)
+    if name == "resnet-train":
+        return ResNet18(width=2).train(), torch.randn(2, 3, 4, 4)
+    if name == "conv-bn":
+        return conv_bn().eval(), torch.randn(2, 1, 8, 8)
+    if name == "gpt":
+        return GPT().eval(), torch.randint(0, 50, (2, 8))
+    return LSTMHead(), torch.randn(2, 5, 3)
+
+
+# (network, wrt, auto's mode): vmapped modes, or rev-batched where torch.func refuses the
+# forward (train-mode BatchNorm updates its statistics in place; aten::lstm has no batching
+# rule for per-sample weights); never the row-by-row loop.
+ZOO = [
+    ("resnet", "params", "rev"),
+    ("resnet", "input", "rev"),
+    ("resnet-train", "params", "rev-batched"),
+    ("conv-bn", "params", "rev"),
+    ("conv-bn", "input", "chain"),
+    ("gpt", "params", "rev"),
+    ("lstm", "params", "rev-batched"),
+    ("lstm", "input", "rev"),
+]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("name,wrt,mode", ZOO, ids=[f"{n}-{w}" for n, w, _ in ZOO])
+def test_zoo_matches_torch_func(name, wrt, mode, store_path):
+    """Each network through raijac.compute (auto, two Ray workers, several tiles) against torch.func:
+    per sample in eval mode; train-mode BatchNorm mixes the samples, so the whole batch's Jacobian."""
+    model, x = _zoo(name)
+    batched = model.training is False or name == "lstm"
+    problem = Problem.from_module(model, x, wrt=wrt, batched=batched)
+    jac = raijac.compute(problem, store_path, workers=2, block_size=4)
+    assert jac.mode == mode, jac.meta["mode_reason"]
+    if not batched:
+        want = whole_param_jacobian(model, x)
+    else:
+        want = param_jacobian(model, x) if wrt == "params" else input_jacobian(model, x)
+    assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-5)
