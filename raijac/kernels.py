@@ -43,6 +43,8 @@ ELEMENTWISE = (
     torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.Mish, torch.nn.Identity, Pointwise,
 )  # fmt: skip
 REPEAT_MODES = frozenset({"rev-repeat", "fwd-repeat"})
+# Modes that run f once per forward pass, outside vmap: a random f replays one draw there.
+REPLAY_MODES = frozenset({"rev", "loop"})
 
 StackFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -74,6 +76,7 @@ class Target:
     find_stages: Callable[[], tuple | None] | None = None  # the chain modes' stages (chain_stages), found on first use
     stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
     trusted: bool = False  # a traced chain was checked by the driver (make_target)
+    random: bool = False  # f draws random numbers, replayed from one state (NOTE: [replay] in raijac.problem)
 
     @cached_property
     def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
@@ -110,6 +113,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     `trusted`: a worker's target, whose driver already checked a traced chain against
     autograd before choosing a chain mode (NOTE: [peel check]): the worker does not again."""
     device = torch.device(device)
+    random = problem.random  # evaluates f(x) first, on the caller's device
     if problem.module is not None:
         problem.module.to(device)
     elif isinstance(problem.f, torch.nn.Module):
@@ -118,6 +122,9 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     for stage in problem.f.stages if isinstance(problem.f, Chain) else ():
         if isinstance(stage, torch.nn.Module):
             stage.to(device)
+
+    if random and x.device != problem.x.device:
+        _check_replay_on(problem, x, device)
 
     def stages() -> tuple | None:
         return chain_stages(problem, x, check=not trusted)
@@ -133,7 +140,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
                 return problem.call(x, z[0])[None]
 
             why = "an unbatched parameter Jacobian has no samples to stack; use rev, fwd or loop"
-            return Target(p[None], None, one, None, one, in_shape, out_shape, why)
+            return Target(p[None], None, one, None, one, in_shape, out_shape, why, random=random)
 
         def per_sample(pz: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
             return problem.call(xb[None], pz)[0]
@@ -147,7 +154,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
         z = p.expand(x.shape[0], p.numel())
         return Target(z, x, vmapped, vmapped, looped, in_shape, out_shape)
 
-    f = problem.f
+    f = problem.call  # f itself, or f replaying its one generator state (NOTE: [replay])
     if problem.batched:
 
         def stacked(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -165,7 +172,23 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
 
     stack_fn = stacked_plain if problem.batch_aware else None
     why = "" if stack_fn else no_stack
-    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, why, stages, trusted=trusted)
+    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, why, stages, trusted=trusted, random=random)
+
+
+def _check_replay_on(problem: Problem, x: torch.Tensor, device: torch.device) -> None:
+    """A random f replayed on another device draws from that device's generator: refuse
+    unless it still gives the stored y (its random numbers come from the CPU, say)."""
+    from raijac.errors import ProblemError
+    from raijac.problem import _agrees
+
+    with torch.no_grad():
+        y = problem.call(x, None if problem.params is None else problem.params.to(device))
+    if not _agrees(y.cpu(), problem.y.cpu()):
+        raise ProblemError(
+            f"f draws random numbers, and replayed on {device} it draws other ones than on {problem.x.device}, where y was "
+            f"computed, so J would belong to another function than y; run on {problem.x.device} workers, or make f "
+            "deterministic (module.eval())."
+        )
 
 
 # ---------------------------------------------------------------------- seeds
@@ -214,6 +237,12 @@ class Kernel:
 
     def __init__(self, target: Target, mode: str, colours: torch.Tensor | None = None) -> None:
         check_mode(mode)
+        if target.random and mode not in REPLAY_MODES:
+            raise ModeError(
+                f"mode {mode} runs f's forward pass {'under vmap' if mode == 'fwd' else 'more than once'}, but f draws "
+                "random numbers (dropout in training mode?), so J would mix several draws; use rev or loop, which replay "
+                "one generator state (auto picks them)"
+            )
         if mode in REPEAT_MODES and target.stacked_fn is None:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
         if mode in CHAIN_MODES and target.stages is None:
