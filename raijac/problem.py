@@ -24,14 +24,16 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property, partial
-from typing import Literal
+from functools import cached_property, partial, wraps
+from typing import Literal, ParamSpec, TypeVar
 
 import torch
 
 from raijac.errors import ProblemError
 
 Wrt = Literal["input", "params"]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -635,16 +637,18 @@ def _agrees(a: object, b: object) -> bool:
 
 # ---------------------------------------------------------------------- the caller's objects
 @contextmanager
-def keep_caller_state(problem: Problem) -> Iterator[None]:
+def keep_caller_state(problem: Problem | None) -> Iterator[None]:
     """Give back, on exit, what running the problem here may change in the caller's objects:
     the parameters (moved to a GPU by a probe), buffers (batch norm's running statistics in
-    training mode), `.grad` and training flags of the modules f uses, and the torch generators."""
-    modules = _modules_of(problem)
+    training mode), `.grad` and training flags of the modules f uses, and the torch generators
+    (only those for None)."""
+    modules = [] if problem is None else _modules_of(problem)
     flags = [(m, m.training) for root in modules for m in root.modules()]
     params, buffers = [], []
     for owner, _ in flags:
         for name, p in owner._parameters.items():
-            params.append((owner, name, p, None if p is None else p.data, None if p is None else p.grad))
+            grad = None if p is None else p.grad
+            params.append((owner, name, p, None if p is None else p.data, grad, None if grad is None else grad.data))
         for name, b in owner._buffers.items():
             buffers.append((owner, name, b, None if b is None else b.detach().clone()))
     cpu_state = torch.get_rng_state()
@@ -658,17 +662,31 @@ def keep_caller_state(problem: Problem) -> Iterator[None]:
         for m, training in flags:
             m.training = training
         with torch.no_grad():
-            for owner, name, p, data, grad in params:
+            for owner, name, p, data, grad, grad_data in params:
                 owner._parameters[name] = p
-                if p is not None:
+                if p is not None:  # Module.to() swaps .data of a parameter and of its .grad in place
                     if p.data is not data:
                         p.data = data
+                    if grad is not None and grad.data is not grad_data:
+                        grad.data = grad_data
                     if p.grad is not grad:
                         p.grad = grad
             for owner, name, b, saved in buffers:
                 if b is not None:
                     b.copy_(saved)
                 owner._buffers[name] = b
+
+
+def keeping_caller_state(run: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`run` with `keep_caller_state` around it, for the `problem=` keyword it was given."""
+
+    @wraps(run)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        problem = kwargs.get("problem")
+        with keep_caller_state(problem if isinstance(problem, Problem) else None):
+            return run(*args, **kwargs)
+
+    return wrapper
 
 
 def _modules_of(problem: Problem) -> list[torch.nn.Module]:

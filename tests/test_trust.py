@@ -27,6 +27,7 @@ from raijac.cli import cli
 from raijac.errors import ModeError, ProblemError, StoreError
 from raijac.kernels import Kernel, make_target
 from raijac.problem import REPLAY_SEED
+from raijac.verify import verify
 
 
 def rel_err(got: object, want: torch.Tensor) -> float:
@@ -83,6 +84,7 @@ def test_dropout_is_the_jacobian_of_one_draw(ray_session, tmp_path, case):
     assert jac.summary["random"] == {"replayed": True, "seed": REPLAY_SEED}
     assert jac.meta["random"] == {"replayed": True, "seed": REPLAY_SEED}
     assert jac.summary["mode"] in ("rev", "loop")
+    assert verify(str(tmp_path / "j.zarr"), problem=problem).ok  # its fresh products replay the same draw
     if case == "params":
         assert [p["name"] for p in jac.meta["params"]] == names
 
@@ -275,7 +277,7 @@ def _assert_unchanged(net: torch.nn.Module, before: dict) -> None:
 
 
 @pytest.mark.parametrize("wrt", ["input", "params"])
-def test_compute_and_plan_leave_the_callers_module_as_it_was(ray_session, tmp_path, wrt):
+def test_compute_plan_and_verify_leave_the_callers_module_as_it_was(ray_session, tmp_path, wrt):
     net = _bn_net()
     net[0].weight.grad = torch.full_like(net[0].weight, 3.0)  # a .grad the caller keeps
     x = torch.randn(5, 4)
@@ -285,6 +287,8 @@ def test_compute_and_plan_leave_the_callers_module_as_it_was(ray_session, tmp_pa
     raijac.plan(problem)
     _assert_unchanged(net, before)
     jac = raijac.compute(problem, tmp_path / "bn.zarr", workers=2)
+    _assert_unchanged(net, before)
+    assert verify(str(tmp_path / "bn.zarr"), problem=problem).ok
     _assert_unchanged(net, before)
     if wrt == "input":  # J through the batch statistics, from the caller's state
         want = torch.autograd.functional.jacobian(reference, x)
@@ -307,6 +311,55 @@ def test_caller_state_is_restored_after_an_error(tmp_path):
     with pytest.raises(ModeError):
         raijac.plan(problem, mode="rev-repeat")
     _assert_unchanged(net, before)
+
+
+def test_a_module_moved_or_cast_during_a_run_is_given_back():
+    """What a probe on a GPU does to the caller's module (Module.to swaps .data, .grad's
+    .data and the buffers), shown with a dtype cast, which takes the same path."""
+    from raijac.problem import keep_caller_state
+
+    net = _bn_net()
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    problem = raijac.Problem.from_module(net, torch.randn(5, 4), wrt="input")
+    before = _snapshot(net)
+    buffer = net[1].running_mean
+    with keep_caller_state(problem):
+        net.to(torch.float64).eval()
+        net[1].running_mean.add_(1.0)
+        net[0].weight.grad = None
+    _assert_unchanged(net, before)
+    assert net[0].weight.dtype == torch.float32 and net[0].weight.grad.dtype == torch.float32
+    assert net[1].running_mean is buffer
+
+
+def test_modules_in_a_functions_closure_are_given_back(ray_session, tmp_path):
+    net = _bn_net()
+    x = torch.randn(5, 4)
+    before = _snapshot(net)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z).sum(0)
+
+    raijac.compute(raijac.Problem(f, x), tmp_path / "closure.zarr", workers=2)
+    _assert_unchanged(net, before)
+
+
+@pytest.mark.gpu
+def test_plan_on_a_gpu_leaves_the_module_on_the_cpu():
+    net = _bn_net()
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    problem = raijac.Problem.from_module(net, torch.randn(5, 4), wrt="params")
+    before = _snapshot(net)
+    raijac.plan(problem)  # measures its memory on the first GPU
+    _assert_unchanged(net, before)
+    assert all(t.device.type == "cpu" for t in [*net.parameters(), *net.buffers(), net[0].weight.grad])
+
+
+@pytest.mark.gpu
+def test_random_function_on_a_gpu_is_refused_unless_it_draws_the_same():
+    problem = raijac.Problem(dropout_mlp(6, 3), torch.randn(6))
+    with pytest.raises(ProblemError, match="replayed on cuda.*draws other ones than on cpu"):
+        make_target(problem, "cuda")
 
 
 # ---------------------------------------------------------------------- bfloat16 and empty
