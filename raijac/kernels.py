@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 
 from raijac import blas
-from raijac.errors import ModeError
+from raijac.errors import ModeError, ProblemError
 from raijac.peel import Peeled, Pointwise, forward_agrees
-from raijac.problem import Chain, Problem, chain_stages
+from raijac.problem import Chain, Problem, chain_stages, outputs_agree
 
 Mode = Literal["rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd"]
 MODES: tuple[str, ...] = ("rev", "fwd", "rev-repeat", "fwd-repeat", "loop", "chain", "chain-fwd")
@@ -178,12 +178,9 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
 def _check_replay_on(problem: Problem, x: torch.Tensor, device: torch.device) -> None:
     """A random f replayed on another device draws from that device's generator: refuse
     unless it still gives the stored y (its random numbers come from the CPU, say)."""
-    from raijac.errors import ProblemError
-    from raijac.problem import _agrees
-
     with torch.no_grad():
         y = problem.call(x, None if problem.params is None else problem.params.to(device))
-    if not _agrees(y.cpu(), problem.y.cpu()):
+    if not outputs_agree(y.cpu(), problem.y.cpu()):
         raise ProblemError(
             f"f draws random numbers, and replayed on {device} it draws other ones than on {problem.x.device}, where y was "
             f"computed, so J would belong to another function than y; run on {problem.x.device} workers, or make f "

@@ -190,6 +190,14 @@ def test_batch_coupling_beyond_sample_zero_is_refused(f, b):
         _ = raijac.Problem(f, x, batched=True).y
 
 
+@pytest.mark.parametrize("b", [2, 5])
+def test_batch_coupling_without_gradient_is_refused(b):
+    x = torch.randn(b, 3)
+    assert torch.func.jacrev(_coupled_without_gradient)(x)[1, :, 0, :].abs().max() == 0  # no gradient shows it
+    with pytest.raises(ProblemError, match="treat samples independently.*alone by"):
+        _ = raijac.Problem(_coupled_without_gradient, x, batched=True).y
+
+
 def test_independent_batches_pass():
     x = torch.randn(6, 4)
     problem = raijac.Problem(lambda z: torch.tanh(z) * z.sum(-1, keepdim=True), x, batched=True)
@@ -219,6 +227,26 @@ def test_integer_inputs_are_checked_for_batch_coupling():
     assert float((batch - alone).norm() / batch.norm()) > 0.1  # y from the batch, J would come from one sample
     with pytest.raises(ProblemError, match="treat samples independently.*alone by"):
         _ = raijac.Problem.from_module(model, ids, wrt="params", batched=True).y
+
+
+def test_integer_inputs_through_batch_norm_over_features_are_refused():
+    """BatchNorm1d over the embedding features: one sample alone cannot even be normalised."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).train()
+    ids = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ProblemError, match="needs f to map one sample.*on sample 0 alone f raised ValueError"):
+        _ = raijac.Problem.from_module(model, ids, wrt="params", batched=True).y
+
+
+def test_input_functions_that_fail_on_one_sample_are_left_to_their_blocks():
+    """Input Jacobians run blocks of samples: a function refusing a lone sample is not refused up front."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            raise RuntimeError("needs two samples")
+        return torch.tanh(x)
+
+    assert raijac.Problem(f, torch.randn(4, 3), batched=True).output_shape == (3,)
 
 
 def test_integer_inputs_of_independent_models_pass(ray_session, tmp_path):
