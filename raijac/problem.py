@@ -650,12 +650,14 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
     """Give back, on exit, what running the problem here may change in the caller's objects:
     the parameters (moved to a GPU by a probe), buffers (batch norm's running statistics in
     training mode), `.grad` and training flags of the modules f uses, and the torch generators
-    (only those for None)."""
+    (the generators alone when `problem` is None)."""
     modules = [] if problem is None else _modules_of(problem)
     flags = [(m, m.training) for root in modules for m in root.modules()]
     params, buffers = [], []
     for owner, _ in flags:
         for name, p in owner._parameters.items():
+            if p is not None and torch.nn.parameter.is_lazy(p):
+                continue  # materialised by f's first call: that is its shape now, not a change to undo
             grad = None if p is None else p.grad
             params.append((owner, name, p, None if p is None else p.data, grad, None if grad is None else grad.data))
         for name, b in owner._buffers.items():
@@ -681,9 +683,11 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
                     if p.grad is not grad:
                         p.grad = grad
             for owner, name, b, saved in buffers:
-                if b is not None:
+                if b is not None and (b.shape, b.dtype, b.device) == (saved.shape, saved.dtype, saved.device):
                     b.copy_(saved)
-                owner._buffers[name] = b
+                    owner._buffers[name] = b
+                else:  # f replaced or reshaped it: the saved copy is the caller's value
+                    owner._buffers[name] = saved
 
 
 def keeping_caller_state(run: Callable[_P, _R]) -> Callable[_P, _R]:
