@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from raijac.kernels import Kernel, make_target
 from raijac.modes import check_mode, seed_axis
 from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
-from raijac.problem import Problem, load_problem, spec_key
+from raijac.problem import REPLAY_SEED, Problem, keep_caller_state, load_problem, spec_key
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose, resolve_pattern
@@ -43,6 +44,31 @@ def _problem(problem_or_spec: Problem | str) -> Problem:
     if isinstance(problem_or_spec, str | os.PathLike):
         return load_problem(os.fspath(problem_or_spec))
     raise ProblemError(f"expected a raijac.Problem or a spec string, but got {type(problem_or_spec).__name__}.")
+
+
+def _keeps_caller_state(run: Any) -> Any:
+    """Run `plan`/`compute` with the caller's modules and generators given back as they were:
+    triage and probes run f here (batch norm in training mode moves its running statistics,
+    a GPU probe moves the module); the workers change only their own copies."""
+
+    @functools.wraps(run)
+    def wrapper(problem_or_spec: Problem | str, *args: Any, **kwargs: Any) -> Any:
+        problem = _problem(problem_or_spec)
+        with keep_caller_state(problem):
+            return run(problem, *args, **kwargs)
+
+    return wrapper
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as numpy for the store: bfloat16, which numpy lacks, is kept as float32 (exact)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _random_meta(problem: Problem) -> dict[str, Any] | None:
+    """What the store and summary say of a function that draws random numbers (NOTE: [replay])."""
+    return {"replayed": True, "seed": REPLAY_SEED} if problem.random else None
 
 
 def _store_dtype(problem: Problem, dtype: str | torch.dtype | None) -> str:
@@ -106,6 +132,7 @@ def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[
     )
 
 
+@_keeps_caller_state
 def plan(
     problem_or_spec: Problem | str,
     *,
@@ -179,6 +206,7 @@ def _budget_beyond_memory(budgets: list[int] | None, device: torch.device) -> st
     )
 
 
+@_keeps_caller_state
 def compute(
     problem_or_spec: Problem | str,
     out: str | os.PathLike,
@@ -347,6 +375,7 @@ def compute(
         "all_finite": stats["finite"],
         "peak_rss_growth": stats["rss_growth"],
         "oom_splits": stats["oom_splits"],
+        "random": _random_meta(problem),
     }
     if colouring is not None:
         result.summary["sparse"] = {
@@ -506,7 +535,7 @@ def _check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, proble
             "overwrite=True (--overwrite) / a new out."
         )
     stored_y = store.open_group(out)["y"][...]
-    y = problem.y.detach().cpu().numpy()
+    y = _numpy(problem.y)
     if stored_y.shape != y.shape or not np.allclose(stored_y, y, rtol=1e-5, atol=1e-6, equal_nan=True):
         raise StoreError(
             f"resume=True (--resume) refused: f(x) differs from the y stored in {out}, so f changed since the run "
@@ -517,11 +546,11 @@ def _check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, proble
 def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, started: float):
     compressor, codec_reason, level = codec
     arrays = {
-        "x": (problem.x.detach().cpu().numpy(), problem.batched),
-        "y": (problem.y.detach().cpu().numpy(), problem.batched),
+        "x": (_numpy(problem.x), problem.batched),
+        "y": (_numpy(problem.y), problem.batched),
     }
     if problem.params is not None:
-        arrays["params"] = (problem.params.detach().cpu().numpy(), False)
+        arrays["params"] = (_numpy(problem.params), False)
     meta = {
         "complete": False,
         "mode": the_plan.mode,
@@ -538,6 +567,7 @@ def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple,
         "x_shape": list(problem.x.shape),
         "dtype": the_plan.dtype,
         "compute_dtype": str(problem.dtype).replace("torch.", ""),
+        "random": _random_meta(problem),
         "spec": portable_spec(problem.spec),
         "spec_sha256": spec_digest(problem.spec) if problem.spec else None,
         **ids,  # the fingerprint and its parts

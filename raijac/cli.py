@@ -108,8 +108,12 @@ def cli() -> None:
 @click.option("--out", required=True, metavar="PATH", help="Zarr store to write.")
 @_common
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray).")
-@click.option("--resume", is_flag=True, help="Finish an interrupted run, skipping tiles already written.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing raijac store at --out.")
+# Options that write into or delete an existing store are never read from RAIJAC_* variables:
+# a variable left set in a shell must not turn a later run destructive.
+@click.option(
+    "--resume", is_flag=True, allow_from_autoenv=False, help="Finish an interrupted run, skipping tiles already written."
+)
+@click.option("--overwrite", is_flag=True, allow_from_autoenv=False, help="Replace an existing raijac store at --out.")
 @click.option(
     "--compressor",
     type=click.Choice(["auto", "zstd", "blosc", "none"]),

@@ -24,10 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac import blas, modes
 from raijac.chain import chain_stages
-from raijac.errors import ModeError
+from raijac.errors import ModeError, ProblemError
 from raijac.modes import check_mode, seed_axis  # noqa: F401  (re-exported: kernels is where callers look)
 from raijac.peel import Peeled, Pointwise, forward_agrees
-from raijac.problem import Chain, Problem
+from raijac.problem import Chain, Problem, outputs_agree
 
 # Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
 ELEMENTWISE = (
@@ -54,6 +54,7 @@ class Target:
     find_stages: Callable[[], tuple | None] | None = None  # the chain modes' stages (chain_stages), found on first use
     stages_batched: bool = False  # the stages map a stack of samples (z[b0:b1]), not one sample (z[0])
     trusted: bool = False  # a traced chain was checked by the driver (make_target)
+    random: bool = False  # f draws random numbers, replayed from one state (NOTE: [replay] in raijac.problem)
 
     @cached_property
     def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
@@ -87,6 +88,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     autograd before choosing a chain mode (NOTE: [peel check]): the worker does not again."""
     device = torch.device(device)
     in_shape, out_shape = problem.input_shape, problem.output_shape  # evaluates f once: fixes how f returns
+    random = problem.random  # f(x) was evaluated on the caller's device
     if problem.module is not None:
         problem.module.to(device)
     if isinstance(problem.f, torch.nn.Module):
@@ -96,6 +98,9 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
     for stage in problem.f.stages if isinstance(problem.f, Chain) else ():
         if isinstance(stage, torch.nn.Module):
             stage.to(device)
+
+    if random and x.device != problem.x.device:
+        _check_replay_on(problem, x, device)
 
     def stages() -> tuple | None:
         return chain_stages(problem, x, check=not trusted)
@@ -110,7 +115,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
                 return problem.call(None, z[0], ctx)[None]
 
             why = "an unbatched parameter Jacobian has no samples to stack; use rev, fwd or loop"
-            return Target(p[None], None, one, None, one, in_shape, out_shape, why)
+            return Target(p[None], None, one, None, one, in_shape, out_shape, why, random=random)
 
         def per_sample(pz: torch.Tensor, cb: tuple[torch.Tensor, ...]) -> torch.Tensor:
             return problem.call(None, pz, tuple(t[None] for t in cb))[0]
@@ -124,11 +129,11 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
         z = p.expand(x.shape[0], p.numel())
         return Target(z, ctx, vmapped, vmapped, looped, in_shape, out_shape)
 
-    f = problem.f
+    f = problem.call  # f itself, or f replaying its one generator state (NOTE: [replay])
     if problem.batched:
 
         def stacked(z: torch.Tensor, c: Context) -> torch.Tensor:
-            return f(z) if c is None else f(z, c)
+            return f(z, None, c)
 
         return Target(
             x,
@@ -151,7 +156,20 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
 
     stack_fn = stacked_plain if problem.batch_aware else None
     why = "" if stack_fn else no_stack
-    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, why, stages, trusted=trusted)
+    return Target(x[None], None, single, stack_fn, single, in_shape, out_shape, why, stages, trusted=trusted, random=random)
+
+
+def _check_replay_on(problem: Problem, x: torch.Tensor, device: torch.device) -> None:
+    """A random f replayed on another device draws from that device's generator: refuse
+    unless it still gives the stored y (its random numbers come from the CPU, say)."""
+    with torch.no_grad():
+        y = problem.call(x, None if problem.params is None else problem.params.to(device))
+    if not outputs_agree(y.cpu(), problem.y.cpu()):
+        raise ProblemError(
+            f"f draws random numbers, and replayed on {device} it draws other ones than on {problem.x.device}, where y was "
+            f"computed, so J would belong to another function than y; run on {problem.x.device} workers, or make f "
+            "deterministic (module.eval())."
+        )
 
 
 # ---------------------------------------------------------------------- seeds
@@ -202,6 +220,12 @@ class Kernel:
 
     def __init__(self, target: Target, mode: str, colours: torch.Tensor | None = None) -> None:
         spec = modes.get(mode)
+        if target.random and not spec.replays:
+            raise ModeError(
+                f"mode {mode} runs f's forward pass {'under vmap' if mode == 'fwd' else 'more than once'}, but f draws "
+                "random numbers (dropout in training mode?), so J would mix several draws; use rev or loop, which replay "
+                "one generator state (auto picks them)"
+            )
         if spec.stacks and target.stacked_fn is None:
             raise ModeError(f"mode {mode} needs a stackable (batch-aware) function, but {target.why_not_stacked}.")
         if spec.chain and target.stages is None:

@@ -33,6 +33,7 @@ class ModeSpec:
     chain: bool = False  # walks f's stages (Problem.chain, nn.Sequential, a peeled function)
     sparse: bool = True  # has a compressed form over colour seeds
     fallback: bool = True  # auto may fall back to it (registry order along its axis)
+    replays: bool = False  # runs f once per forward pass outside vmap, so a random f replays one draw (NOTE: [replay])
     vmaps: bool = True  # runs under vmap (over seeds, samples or a batched backward): NOTE: [attention] in kernels
 
     @property
@@ -45,17 +46,18 @@ REGISTRY: dict[str, ModeSpec] = {
     spec.name: spec
     for spec in (
         ModeSpec("rev", "rows of I_M", "_rev",
-                 "`vmap(vjp_fn)` over identity rows; the forward pass is kept across blocks", "vmap-able backward"),
+                 "`vmap(vjp_fn)` over identity rows; the forward pass is kept across blocks", "vmap-able backward",
+                 replays=True),
         ModeSpec("fwd", "columns of I_N", "_fwd", "`vmap(jvp)` over identity columns", "forward-AD formulas"),
         ModeSpec("rev-batched", "rows", "_rev_batched",
                  "one plain forward, then one `autograd.grad(..., is_grads_batched=True)` over a block of identity rows",
-                 "a backward that vmap can batch (old-style `autograd.Function`s work)"),
+                 "a backward that vmap can batch (old-style `autograd.Function`s work)", replays=True),
         ModeSpec("rev-repeat", "rows", "_rev_repeat", "k stacked copies of x, one `autograd.grad` with an identity block",
                  "batch-aware f", stacks=True),
         ModeSpec("fwd-repeat", "columns", "_fwd_repeat",
                  "stacked copies + the double-backward trick (differentiate the VJP w.r.t. the cotangent)",
                  "batch-aware f", stacks=True),
-        ModeSpec("loop", "rows", "_loop", "one `autograd.grad` per row", "backward formulas only", vmaps=False),
+        ModeSpec("loop", "rows", "_loop", "one `autograd.grad` per row", "backward formulas only", replays=True, vmaps=False),
         ModeSpec("chain", "rows", "_chain_rev",
                  "for a chain of stages: starts from the last Linear's weight rows (no identity GEMM; trailing "
                  "elementwise stages scale those rows), elementwise stages as scalings, Linear stages as one GEMM, "

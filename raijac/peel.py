@@ -72,14 +72,16 @@ def peel_chain(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, ch
     from the output, and before them the traced rest of f (omitted where the walk reached a
     1-D x). None when f does not end in a linear layer, cannot be traced, or the stages do
     not agree with f (`check=False` skips that check: for workers, whose driver made it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     gm = None
     try:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        gm = make_fx(lambda z: f(z))(x.detach())  # one positional input, whatever f's signature (defaults, *args)
+        try:
+            gm = make_fx(lambda z: f(z))(x.detach())  # one positional input, whatever f's signature (defaults, *args)
+        except Exception:  # f's own code cannot be traced (data-dependent Python, an op make_fx lacks): no chain
+            return None
+        # The walk is raijac's own code: an error there is a bug to see, not "no chain".
         return _peel(gm, f, x, check)
-    except Exception:  # tracing is an optimisation: any failure just means no chain
-        return None
     finally:
         if gm is not None:
             _unlink(gm)  # used (the traced rest) or not, it holds no cycle through the model's tensors
@@ -226,12 +228,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _reverse_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:
     z = x.detach()
-    y, vjp_f = torch.func.vjp(f, z)
+    try:
+        y, vjp_f = torch.func.vjp(f, z)
+        v = torch.randn(y.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device, dtype=y.dtype)
+        want = vjp_f(v)[0]
+    except Exception:  # f itself has no reverse-mode derivative here: nothing for the chain to agree with
+        return False
     h, vjp_c = torch.func.vjp(Chain(tuple(stages)), z)
     if not _close(y.reshape(-1), h.reshape(-1)):  # the stages' forward pass is f's (biases included)
         return False
-    v = torch.randn(y.shape, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device, dtype=y.dtype)
-    return _close(vjp_f(v)[0], vjp_c(v.reshape(-1))[0])
+    return _close(want, vjp_c(v.reshape(-1))[0])
 
 
 def forward_agrees(f: Callable, stages: tuple, x: torch.Tensor) -> bool:

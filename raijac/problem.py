@@ -22,10 +22,11 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Literal
+from functools import cached_property, partial, wraps
+from typing import Literal, ParamSpec, TypeVar
 
 import torch
 
@@ -33,6 +34,8 @@ from raijac import trees
 from raijac.errors import ProblemError
 
 Wrt = Literal["input", "params"]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,10 @@ class Problem:
             raise ProblemError(
                 "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
             )
+        if batched and ctx[0].shape[0] == 0:
+            raise ProblemError(
+                f"x has no samples (shape {tuple(ctx[0].shape)}), so there is nothing to compute; pass at least one sample."
+            )
         _check_samples(ctx, ctx[0].shape[0] if batched else None)
         problem = object.__new__(cls)
         problem.__dict__.update(
@@ -372,11 +379,26 @@ class Problem:
     ) -> torch.Tensor:
         """`f` at `x` (a stack of samples, or x itself) with the per-sample inputs `ctx` of those
         samples (default: all of them); for parameter problems the module at the flat `params`
-        on its inputs `ctx` (x is then not used)."""
+        on its inputs `ctx` (x is then not used). For a function that draws random numbers,
+        from the one fixed generator state that gave `y` (NOTE: [replay]), so every forward
+        pass anywhere is the same function."""
+        if not self.random:
+            return self._forward(x, params, ctx)
+        with replaying(self.x.device if x is None else x.device):
+            return self._forward(x, params, ctx)
+
+    def _forward(
+        self, x: torch.Tensor | None, params: torch.Tensor | None = None, ctx: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
         ctx = self.ctx if ctx is None else ctx
         if self.wrt == "params":
             return self.f(None, ctx, params=self.unflatten_params(params))
         return self.f(x) if ctx is None else self.f(x, ctx)
+
+    def _one_sample(self, s: int) -> torch.Tensor:
+        """f on sample s alone (its per-sample inputs with it)."""
+        ctx = None if self.ctx is None else tuple(c[s : s + 1] for c in self.ctx)
+        return self._forward(None if self.wrt == "params" else self.x[s : s + 1], self.params, ctx)
 
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The flat parameter vector as a `{name: tensor}` dict (views, no copies).
@@ -388,7 +410,7 @@ class Problem:
         """
         return unflatten(self.param_info, flat)
 
-    def _evaluate(self) -> torch.Tensor:
+    def _structured(self) -> torch.Tensor:
         """f at the problem's point as one tensor; a structured output (tuple, dict, dataclass)
         is flattened leaf by leaf, and where each leaf sits is kept in `out_leaves`."""
         params = None if self.params is None else self.unflatten_params(self.params)
@@ -414,19 +436,27 @@ class Problem:
         self.out_leaves = trees.layout(names, [tuple(t.shape[len(lead) :]) for t in leaves])
         return trees.concat(leaves, lead)
 
+    @property
+    def random(self) -> bool:
+        """Whether f draws random numbers (found while evaluating `y`; NOTE: [replay])."""
+        self.y  # noqa: B018 - evaluates f and sets _random
+        return self.__dict__["_random"]
+
+    # NOTE: [replay] A function that draws random numbers (dropout in training mode) is a
+    # different function on every call: a Jacobian assembled from blocks that each run their
+    # own forward pass would mix several draws, and match no y. So y is f(x) from one fixed
+    # generator state (REPLAY_SEED), and `call` replays that state before every forward pass,
+    # on every worker: J is then the Jacobian of that one function, as
+    # `torch.manual_seed(REPLAY_SEED); torch.func.jacrev(f)(x)` gives it. Only modes that
+    # run f once per forward pass, outside vmap, can keep to one draw (rev, loop); f that
+    # differs between two calls from the same state cannot be replayed and is refused.
     @cached_property
     def y(self) -> torch.Tensor:
-        """`f(x)`, checked: one floating-point tensor, per-sample when batched."""
-        try:
-            with torch.no_grad():
-                y = self._evaluate()
-        except ProblemError:
-            raise
-        except Exception as exc:  # the user's function: show its own message
-            raise ProblemError(
-                f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {_first_line(exc)}; "
-                "fix f or pass x of the shape it expects."
-            ) from exc
+        """`f(x)`, checked: one floating-point tensor, per-sample when batched, the same on every call."""
+        with torch.no_grad(), replaying(self.x.device):
+            before = _generator_states(self.x.device)
+            y = self._evaluate()
+            drew = not _same_states(before, _generator_states(self.x.device))
         if not isinstance(y, torch.Tensor):
             raise ProblemError(
                 f"f must return tensors (one, or a tuple, list, dict or dataclass of them), but returned "
@@ -436,6 +466,23 @@ class Problem:
             raise ProblemError(
                 f"raijac needs floating-point outputs, but f returned {y.dtype}; cast inside f (return y.float())."
             )
+        if y.numel() == 0:
+            raise ProblemError(
+                f"f returned an empty tensor (shape {tuple(y.shape)}), so J has no rows and there is nothing to compute; "
+                "return at least one output."
+            )
+        with torch.no_grad(), replaying(self.x.device):
+            again = self._evaluate()
+        if not outputs_agree(y, again):
+            cause = (
+                "f draws random numbers, but two calls from the same torch generator state differ (a torch.Generator of "
+                "its own, numpy or Python random?)"
+                if drew
+                else "f returned different outputs on two calls at the same x (random numbers from numpy or Python, "
+                "or state kept between calls?)"
+            )
+            raise ProblemError(f"{cause}; raijac differentiates one fixed function: make f deterministic (module.eval()).")
+        self.__dict__["_random"] = drew
         if self.batched:
             b = self.x.shape[0]
             if y.ndim == 0 or y.shape[0] != b:
@@ -443,25 +490,97 @@ class Problem:
                     f"batched=True needs f to map (B, ...) to (B, ...), but x has B={b} and f returned shape "
                     f"{tuple(y.shape)}; return one output per sample, or pass batched=False."
                 )
-            self._check_per_sample()
+            if drew:
+                raise ProblemError(
+                    "batched=True needs f to be deterministic, but f draws random numbers (dropout in training mode?), "
+                    "and each block of samples would draw its own; call module.eval(), or pass batched=False."
+                )
+            self._check_per_sample(y)
         return y.detach()
 
-    def _check_per_sample(self) -> None:
-        """Refuse batched functions whose output sample 0 depends on other samples."""
-        if self.x.shape[0] < 2 or not self.x.is_floating_point():
+    def _evaluate(self) -> torch.Tensor:
+        try:
+            return self._structured()
+        except ProblemError:
+            raise
+        except Exception as exc:  # the user's function: show its own message
+            raise ProblemError(
+                f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {_first_line(exc)}; "
+                "fix f or pass x of the shape it expects."
+            ) from exc
+
+    def _check_per_sample(self, y: torch.Tensor) -> None:
+        """Refuse batched functions where an output sample depends on other samples: the
+        kernels differentiate blocks of samples (or one at a time), so J would be wrong for
+        them. Checked on the first, the last and one random sample."""
+        b = int(self.x.shape[0])
+        if b < 2:
             return
+        middle = int(torch.randint(1, max(b - 1, 2), (), generator=torch.Generator().manual_seed(b)))
+        picks = sorted({0, min(middle, b - 1), b - 1})
+        if self.x.is_floating_point():
+            self._check_gradient_stays(picks)
+        self._compare_one_sample_passes(y, picks)
+
+    def _check_gradient_stays(self, picks: list[int]) -> None:
+        """Raise where the gradient of output sample s reaches another input sample (exact
+        zeros expected)."""
         x = self.x.clone().requires_grad_(True)
         with torch.enable_grad():
-            y = self.call(None, self.params, (x, *self.ctx[1:])) if self.wrt == "params" else self.call(x, self.params)
+            if self.wrt == "params":  # x is the module's first input, ctx[0]
+                y = self._forward(None, self.params, (x, *self.ctx[1:]))
+            else:
+                y = self._forward(x, self.params)
             if not y.requires_grad:
                 return
-            w = torch.randn(y[0].shape, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
-            (g,) = torch.autograd.grad((y[0] * w).sum(), x, allow_unused=True)
-        if g is not None and bool(g[1:].abs().max() > 0):
-            raise ProblemError(
-                "batched=True needs f to treat samples independently, but output sample 0 depends on other input "
-                "samples (batch norm in training mode, or a mean over the batch?); call module.eval(), or pass batched=False."
-            )
+            for s in picks:
+                w = torch.randn(y[s].shape, generator=torch.Generator().manual_seed(s), dtype=y.dtype).to(y.device)
+                (g,) = torch.autograd.grad((y[s] * w).sum(), x, retain_graph=True, allow_unused=True)
+                if g is None:
+                    continue
+                reached = (g.reshape(g.shape[0], -1) != 0).any(dim=1)
+                reached[s] = False
+                if bool(reached.any()):
+                    raise ProblemError(
+                        f"batched=True needs f to treat samples independently, but output sample {s} depends on other "
+                        f"input samples (sample {int(reached.nonzero()[0])}; batch norm in training mode, a mean over the "
+                        "batch, or a shift along it?); call module.eval(), or pass batched=False."
+                    )
+
+    def _compare_one_sample_passes(self, y: torch.Tensor, picks: list[int]) -> None:
+        """Compare the batch's output sample s with f on sample s alone, which is what the
+        kernels may differentiate: catches what no gradient shows (token ids as x, a coupling
+        through a step function)."""
+        tol = _AGREE_RTOL.get(y.dtype, 1e-4) * 10
+        # Parameter Jacobians always run f on one sample at a time (vmapped): f must map one
+        # sample there. Input Jacobians run blocks of samples, whose own errors say what is wrong.
+        one_at_a_time = self.wrt == "params"
+        for s in picks:
+            try:
+                with torch.no_grad():
+                    alone = self._one_sample(s)
+            except Exception as exc:
+                if not one_at_a_time:
+                    continue
+                raise ProblemError(
+                    f"batched=True needs f to map one sample (1, ...) as it maps a batch, but on sample {s} alone f raised "
+                    f"{type(exc).__name__}: {_first_line(exc)}; fix f, or pass batched=False."
+                ) from exc
+            if tuple(alone.shape) != (1, *y.shape[1:]):
+                if not one_at_a_time:
+                    continue
+                raise ProblemError(
+                    f"batched=True needs f to map (1, ...) to (1, ...), but on sample {s} alone it returned shape "
+                    f"{tuple(alone.shape)}; fix f, or pass batched=False."
+                )
+            err = float((alone[0].double() - y[s].double()).norm())
+            scale = max(float(y[s].double().norm()), 1e-30)
+            if not err <= tol * scale:
+                raise ProblemError(
+                    f"batched=True needs f to treat samples independently, but output sample {s} of the whole batch "
+                    f"differs from f on sample {s} alone by {err / scale:.3g} (relative) (batch norm in training mode, "
+                    "or a mean over the batch?); call module.eval(), or pass batched=False."
+                )
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
@@ -486,6 +605,8 @@ class Problem:
         }
         if getattr(self, "sparsity", None) is not None:  # the pattern itself is checked apart (cheap workers)
             head["sparse"] = True
+        if self.random:
+            head["random"] = {"replayed": True, "seed": REPLAY_SEED}
         h.update(json.dumps(head, sort_keys=True).encode())
         for t in (self.x, self.params, *(self.ctx or ())):
             if t is not None:
@@ -498,6 +619,7 @@ class Problem:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
+        state.pop("_random", None)  # found again with y
         return state
 
 
@@ -534,6 +656,11 @@ def _check_input(x: object, name: str) -> None:
             f"raijac differentiates floating-point inputs, but {name} has dtype {x.dtype}; "
             f"pass {name}.float() or {name}.double() (complex inputs: split real and imaginary parts)."
         )
+    if x.numel() == 0:
+        raise ProblemError(
+            f"{name} is empty (shape {tuple(x.shape)}), so J has no columns and there is nothing to compute; "
+            "pass a point with at least one element."
+        )
 
 
 def _short_repr(obj: object) -> str:
@@ -544,6 +671,146 @@ def _short_repr(obj: object) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0].rstrip(".")
+
+
+# ---------------------------------------------------------------------- randomness (NOTE: [replay])
+REPLAY_SEED = 0
+# Two calls of a deterministic f agree to rounding (GPU reductions may reorder sums); two
+# random draws differ by the size of the output itself.
+_AGREE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@contextmanager
+def replaying(device: torch.device | str) -> Iterator[None]:
+    """Run the body from the generator state REPLAY_SEED (CPU, and `device` when it is a GPU),
+    then give the caller's state back."""
+    device = torch.device(device)
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(REPLAY_SEED)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(REPLAY_SEED)
+        yield
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def outputs_agree(a: object, b: object) -> bool:
+    """Whether two evaluations of f agree to rounding (relative to the largest entry, NaNs in
+    the same places): the test that a replayed f is still the function that gave y."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return type(a) is type(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+        return False
+    a64, b64 = torch.nan_to_num(a64), torch.nan_to_num(b64)
+    scale = max(float(a64.abs().max()), 1.0) if a64.numel() else 1.0
+    return bool(((a64 - b64).abs() <= _AGREE_RTOL.get(a.dtype, 1e-5) * scale).all())
+
+
+# ---------------------------------------------------------------------- the caller's objects
+@contextmanager
+def keep_caller_state(problem: Problem | None) -> Iterator[None]:
+    """Give back, on exit, what running the problem here may change in the caller's objects:
+    the parameters (moved to a GPU by a probe), buffers (batch norm's running statistics in
+    training mode), `.grad` and training flags of the modules f uses, and the torch generators
+    (the generators alone when `problem` is None)."""
+    modules = [] if problem is None else _modules_of(problem)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    params, buffers = [], []
+    for owner, _ in flags:
+        for name, p in owner._parameters.items():
+            if p is not None and torch.nn.parameter.is_lazy(p):
+                continue  # materialised by f's first call: that is its shape now, not a change to undo
+            grad = None if p is None else p.grad
+            params.append((owner, name, p, None if p is None else p.data, grad, None if grad is None else grad.data))
+        for name, b in owner._buffers.items():
+            buffers.append((owner, name, b, None if b is None else b.detach().clone()))
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for owner, name, p, data, grad, grad_data in params:
+                owner._parameters[name] = p
+                if p is not None:  # Module.to() swaps .data of a parameter and of its .grad in place
+                    if p.data is not data:
+                        p.data = data
+                    if grad is not None and grad.data is not grad_data:
+                        grad.data = grad_data
+                    if p.grad is not grad:
+                        p.grad = grad
+            for owner, name, b, saved in buffers:
+                if b is not None and (b.shape, b.dtype, b.device) == (saved.shape, saved.dtype, saved.device):
+                    b.copy_(saved)
+                    owner._buffers[name] = b
+                else:  # f replaced or reshaped it: the saved copy is the caller's value
+                    owner._buffers[name] = saved
+
+
+def keeping_caller_state(run: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`run` with `keep_caller_state` around it, for the `problem=` keyword it was given."""
+
+    @wraps(run)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        problem = kwargs.get("problem")
+        with keep_caller_state(problem if isinstance(problem, Problem) else None):
+            return run(*args, **kwargs)
+
+    return wrapper
+
+
+def _modules_of(problem: Problem) -> list[torch.nn.Module]:
+    """The modules f uses that raijac can see: the problem's module, f itself, a chain's
+    stages, and modules held by f's closure or partial arguments (two levels deep)."""
+    found: dict[int, torch.nn.Module] = {}
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, torch.nn.Module):
+            found.setdefault(id(obj), obj)
+            return
+        if depth <= 0:
+            return
+        if isinstance(obj, Chain):
+            inner = list(obj.stages)
+        elif isinstance(obj, partial):
+            inner = [obj.func, *obj.args, *obj.keywords.values()]
+        else:
+            inner = [c.cell_contents for c in getattr(obj, "__closure__", None) or () if _has_contents(c)]
+            inner += [getattr(obj, "__self__", None), getattr(obj, "__wrapped__", None)]
+        for each in inner:
+            if each is not None:
+                visit(each, depth - 1)
+
+    visit(problem.module, 1)
+    visit(problem.f, 3)
+    return list(found.values())
+
+
+def _has_contents(cell: object) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- specs

@@ -106,7 +106,13 @@ def read_meta(path: str) -> dict | None:
         return None
     try:
         group = zarr.open_group(path, mode="r")
-    except Exception:
+    except PermissionError as exc:  # a store we may not read is not "not a store": say why
+        raise StoreError(
+            f"cannot read {path}: permission denied ({exc.filename or path}); fix its permissions, or use another path."
+        ) from None
+    except (zarr.errors.BaseZarrError, FileNotFoundError, NotADirectoryError, ValueError):
+        # No group there (other data), an array, or a zarr.json that is not JSON: not a raijac store.
+        # Anything else (a raijac bug, a network failure) surfaces as itself.
         return None
     meta = group.attrs.get(ATTR)
     return dict(meta) if isinstance(meta, dict) else None

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from raijac.errors import ProblemError, StoreError
-from raijac.problem import Problem, _is_path, load_problem
+from raijac.problem import Problem, _is_path, keeping_caller_state, load_problem
 from raijac.reader import Jacobian
 
 # Relative error allowed by default, by the coarser of the store's and the computation's dtype.
@@ -119,6 +119,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+@keeping_caller_state  # a caller's problem: its modules and the generators are given back as they were
 def verify(
     path: str,
     *,

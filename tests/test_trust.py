@@ -1,0 +1,546 @@
+"""No silent wrong Jacobian: problems raijac must replay, refuse or leave untouched.
+
+Each case is a failure users met: a random function (dropout) whose J mixed several draws,
+batch coupling missed outside sample 0 or with integer inputs, the caller's module changed
+by a run, bfloat16 and empty inputs that crashed, a destructive option set from the
+environment, and catch-alls that hid raijac's own errors. References are torch.func /
+torch.autograd on the same function, never raijac.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import raijac
+from raijac.cli import cli
+from raijac.errors import ModeError, ProblemError, StoreError
+from raijac.kernels import Kernel, make_target
+from raijac.problem import REPLAY_SEED
+from raijac.verify import verify
+
+
+def rel_err(got: object, want: torch.Tensor) -> float:
+    got = torch.as_tensor(np.asarray(got), dtype=torch.float64)
+    want = want.detach().double().reshape(got.shape)
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def seeded(fn, *args):
+    """fn(*args) from the generator state raijac replays (NOTE: [replay])."""
+    torch.manual_seed(REPLAY_SEED)
+    return fn(*args)
+
+
+def dropout_mlp(n_in: int, n_out: int) -> torch.nn.Module:
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(n_in, 24), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(24, n_out))
+    return net.train()
+
+
+def dropout_function(x: torch.Tensor) -> torch.Tensor:
+    w = torch.linspace(-1, 1, 30 * x.numel()).reshape(30, x.numel())
+    return torch.nn.functional.dropout(torch.tanh(w @ x), p=0.4, training=True)
+
+
+# ---------------------------------------------------------------------- randomness
+@pytest.mark.parametrize(
+    "case",
+    ["module-rows", "module-cols", "function", "params"],
+)
+def test_dropout_is_the_jacobian_of_one_draw(ray_session, tmp_path, case):
+    """J and y both belong to f with the one replayed generator state, whichever mode auto takes."""
+    if case == "function":
+        problem, f, primal = raijac.Problem(dropout_function, torch.randn(6)), dropout_function, None
+    elif case == "params":
+        net = dropout_mlp(5, 3)
+        problem = raijac.Problem.from_module(net, torch.randn(5), wrt="params")
+        names = [n for n, _ in net.named_parameters()]
+
+        def f(flat):
+            return torch.func.functional_call(net, problem.unflatten_params(flat), (problem.x,))
+
+        primal = problem.params
+    else:
+        n_in, n_out = (40, 3) if case == "module-rows" else (4, 30)  # auto seeds rows / columns
+        f = dropout_mlp(n_in, n_out)
+        problem, primal = raijac.Problem(f, torch.randn(n_in)), None
+    x = problem.x if primal is None else primal
+    jac = raijac.compute(problem, tmp_path / "j.zarr", workers=2, block_size=2)
+    want_j = seeded(torch.func.jacrev(f), x)
+    want_y = seeded(f, x)
+    assert rel_err(jac[...], want_j) < 1e-5
+    assert rel_err(jac.y, want_y) < 1e-6
+    assert jac.summary["random"] == {"replayed": True, "seed": REPLAY_SEED}
+    assert jac.meta["random"] == {"replayed": True, "seed": REPLAY_SEED}
+    assert jac.summary["mode"] in ("rev", "loop")
+    assert verify(str(tmp_path / "j.zarr"), problem=problem).ok  # its fresh products replay the same draw
+    if case == "params":
+        assert [p["name"] for p in jac.meta["params"]] == names
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev-repeat", "fwd-repeat", "chain", "chain-fwd"])
+def test_modes_that_redraw_are_refused_for_random_functions(mode):
+    net = dropout_mlp(6, 3)
+    problem = raijac.Problem(net, torch.randn(4, 6), batch_aware=True)
+    with pytest.raises(ModeError, match=f"mode {mode} runs f's forward pass.*draws random numbers.*rev or loop"):
+        Kernel(make_target(problem), mode)
+
+
+@pytest.mark.parametrize("mode", ["rev", "loop"])
+def test_replaying_modes_agree_with_jacrev_of_one_draw(mode):
+    net = dropout_mlp(6, 5)
+    x = torch.randn(6)
+    block = Kernel(make_target(raijac.Problem(net, x)), mode)(0, 1, 0, 5)[0]
+    torch.testing.assert_close(block, seeded(torch.func.jacrev(net), x), rtol=1e-6, atol=1e-7)
+
+
+def test_deterministic_functions_are_not_random():
+    problem = raijac.Problem(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5)).eval(), torch.randn(3))
+    assert not problem.random
+    assert "random" not in str(problem.fingerprint())  # fingerprints of deterministic problems are unchanged
+
+
+_OWN = torch.Generator().manual_seed(0)
+_CALLS = itertools.count()
+
+
+def _numpy_noise(x: torch.Tensor) -> torch.Tensor:
+    return x * float(np.random.rand())
+
+
+def _own_generator(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rand((), generator=_OWN)
+
+
+def _global_and_own(x: torch.Tensor) -> torch.Tensor:  # draws from the global generator too
+    return x * (torch.rand(()) + torch.rand((), generator=torch.Generator().manual_seed(next(_CALLS))))
+
+
+@pytest.mark.parametrize(
+    "f,match",
+    [
+        (_numpy_noise, "different outputs on two calls"),
+        (_own_generator, "different outputs on two calls"),
+        (_global_and_own, "same torch generator state differ"),
+    ],
+    ids=["numpy", "own-generator", "global-and-own"],
+)
+def test_functions_that_cannot_be_replayed_are_refused(f, match):
+    with pytest.raises(ProblemError, match=match):
+        _ = raijac.Problem(f, torch.randn(3)).y
+
+
+def test_batched_random_function_is_refused():
+    net = dropout_mlp(4, 2)
+    with pytest.raises(ProblemError, match="batched=True needs f to be deterministic.*draws random numbers"):
+        _ = raijac.Problem(net, torch.randn(5, 4), batched=True).y
+
+
+def test_replay_leaves_the_callers_generator_alone():
+    problem = raijac.Problem(dropout_mlp(4, 2), torch.randn(4))
+    state = torch.get_rng_state()
+    problem.call(problem.x)
+    assert problem.random
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------- batch coupling
+def _coupled_after_zero(x: torch.Tensor) -> torch.Tensor:
+    """y_0 = x_0 alone; y_b = x_b * x_{b-1}: sample 0 looks independent, every other is not."""
+    return torch.cat([x[:1], x[1:] * x[:-1]])
+
+
+def _coupled_in_the_middle(x: torch.Tensor) -> torch.Tensor:
+    """Only the samples between the first and last mix (a window over the batch)."""
+    y = x.clone()
+    y[1:-1] = x[1:-1] + 0.5 * x[2:]
+    return y
+
+
+def _coupled_without_gradient(x: torch.Tensor) -> torch.Tensor:
+    """y_b = x_b * sign(x_{b-1}): the coupling carries no gradient, only values."""
+    return torch.cat([x[:1], x[1:] * torch.sign(x[:-1]).detach()])
+
+
+@pytest.mark.parametrize("f", [_coupled_after_zero, _coupled_in_the_middle], ids=["after-zero", "middle"])
+@pytest.mark.parametrize("b", [2, 3, 7])
+def test_batch_coupling_beyond_sample_zero_is_refused(f, b):
+    x = torch.randn(b, 3)
+    want = torch.func.jacrev(f)(x)  # (B, 3, B, 3): a sample's rows reach another sample's columns
+    others = want.clone()
+    for i in range(b):
+        others[i, :, i, :] = 0
+    if b == 2 and f is _coupled_in_the_middle:
+        assert others.abs().max() == 0  # no middle sample: nothing coupled, accepted
+        _ = raijac.Problem(f, x, batched=True).y
+        return
+    assert others.abs().max() > 0
+    with pytest.raises(ProblemError, match="treat samples independently.*depends on other input samples"):
+        _ = raijac.Problem(f, x, batched=True).y
+
+
+@pytest.mark.parametrize("b", [2, 5])
+def test_batch_coupling_without_gradient_is_refused(b):
+    x = torch.randn(b, 3)
+    assert torch.func.jacrev(_coupled_without_gradient)(x)[1, :, 0, :].abs().max() == 0  # no gradient shows it
+    with pytest.raises(ProblemError, match="treat samples independently.*alone by"):
+        _ = raijac.Problem(_coupled_without_gradient, x, batched=True).y
+
+
+def test_independent_batches_pass():
+    x = torch.randn(6, 4)
+    problem = raijac.Problem(lambda z: torch.tanh(z) * z.sum(-1, keepdim=True), x, batched=True)
+    assert problem.output_shape == (4,)
+
+
+class _TokenModel(torch.nn.Module):
+    """Token ids (B, 2) -> Embedding -> BatchNorm1d over the 2 positions -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 5)
+        self.norm = torch.nn.BatchNorm1d(2)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(ids)).flatten(1))
+
+
+def test_integer_inputs_are_checked_for_batch_coupling():
+    model = _TokenModel().train()
+    ids = torch.randint(0, 11, (6, 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batch = model(ids)
+        alone = torch.cat([model(ids[i : i + 1]) for i in range(6)])
+    assert float((batch - alone).norm() / batch.norm()) > 0.1  # y from the batch, J would come from one sample
+    with pytest.raises(ProblemError, match="treat samples independently.*alone by"):
+        _ = raijac.Problem.from_module(model, ids, wrt="params", batched=True).y
+
+
+def test_integer_inputs_through_batch_norm_over_features_are_refused():
+    """BatchNorm1d over the embedding features: one sample alone cannot even be normalised."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).train()
+    ids = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ProblemError, match="needs f to map one sample.*on sample 0 alone f raised ValueError"):
+        _ = raijac.Problem.from_module(model, ids, wrt="params", batched=True).y
+
+
+def test_input_functions_that_fail_on_one_sample_are_left_to_their_blocks():
+    """Input Jacobians run blocks of samples: a function refusing a lone sample is not refused up front."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            raise RuntimeError("needs two samples")
+        return torch.tanh(x)
+
+    assert raijac.Problem(f, torch.randn(4, 3), batched=True).output_shape == (3,)
+
+
+def test_integer_inputs_of_independent_models_pass(ray_session, tmp_path):
+    model = _TokenModel().eval()
+    ids = torch.randint(0, 11, (5, 2), generator=torch.Generator().manual_seed(1))
+    problem = raijac.Problem.from_module(model, ids, wrt="params", batched=True)
+    jac = raijac.compute(problem, tmp_path / "tok.zarr", workers=2)
+
+    def one(flat, i):
+        return torch.func.functional_call(model, problem.unflatten_params(flat), (i[None],))[0]
+
+    want = torch.stack([torch.func.jacrev(one)(problem.params, ids[i]) for i in range(5)])
+    assert rel_err(jac[...], want) < 1e-5
+
+
+def test_integer_coupling_without_gradient_is_refused():
+    class Shift(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return _coupled_without_gradient(ids.float() - 4.5) * self.w
+
+    ids = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ProblemError, match="treat samples independently"):
+        _ = raijac.Problem.from_module(Shift(), ids, wrt="params", batched=True).y
+
+
+# ---------------------------------------------------------------------- the caller's objects
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).train()
+
+
+def _snapshot(net: torch.nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in net.state_dict().items()},
+        "grads": {n: (p.grad, None if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()},
+        "params": {n: p for n, p in net.named_parameters()},
+        "training": [m.training for m in net.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _assert_unchanged(net: torch.nn.Module, before: dict) -> None:
+    after = net.state_dict()
+    changed = [k for k, v in before["state"].items() if not torch.equal(v, after[k])]
+    assert not changed, f"the run changed {changed}"
+    for n, p in net.named_parameters():
+        assert p is before["params"][n]
+        grad, values = before["grads"][n]
+        assert p.grad is grad and (grad is None or torch.equal(grad, values))
+    assert [m.training for m in net.modules()] == before["training"]
+    assert torch.equal(torch.get_rng_state(), before["rng"])
+
+
+@pytest.mark.parametrize("wrt", ["input", "params"])
+def test_compute_plan_and_verify_leave_the_callers_module_as_it_was(ray_session, tmp_path, wrt):
+    net = _bn_net()
+    net[0].weight.grad = torch.full_like(net[0].weight, 3.0)  # a .grad the caller keeps
+    x = torch.randn(5, 4)
+    problem = raijac.Problem.from_module(net, x, wrt=wrt)
+    reference = copy.deepcopy(net)
+    before = _snapshot(net)
+    raijac.plan(problem)
+    _assert_unchanged(net, before)
+    jac = raijac.compute(problem, tmp_path / "bn.zarr", workers=2)
+    _assert_unchanged(net, before)
+    assert verify(str(tmp_path / "bn.zarr"), problem=problem).ok
+    _assert_unchanged(net, before)
+    if wrt == "input":  # J through the batch statistics, from the caller's state
+        want = torch.autograd.functional.jacobian(reference, x)
+    else:
+        params = dict(reference.named_parameters())
+        flat = problem.params
+
+        def f(p):
+            return torch.func.functional_call(reference, problem.unflatten_params(p), (x,))
+
+        assert set(params) == {i.name for i in problem.param_info}
+        want = torch.autograd.functional.jacobian(f, flat)
+    assert rel_err(jac[...], want) < 1e-5
+
+
+def test_caller_state_is_restored_after_an_error(tmp_path):
+    net = _bn_net()
+    problem = raijac.Problem(net, torch.randn(5, 4))
+    before = _snapshot(net)
+    with pytest.raises(ModeError):
+        raijac.plan(problem, mode="rev-repeat")
+    _assert_unchanged(net, before)
+
+
+def test_a_module_moved_or_cast_during_a_run_is_given_back():
+    """What a probe on a GPU does to the caller's module (Module.to swaps .data, .grad's
+    .data and the buffers), shown with a dtype cast, which takes the same path."""
+    from raijac.problem import keep_caller_state
+
+    net = _bn_net()
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    problem = raijac.Problem.from_module(net, torch.randn(5, 4), wrt="input")
+    before = _snapshot(net)
+    buffer = net[1].running_mean
+    with keep_caller_state(problem):
+        net.to(torch.float64).eval()
+        net[1].running_mean.add_(1.0)
+        net[0].weight.grad = None
+    _assert_unchanged(net, before)
+    assert net[0].weight.dtype == torch.float32 and net[0].weight.grad.dtype == torch.float32
+    assert net[1].running_mean is buffer
+
+
+def test_modules_in_a_functions_closure_are_given_back(ray_session, tmp_path):
+    net = _bn_net()
+    x = torch.randn(5, 4)
+    before = _snapshot(net)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z).sum(0)
+
+    raijac.compute(raijac.Problem(f, x), tmp_path / "closure.zarr", workers=2)
+    _assert_unchanged(net, before)
+
+
+@pytest.mark.gpu
+def test_plan_on_a_gpu_leaves_the_module_on_the_cpu():
+    net = _bn_net()
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    problem = raijac.Problem.from_module(net, torch.randn(5, 4), wrt="params")
+    before = _snapshot(net)
+    raijac.plan(problem)  # measures its memory on the first GPU
+    _assert_unchanged(net, before)
+    assert all(t.device.type == "cpu" for t in [*net.parameters(), *net.buffers(), net[0].weight.grad])
+
+
+@pytest.mark.gpu
+def test_random_function_on_a_gpu_is_refused_unless_it_draws_the_same():
+    problem = raijac.Problem(dropout_mlp(6, 3), torch.randn(6))
+    with pytest.raises(ProblemError, match="replayed on cuda.*draws other ones than on cpu"):
+        make_target(problem, "cuda")
+
+
+# ---------------------------------------------------------------------- bfloat16 and empty
+def test_bfloat16_input_stored_as_float32(ray_session, tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    x = torch.randn(6, dtype=torch.bfloat16)
+    jac = raijac.compute(raijac.Problem(net, x), tmp_path / "bf16.zarr", dtype="float32", workers=2)
+    assert jac.dtype == np.float32 and np.asarray(jac.y).dtype == np.float32
+    want = torch.func.jacrev(net)(x)  # the same function in bfloat16
+    assert rel_err(jac[...], want.float()) < 2e-2
+    np.testing.assert_array_equal(np.asarray(jac.x), x.float().numpy())  # bfloat16 fits float32 exactly
+    np.testing.assert_array_equal(np.asarray(jac.y), net(x).detach().float().numpy())
+
+
+def test_bfloat16_needs_a_storage_dtype(tmp_path):
+    problem = raijac.Problem(torch.tanh, torch.randn(4, dtype=torch.bfloat16))
+    with pytest.raises(ProblemError, match="bfloat16.*--dtype"):
+        raijac.plan(problem)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: raijac.Problem(torch.sin, torch.randn(0)), "x is empty.*nothing to compute"),
+        (lambda: raijac.Problem(torch.sin, torch.randn(0, 3), batched=True), "x is empty"),
+        (lambda: raijac.Problem(lambda x: x[:0], torch.randn(3)), "empty tensor.*no rows"),
+        (lambda: raijac.Problem(lambda x: x[:, :0], torch.randn(2, 3), batched=True), "empty tensor"),
+        (
+            lambda: raijac.Problem.from_module(torch.nn.Linear(3, 2), torch.randn(0, 3), batched=True),
+            "no samples",
+        ),
+    ],
+    ids=["x", "batch", "output", "batched-output", "params-batch"],
+)
+def test_empty_inputs_and_outputs_are_one_clear_error(tmp_path, build, match):
+    with pytest.raises(ProblemError, match=match):
+        raijac.compute(build(), tmp_path / "empty.zarr")
+    assert not (tmp_path / "empty.zarr").exists()
+
+
+def _invoke(*args: object, env: dict | None = None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def _spec(tmp_path, body: str) -> str:
+    path = tmp_path / "spec.py"
+    path.write_text("import torch\nimport raijac\n\n" + textwrap.dedent(body))
+    return f"{path}:problem"
+
+
+def test_cli_empty_input_is_one_line(tmp_path):
+    spec = _spec(tmp_path, "def problem():\n    return raijac.Problem(torch.sin, torch.zeros(0))\n")
+    result = _invoke("compute", spec, "--out", tmp_path / "e.zarr")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: x is empty"), result.stderr
+
+
+# ---------------------------------------------------------------------- destructive options
+@pytest.fixture
+def finished_store(ray_session, tmp_path):
+    spec = _spec(tmp_path, "problem = raijac.Problem(torch.sin, torch.arange(4.0))\n")
+    out = tmp_path / "done.zarr"
+    raijac.compute(spec, out, workers=2)
+    return spec, out
+
+
+def _tree(path) -> dict[str, bytes]:
+    return {
+        os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(path)
+        for f in files
+    }
+
+
+@pytest.mark.parametrize("variable", ["RAIJAC_COMPUTE_OVERWRITE", "RAIJAC_COMPUTE_RESUME"])
+def test_environment_cannot_turn_on_destructive_options(finished_store, variable):
+    spec, out = finished_store
+    before = _tree(out)
+    result = _invoke("compute", spec, "--out", out, "--workers", 2, env={variable: "1"})
+    assert result.exit_code == 1, result.output
+    assert "already holds a raijac store" in result.stderr and "--overwrite" in result.stderr
+    assert _tree(out) == before
+
+
+def test_environment_still_sets_harmless_options(finished_store, tmp_path):
+    spec, _ = finished_store
+    result = _invoke("plan", spec, env={"RAIJAC_PLAN_MODE": "loop"})
+    assert result.exit_code == 0, result.output
+    assert "loop" in result.stdout
+
+
+# ---------------------------------------------------------------------- narrowed catch-alls
+_READ_META = """
+import sys
+from raijac import store
+from raijac.errors import StoreError
+try:
+    store.check_out(sys.argv[1], resume=False, overwrite=True)
+except StoreError as exc:
+    print(exc)
+"""
+
+
+def test_unreadable_store_says_permission(finished_store, tmp_path):
+    """A store we may not read is not 'not a raijac store' (which sends users to delete it)."""
+    _, out = finished_store
+    os.chmod(out / "zarr.json", 0)
+    command = [sys.executable, "-c", _READ_META, str(out)]
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    os.chmod(out / "zarr.json", 0o644)
+    assert done.returncode == 0, done.stderr
+    assert "permission denied" in done.stdout and "not a raijac store" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"plain text"], ids=["bad-zarr-json", "text"])
+def test_other_data_is_still_not_a_raijac_store(tmp_path, content):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / ("zarr.json" if content.startswith(b"{") else "notes.txt")).write_bytes(content)
+    with pytest.raises(StoreError, match="not a raijac store"):
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(3)), out, overwrite=True)
+
+
+def test_peel_surfaces_its_own_errors(monkeypatch):
+    """Only f that cannot be traced turns the chain off; an error in raijac's walk is a bug to see."""
+    from raijac import peel
+
+    w1, w2 = torch.randn(5, 4), torch.randn(3, 5)
+
+    def f(x):
+        return w2 @ torch.tanh(w1 @ x)
+
+    assert peel.peel_chain(f, torch.randn(4)) is not None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the walk")
+
+    monkeypatch.setattr(peel, "_pointwise", broken)
+    with pytest.raises(RuntimeError, match="a bug in the walk"):
+        peel.peel_chain(f, torch.randn(4))
+
+
+def test_peel_off_for_untraceable_function():
+    from raijac import peel
+
+    def f(x):
+        raise NotImplementedError("no tracing here")
+
+    assert peel.peel_chain(f, torch.randn(4)) is None
