@@ -3,13 +3,15 @@ zoo of networks (tests/models.py) through the kernels and raijac.compute against
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import raijac
-from raijac import Problem, kernels
+from raijac import Problem, modes
 from raijac.kernels import Kernel, make_target
 from raijac.probe import resolve_mode, try_mode
 from tests.models import GPT, LSTMHead, ResNet18, conv_bn
@@ -91,7 +93,7 @@ def test_gpt_auto_picks_a_vmapped_mode():
 
 def test_slow_path_note_names_the_op(monkeypatch):
     """Without the math backend, the triage says which op vmap cannot batch."""
-    monkeypatch.setattr(kernels, "VMAPPED_MODES", frozenset())
+    monkeypatch.setitem(modes.REGISTRY, "rev", dataclasses.replace(modes.REGISTRY["rev"], vmaps=False))
     model, ids = _gpt()
     report = try_mode(make_target(Problem.from_module(model, ids, wrt="params", batched=True)), "rev")
     assert report.slow and report.note.startswith("vmap has no batching rule for aten::_scaled_dot_product"), report.note
