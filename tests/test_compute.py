@@ -92,7 +92,7 @@ def test_resume_refuses_another_problem(store_path):
     raijac.compute(BY_NAME["elementwise"].build(), store_path, workers=2)
     before = _tree_digest(store_path)
     other = raijac.Problem(lambda x: torch.cos(x), torch.randn(37))
-    with pytest.raises(raijac.StoreError, match="another problem"):
+    with pytest.raises(raijac.StoreError, match="computed with another point x"):
         raijac.compute(other, store_path, resume=True, workers=2)
     assert _tree_digest(store_path) == before
 
