@@ -445,6 +445,43 @@ def check_rtol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
 
 
+class Reference:
+    """Plain autograd VJPs of f (no vmap, no stacking), keeping the forward graphs of the
+    last `keep` sample blocks for their next checks, as `rev` keeps its forward pass."""
+
+    def __init__(self, target: Target, keep: int = 1) -> None:
+        self.target = target
+        self.keep = keep
+        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self._graphs = {}
+
+    def _graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, f(z) as (nb, n_out)) at samples b0:b1, with its autograd graph."""
+        if (b0, b1) not in self._graphs:
+            while len(self._graphs) >= self.keep:
+                self._graphs.pop(next(iter(self._graphs)))  # the oldest first
+            zb, cb = self.target.block(b0, b1)
+            z = zb.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+            self._graphs[(b0, b1)] = (z, y)
+        return self._graphs[(b0, b1)]
+
+    def output(self, b0: int, b1: int) -> torch.Tensor:
+        return self._graph(b0, b1)[1]
+
+    def vjp(self, b0: int, b1: int, cotangent: torch.Tensor) -> torch.Tensor:
+        """cotangent (nb, n_out) -> per-sample u^T J as (nb, n_in)."""
+        z, y = self._graph(b0, b1)
+        g = None
+        if y.requires_grad:
+            (g,) = torch.autograd.grad(y, z, cotangent, retain_graph=True, allow_unused=True)
+        shape = (b1 - b0, self.target.n_in)
+        return torch.zeros(shape, dtype=y.dtype, device=y.device) if g is None else g.reshape(shape)
+
+
 def block_error(
     target: Target,
     block: torch.Tensor,
@@ -455,6 +492,7 @@ def block_error(
     rows: bool,
     colours: torch.Tensor | None = None,
     seed: int = 0,
+    reference: Reference | None = None,
 ) -> float:
     """The worst relative error, over the block's samples, of a random projection of
     `block` against one plain `torch.autograd.grad` VJP of f (raises where f has none).
@@ -464,14 +502,13 @@ def block_error(
     u_R gives u_R^T B, against the VJP with cotangent u_R. Columns C: a random u over all
     outputs gives u^T B, against the VJP u^T J restricted to C. With `colours` (a sparse
     problem's compressed block, S^T J or J S) the cotangent is S u_R, or u^T J is summed
-    per colour. Any wrong entry moves the projection (almost surely), so one VJP per block
-    checks all of it. Entries that are not finite on either side are left out.
+    per colour. Any wrong entry moves the projection (almost surely), so one backward per
+    block checks all of it (the forward is kept across a sample block's blocks: `Reference`).
+    Entries that are not finite on either side are left out.
     """
-    zb, cb = target.block(b0, b1)
+    reference = reference or Reference(target)
     nb, k = b1 - b0, s1 - s0
-    z = zb.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = target.loop_fn(z.clone(), cb).reshape(nb, target.n_out)  # clone: f may work in place on its input
+    y = reference.output(b0, b1)
     dt, dev = y.dtype, y.device
     u = torch.randn(nb, k if rows else target.n_out, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     u = u.to(dt).to(dev)
@@ -485,10 +522,7 @@ def block_error(
         cotangent[:, s0:s1] = u
     else:
         cotangent = u @ pick.T
-    g = None
-    if y.requires_grad:
-        (g,) = torch.autograd.grad(y, z, cotangent.reshape(y.shape), allow_unused=True)
-    g = torch.zeros(nb, target.n_in, dtype=dt, device=dev) if g is None else g.reshape(nb, target.n_in)
+    g = reference.vjp(b0, b1, cotangent)
     if rows:
         ref = g
     else:

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raijac.errors import ModeError, ProblemError
-from raijac.kernels import REPEAT_MODES, Kernel, Target, block_error, check_mode, check_rtol, make_target, seed_axis
+from raijac.kernels import REPEAT_MODES, Kernel, Reference, Target, block_error, check_mode, check_rtol, make_target, seed_axis
 from raijac.problem import Problem, _first_line, chain_stages
 
 SLOW_PATH_HINTS = ("performance drop", "batching rule", "fallback")
@@ -80,8 +80,10 @@ def trial_blocks(target: Target, mode: str, k: int = 2, seed: int = 0) -> list[t
     return list(dict.fromkeys((b, b + 1, s, s + k) for b, s in spots))
 
 
-def try_mode(target: Target, mode: str) -> ModeReport:
-    """Run a few small blocks of `mode` (`trial_blocks`) and check each against plain autograd."""
+def try_mode(target: Target, mode: str, reference: Reference | None = None) -> ModeReport:
+    """Run a few small blocks of `mode` (`trial_blocks`) and check each against plain autograd
+    (`reference`: one shared by the modes tried, so f's forward runs once per trial sample)."""
+    reference = reference or Reference(target, keep=3)
     start = time.perf_counter()
     blocks = []
     try:
@@ -97,17 +99,18 @@ def try_mode(target: Target, mode: str) -> ModeReport:
     slow = [str(w.message) for w in caught if any(h in str(w.message).lower() for h in SLOW_PATH_HINTS)]
     note = _first_line(Warning(slow[0])) if slow else ""
     for spot, block in blocks:
-        mismatch = _check_block(target, mode, block, *spot)
+        mismatch = _check_block(target, mode, block, *spot, reference)
         if mismatch:
             return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
     return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start)
 
 
-def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int) -> str:
+def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int, reference: Reference) -> str:
     """Why a trial block is wrong ("" when it is right): its relative error against one
     plain autograd VJP (NOTE: [block check] in kernels), over the tolerance of its dtype."""
     try:
-        err = block_error(target, block.detach(), b0, b1, s0, s1, seed_axis(mode) == "rows", seed=b0 * 1_000_003 + s0)
+        rows = seed_axis(mode) == "rows"
+        err = block_error(target, block.detach(), b0, b1, s0, s1, rows, seed=b0 * 1_000_003 + s0, reference=reference)
     except Exception:
         return ""  # no autograd reference for this function: nothing to compare with
     rtol = check_rtol(block.dtype)
@@ -138,8 +141,9 @@ def resolve_mode(
     if requested != "auto" and requested not in candidates:
         candidates.insert(0, requested)
     reports: list[ModeReport] = []
+    reference = Reference(target, keep=3)  # the trial samples' forward graphs, for every mode
     for mode in candidates:
-        reports.append(try_mode(target, mode))
+        reports.append(try_mode(target, mode, reference))
         if not try_all and reports[-1].ok and not reports[-1].slow:
             break
     if requested != "auto":

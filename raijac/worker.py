@@ -25,7 +25,7 @@ import torch
 from raijac import store
 from raijac.errors import ModeError, ProblemError
 from raijac.executor import Packed
-from raijac.kernels import Kernel, Target, block_error, check_rtol, make_target, seed_axis
+from raijac.kernels import Kernel, Reference, Target, block_error, check_rtol, make_target, seed_axis
 from raijac.plan import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
@@ -65,15 +65,23 @@ class Worker:
         self.local_workers = local_workers
         self.kernel: Kernel | None = None
         self._compute_lock = threading.Lock()
-        self.node = _node_id()  # per worker, not per tile
+        self._node: str | None = None
         self.max_seeds: int | None = None  # set after an out-of-memory split (NOTE: [OOM])
         self.oom_splits = 0
         self.check_blocks = check_blocks  # NOTE: [block check] in kernels
         self._worst: float | None = None  # this call's worst relative error against the reference
         self._unchecked = 0  # this call's blocks whose reference could not be computed
+        self._reference: Reference | None = None
         self.problem: Problem | None = None
         self._out: str | None = None
         self._array = None
+
+    @property
+    def node(self) -> str:
+        """The Ray node (or host) this worker runs on: asked once, on first use."""
+        if self._node is None:
+            self._node = _node_id()
+        return self._node
 
     def _ready(self) -> Kernel:
         if self.kernel is None:
@@ -168,6 +176,8 @@ class Worker:
             return block.to(self.dtype).cpu().numpy()
         except torch.OutOfMemoryError:
             kernel.clear()
+            if self._reference is not None:
+                self._reference.clear()
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -184,8 +194,11 @@ class Worker:
     def _check(self, kernel: Kernel, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int) -> None:
         """Refuse a block that disagrees with a plain autograd VJP (NOTE: [block check] in kernels)."""
         rows = seed_axis(self.mode) == "rows"
+        if self._reference is None or self._reference.target is not kernel.target:
+            self._reference = Reference(kernel.target)
         try:
-            err = block_error(kernel.target, block, b0, b1, s0, s1, rows, kernel.colours, seed=b0 * 1_000_003 + s0)
+            seed = b0 * 1_000_003 + s0
+            err = block_error(kernel.target, block, b0, b1, s0, s1, rows, kernel.colours, seed, self._reference)
         except torch.OutOfMemoryError:
             raise
         except Exception:  # f has no backward to compare with (a jvp-only custom Function): cannot check
@@ -238,9 +251,11 @@ def _node_id() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():  # asking an uninitialised Ray would start one
+            return ray.get_runtime_context().get_node_id()
     except Exception:
-        return socket.gethostname()
+        pass
+    return socket.gethostname()
 
 
 def bound_heap(threshold: int = 1 << 20) -> bool:
