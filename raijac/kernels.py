@@ -453,9 +453,22 @@ class Reference:
         self.target = target
         self.keep = keep
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._projections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
-        self._graphs = {}
+        self._graphs, self._projections = {}, {}
+
+    def projection(self, b0: int, b1: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, u^T J) for a random u (nb, n_out), made once per sample block: every block of
+        columns of these samples is checked against the same VJP (its columns of u^T J)."""
+        if (b0, b1) not in self._projections:
+            y = self.output(b0, b1)
+            gen = torch.Generator().manual_seed(seed)
+            u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype).to(y.device)
+            while len(self._projections) >= self.keep:
+                self._projections.pop(next(iter(self._projections)))
+            self._projections[(b0, b1)] = (u, self.vjp(b0, b1, u))
+        return self._projections[(b0, b1)]
 
     def _graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, f(z) as (nb, n_out)) at samples b0:b1, with its autograd graph."""
@@ -503,29 +516,27 @@ def block_error(
     outputs gives u^T B, against the VJP u^T J restricted to C. With `colours` (a sparse
     problem's compressed block, S^T J or J S) the cotangent is S u_R, or u^T J is summed
     per colour. Any wrong entry moves the projection (almost surely), so one backward per
-    block checks all of it (the forward is kept across a sample block's blocks: `Reference`).
+    block of rows checks all of it, and one per sample block all its blocks of columns (the
+    forward and u^T J are kept across a sample block's blocks: `Reference`).
     Entries that are not finite on either side are left out.
     """
     reference = reference or Reference(target)
     nb, k = b1 - b0, s1 - s0
     y = reference.output(b0, b1)
     dt, dev = y.dtype, y.device
-    u = torch.randn(nb, k if rows else target.n_out, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    u = u.to(dt).to(dev)
     pick = None  # S[:, s0:s1] of a sparse problem: which entries each colour sums
     if colours is not None:
         pick = (colours.to(dev)[:, None] == torch.arange(s0, s1, device=dev)[None, :]).to(dt)
-    if not rows:
-        cotangent = u
-    elif pick is None:
-        cotangent = torch.zeros(nb, target.n_out, dtype=dt, device=dev)
-        cotangent[:, s0:s1] = u
-    else:
-        cotangent = u @ pick.T
-    g = reference.vjp(b0, b1, cotangent)
     if rows:
-        ref = g
-    else:
+        u = torch.randn(nb, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dt).to(dev)
+        if pick is None:
+            cotangent = torch.zeros(nb, target.n_out, dtype=dt, device=dev)
+            cotangent[:, s0:s1] = u
+        else:
+            cotangent = u @ pick.T
+        ref = reference.vjp(b0, b1, cotangent)
+    else:  # one u^T J serves every block of columns of these samples
+        u, g = reference.projection(b0, b1, seed)
         ref = g[:, s0:s1] if pick is None else g @ pick
     block = block.reshape(nb, k, target.n_in) if rows else block.reshape(nb, target.n_out, k)
     got = torch.bmm(u[:, None, :], block.to(dt))[:, 0]
