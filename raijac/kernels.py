@@ -446,9 +446,8 @@ def check_rtol(dtype: torch.dtype) -> float:
 
 
 class Reference:
-    """f's derivatives the plain way, for the block check: autograd VJPs (no vmap, no
-    stacking) and forward-mode J v (dual numbers), kept for the last `keep` sample blocks
-    (their forward graphs, u^T J, J v), as `rev` keeps its forward pass."""
+    """Plain autograd VJPs of f (no vmap, no stacking), keeping the forward graphs of the
+    last `keep` sample blocks for their next checks, as `rev` keeps its forward pass."""
 
     def __init__(self, target: Target, keep: int = 1) -> None:
         self.target = target
@@ -536,11 +535,10 @@ def block_error(
     reference: Reference | None = None,
 ) -> float:
     """The worst relative error, over the block's samples, of a random projection of
-    `block` against one plain `torch.autograd.grad` VJP of f, or for rows a plain
-    forward-mode J v (raises where f has neither).
+    `block` against one plain `torch.autograd.grad` VJP of f (raises where f has none).
 
-    NOTE: [block check] The reference shares nothing with the modes but f's derivative
-    formulas: no vmap, no stacked copies, no chain stages. Rows R: a random
+    NOTE: [block check] The reference shares nothing with the modes but f's backward
+    formulas: no vmap, no stacked copies, no forward mode, no chain stages. Rows R: a random
     u_R gives u_R^T B, against the VJP with cotangent u_R. Columns C: a random u over all
     outputs gives u^T B, against the VJP u^T J restricted to C. With `colours` (a sparse
     problem's compressed block, S^T J or J S) the cotangent is S u_R, or u^T J is summed
@@ -551,10 +549,9 @@ def block_error(
     NOTE: [row check] A backward per block of rows reads all of f's weights each time (5%
     of an MLP-8192's blocks of 1024 rows). So blocks of rows are first checked as B_R v
     against J v for a random v, from one plain forward-mode pass per sample block (dual
-    numbers: forward formulas, which no row mode uses). Forward mode may be missing (then
-    the VJP is used) or wrong (a custom jvp): a block it disagrees with is judged by the
-    VJP, and the VJP alone checks the rest of the run.
-
+    numbers: nothing the row modes use). Forward mode may be missing (then the VJP is used)
+    or wrong (a custom jvp): a block it disagrees with is judged by the VJP, and the VJP
+    alone checks the rest of the run.
     Entries that are not finite on either side are left out.
     """
     reference = reference or Reference(target)
