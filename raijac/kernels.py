@@ -454,36 +454,9 @@ class Reference:
         self.keep = keep
         self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._projections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tangents: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.forward_ok = True  # forward-mode AD ran and agreed with the VJPs so far
 
     def clear(self) -> None:
-        self._graphs, self._projections, self._tangents = {}, {}, {}
-
-    def tangent(self, b0: int, b1: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(v, J v) for a random v (nb, n_in) by plain forward-mode AD (dual numbers, no vmap),
-        once per sample block; None once f turned out to have no forward-mode formulas."""
-        if not self.forward_ok:
-            return None
-        if (b0, b1) not in self._tangents:
-            import torch.autograd.forward_ad as fwAD
-
-            zb, cb = self.target.block(b0, b1)
-            gen = torch.Generator().manual_seed(seed)
-            v = torch.randn(zb.shape, generator=gen, dtype=torch.float64).to(zb.dtype).to(zb.device)
-            try:
-                with torch.no_grad(), fwAD.dual_level():
-                    out = self.target.loop_fn(fwAD.make_dual(zb.detach().clone(), v), cb)
-                    jv = fwAD.unpack_dual(out).tangent
-            except Exception:  # a custom Function without jvp, an op without a forward formula
-                self.forward_ok = False
-                return None
-            nb = b1 - b0
-            jv = torch.zeros(nb, self.target.n_out, dtype=out.dtype, device=out.device) if jv is None else jv
-            while len(self._tangents) >= self.keep:
-                self._tangents.pop(next(iter(self._tangents)))
-            self._tangents[(b0, b1)] = (v.reshape(nb, -1), jv.reshape(nb, -1).clone())
-        return self._tangents[(b0, b1)]
+        self._graphs, self._projections = {}, {}
 
     def projection(self, b0: int, b1: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, u^T J) for a random u (nb, n_out), made once per sample block: every block of
@@ -545,29 +518,15 @@ def block_error(
     per colour. Any wrong entry moves the projection (almost surely), so one backward per
     block of rows checks all of it, and one per sample block all its blocks of columns (the
     forward and u^T J are kept across a sample block's blocks: `Reference`).
-
-    NOTE: [row check] A backward per block of rows reads all of f's weights each time (5%
-    of an MLP-8192's blocks of 1024 rows). So blocks of rows are first checked as B_R v
-    against J v for a random v, from one plain forward-mode pass per sample block (dual
-    numbers: nothing the row modes use). Forward mode may be missing (then the VJP is used)
-    or wrong (a custom jvp): a block it disagrees with is judged by the VJP, and the VJP
-    alone checks the rest of the run.
     Entries that are not finite on either side are left out.
     """
     reference = reference or Reference(target)
     nb, k = b1 - b0, s1 - s0
-    dt, dev = block.dtype, block.device
+    y = reference.output(b0, b1)
+    dt, dev = y.dtype, y.device
     pick = None  # S[:, s0:s1] of a sparse problem: which entries each colour sums
     if colours is not None:
         pick = (colours.to(dev)[:, None] == torch.arange(s0, s1, device=dev)[None, :]).to(dt)
-    tangent = reference.tangent(b0, b1, seed=b0) if rows else None
-    if tangent is not None:  # NOTE: [row check] B_R v against (J v)_R
-        v, jv = tangent
-        got = torch.bmm(block.reshape(nb, k, target.n_in), v[:, :, None].to(dt))[:, :, 0]
-        err = relative_error(got, jv[:, s0:s1] if pick is None else jv @ pick)
-        if err <= check_rtol(dt):
-            return err
-        reference.forward_ok = False  # forward mode and the block disagree: the VJP decides, from now on
     if rows:
         u = torch.randn(nb, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dt).to(dev)
         if pick is None:
