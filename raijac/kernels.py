@@ -517,7 +517,9 @@ def block_error(
     problem's compressed block, S^T J or J S) the cotangent is S u_R, or u^T J is summed
     per colour. Any wrong entry moves the projection (almost surely), so one backward per
     block of rows checks all of it, and one per sample block all its blocks of columns (the
-    forward and u^T J are kept across a sample block's blocks: `Reference`).
+    forward and u^T J are kept across a sample block's blocks: `Reference`). Blocks of rows
+    are not checked against a forward-mode J v made once per sample block: measured on
+    MLP-8192, a dual x @ W.T took 1.1 s against 0.046 s plain, more than a backward per block.
     Entries that are not finite on either side are left out.
     """
     reference = reference or Reference(target)
