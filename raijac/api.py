@@ -24,7 +24,7 @@ from raijac import blas, modes, store
 from raijac.chain import may_chain
 from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
-from raijac.kernels import Kernel, make_target
+from raijac.kernels import Kernel, check_rtol, make_target
 from raijac.modes import check_mode, seed_axis
 from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
@@ -223,6 +223,7 @@ def compute(
     compressor: str = "auto",
     compression_level: int | None = None,
     dense: bool = False,
+    check_blocks: bool = True,
 ) -> Jacobian:
     """Compute the Jacobian on Ray workers into a Zarr store at `out` and open it.
 
@@ -246,6 +247,9 @@ def compute(
         compressor: `auto` (zstd when a sample block compresses 1.5x or better, else none),
             `zstd`, `blosc` or `none`; `compression_level` sets the codec's level.
         dense: for a sparse problem, also store the dense `jacobian` (M x N, mostly zeros).
+        check_blocks: check every block on its worker against a plain autograd VJP before
+            it is written, and fail the tile (writing nothing) when they differ; costs about
+            one backward pass of f per block.
 
     Returns:
         The opened `Jacobian`; its `summary` holds the run's figures.
@@ -310,6 +314,7 @@ def compute(
             dtype=store_dtype,
             budgets=budgets,
             while_probing=sample_codec,
+            check_blocks=check_blocks,
         )
         the_plan = _plan_for(
             problem,
@@ -326,6 +331,9 @@ def compute(
         if existing is not None:
             store.clean_partial(out)
             group = store.open_group(out, "r+")
+            # A resumed store's blocks are all checked only if every run checked them.
+            checked = check_blocks and bool((existing.get("block_check") or {}).get("enabled"))
+            store.update_meta(group, block_check=_block_check_meta(checked, problem))
         else:
             if store.is_empty_dir(out):
                 store.remove_empty_dir(out)  # an empty folder made for the output
@@ -333,7 +341,8 @@ def compute(
                 store.remove(out)
             codec_name, codec_reason = codec["choice"]
             ids = {"fingerprint": fingerprint, "fingerprint_parts": fingerprint_parts(problem, **fp_args)}
-            group = _create(out, problem, the_plan, ids, (codec_name, codec_reason, compression_level), started)
+            codec_args = (codec_name, codec_reason, compression_level)
+            group = _create(out, problem, the_plan, ids, codec_args, started, _block_check_meta(check_blocks, problem))
             if colouring is not None:
                 _create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
         ledger = store.Ledger(group)
@@ -350,7 +359,7 @@ def compute(
         finished=_now(),
         seconds=round(seconds, 3),
         workers=[w.__dict__ for w in the_plan.workers],
-        runs=[*group.attrs[store.ATTR].get("runs", []), _run_record(stats, skipped, seconds)],
+        runs=[*group.attrs[store.ATTR].get("runs", []), _run_record(stats, skipped, seconds, check_blocks)],
     )
     result = open_store(out, allow_partial=not done)
     result.summary = {
@@ -376,6 +385,8 @@ def compute(
         "peak_rss_growth": stats["rss_growth"],
         "oom_splits": stats["oom_splits"],
         "random": _random_meta(problem),
+        "block_check": meta.get("block_check"),
+        "block_check_max_rel_err": stats.get("check_max_rel_err"),
     }
     if colouring is not None:
         result.summary["sparse"] = {
@@ -543,7 +554,7 @@ def _check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, proble
         )
 
 
-def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, started: float):
+def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, started: float, block_check: dict):
     compressor, codec_reason, level = codec
     arrays = {
         "x": (_numpy(problem.x), problem.batched),
@@ -577,6 +588,7 @@ def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple,
         "compressor": compressor,
         "compression_level": level,
         "compressor_reason": codec_reason,
+        "block_check": block_check,
         "params": [{"name": i.name, "shape": list(i.shape), "offset": i.offset} for i in problem.param_info],
         "inputs": [leaf.to_dict() for leaf in problem.in_leaves],
         "outputs": [leaf.to_dict() for leaf in problem.out_leaves],
@@ -598,8 +610,16 @@ def _create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple,
     )
 
 
-def _run_record(stats: dict, skipped: int, seconds: float) -> dict:
+def _block_check_meta(enabled: bool, problem: Problem) -> dict[str, Any]:
+    """What the store records of the per-block check (NOTE: [block check] in raijac.kernels)."""
+    return {"enabled": bool(enabled), "rtol": check_rtol(problem.dtype) if enabled else None, "reference": "autograd.grad VJP"}
+
+
+def _run_record(stats: dict, skipped: int, seconds: float, check_blocks: bool = True) -> dict:
     return {
+        "block_check": bool(check_blocks),
+        # The worst relative error of this run's blocks, once the executor gathers the workers' records' field.
+        "block_check_max_rel_err": stats.get("check_max_rel_err"),
         "finished": _now(),
         "seconds": round(seconds, 3),
         "tiles_computed": stats["tiles_computed"],

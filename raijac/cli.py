@@ -126,15 +126,21 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line of stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option(
+    "--no-block-check",
+    is_flag=True,
+    allow_from_autoenv=False,  # switching off a safety check takes an explicit flag, never an env var
+    help="Skip the check of every block against a plain autograd VJP before it is written (about one backward per block).",
+)
+@click.option(
     "--verify", "check", is_flag=True, help="Check the finished store with `raijac verify` (8 probes); exit 1 if it fails."
 )
 @_errors
-def compute(spec: str, out: str, as_json: bool, no_progress: bool, check: bool, **options: Any) -> None:
+def compute(spec: str, out: str, as_json: bool, no_progress: bool, no_block_check: bool, check: bool, **options: Any) -> None:
     """Compute the Jacobian SPEC names (path/to/file.py:NAME or package.module:NAME) into --out."""
     from raijac.api import compute as run
 
     with _warnings_as_lines():
-        result = run(spec, out, progress=False if no_progress else None, **options)
+        result = run(spec, out, progress=False if no_progress else None, check_blocks=not no_block_check, **options)
     s = result.summary
     report = None
     if check:

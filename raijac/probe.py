@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import random
 import re
 import time
 import warnings
@@ -28,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from raijac import modes
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError
-from raijac.kernels import Kernel, Target, make_target
+from raijac.kernels import Kernel, Reference, Target, block_error, check_rtol, make_target
 from raijac.modes import check_mode, seed_axis
 from raijac.problem import Problem, _first_line
 
@@ -65,25 +66,45 @@ def stackable(problem: Problem) -> bool:
     return problem.batch_aware and not (problem.wrt == "params" and not problem.batched)
 
 
-def try_mode(target: Target, mode: str) -> ModeReport:
-    """Run one small block of `mode` on sample 0 and check it against plain autograd."""
-    start = time.perf_counter()
+def trial_blocks(target: Target, mode: str, k: int = 2, seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """The triage's blocks `(b0, b1, s0, s1)`: the first seeds of the first sample, the last
+    seeds of the last sample, and random middle seeds of a random sample (duplicates dropped).
+
+    NOTE: [triage spread] A mode can be right on some seeds and wrong on others (a custom
+    autograd.Function reached only by later inputs, say), so the first seeds of sample 0
+    alone prove little; the worker's block check (NOTE: [block check] in kernels) then
+    catches what the triage still misses, before anything is written.
+    """
     n_seed = target.n_out if seed_axis(mode) == "rows" else target.n_in
-    k = min(2, n_seed)
+    n_b, k = target.n_samples, max(1, min(k, n_seed))
+    rng = random.Random(seed)
+    middle = rng.randrange(k, n_seed - 2 * k + 1) if n_seed >= 3 * k else rng.randrange(n_seed - k + 1)
+    spots = [(0, 0), (n_b - 1, n_seed - k), (rng.randrange(n_b), middle)]
+    return list(dict.fromkeys((b, b + 1, s, s + k) for b, s in spots))
+
+
+def try_mode(target: Target, mode: str, reference: Reference | None = None) -> ModeReport:
+    """Run a few small blocks of `mode` (`trial_blocks`) and check each against plain autograd
+    (`reference`: one shared by the modes tried, so f's forward runs once per trial sample)."""
+    reference = reference or Reference(target, keep=3)
+    start = time.perf_counter()
+    blocks = []
     try:
         kernel = Kernel(target, mode)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            block = kernel(0, 1, 0, k)
+            for spot in trial_blocks(target, mode):
+                blocks.append((spot, kernel(*spot)))
     except ModeError as exc:
         return ModeReport(mode, False, str(exc), seconds=time.perf_counter() - start)
     except Exception as exc:  # vmap, forward-AD and user errors all land here
         return ModeReport(mode, False, f"{type(exc).__name__}: {_first_line(exc)}", seconds=time.perf_counter() - start)
     slow = [str(w.message) for w in caught if any(h in str(w.message).lower() for h in SLOW_PATH_HINTS)]
     note = _slow_note(slow[0]) if slow else ""
-    mismatch = _check_block(target, mode, block, k)
-    if mismatch:
-        return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
+    for spot, block in blocks:
+        mismatch = _check_block(target, mode, block, *spot, reference)
+        if mismatch:
+            return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
     return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start)
 
 
@@ -93,35 +114,19 @@ def _slow_note(warning: str) -> str:
     return f"vmap has no batching rule for {op.group(1)}" if op else _first_line(Warning(warning))
 
 
-def _check_block(target: Target, mode: str, block: torch.Tensor, k: int) -> str:
-    """Compare a trial block with plain autograd: rows with per-row grads, columns with u^T J."""
+def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int, reference: Reference) -> str:
+    """Why a trial block is wrong ("" when it is right): its relative error against one
+    plain autograd VJP (NOTE: [block check] in kernels), over the tolerance of its dtype."""
     try:
-        if seed_axis(mode) == "rows":
-            if mode == "loop":
-                return ""
-            ref = Kernel(target, "loop")(0, 1, 0, k)
-            got = block
-        else:
-            zb, cb = target.block(0, 1)
-            z = zb.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                y = target.loop_fn(z, cb).reshape(-1)
-            u = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
-            if not y.requires_grad:
-                ref = torch.zeros(k, dtype=y.dtype, device=y.device)
-            else:
-                (g,) = torch.autograd.grad(y, z, u, allow_unused=True)
-                ref = torch.zeros(k, dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)[:k]
-            got = u @ block[0]
+        rows = seed_axis(mode) == "rows"
+        err = block_error(target, block.detach(), b0, b1, s0, s1, rows, seed=b0 * 1_000_003 + s0, reference=reference)
     except Exception:
         return ""  # no autograd reference for this function: nothing to compare with
-    tol = 1e-4 if block.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    err = (got - ref).abs().max().item() if got.numel() else 0.0
-    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
-    if not math.isfinite(err) and torch.equal(torch.isnan(got), torch.isnan(ref)):
-        return ""
-    if err > tol * scale * 10:
-        return f"gives numbers that differ from plain autograd by {err:.3g}"
+    rtol = check_rtol(block.dtype)
+    if not err <= rtol:
+        where = f"sample {b0}, " if target.n_samples > 1 else ""
+        axis = "rows" if seed_axis(mode) == "rows" else "columns"
+        return f"gives numbers that differ from plain autograd by a relative error of {err:.3g} ({where}{axis} {s0}:{s1})"
     return ""
 
 
@@ -145,8 +150,9 @@ def resolve_mode(
     if requested != "auto" and requested not in candidates:
         candidates.insert(0, requested)
     reports: list[ModeReport] = []
+    reference = Reference(target, keep=3)  # the trial samples' forward graphs, for every mode
     for mode in candidates:
-        reports.append(try_mode(target, mode))
+        reports.append(try_mode(target, mode, reference))
         if not try_all and reports[-1].ok and not reports[-1].slow:
             break
     if requested != "auto":

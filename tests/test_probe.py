@@ -8,7 +8,7 @@ import torch
 import raijac
 from raijac.errors import ModeError, ProblemError
 from raijac.kernels import Kernel, make_target
-from raijac.probe import candidate_modes, measure_cost, resolve_mode
+from raijac.probe import candidate_modes, measure_cost, resolve_mode, trial_blocks
 from tests.problems import BY_NAME, CASES
 
 AUTO = [c for c in CASES if c.auto]
@@ -110,3 +110,68 @@ def test_measured_cost_scales_with_the_output_row(mode):
         assert cost.per_seed < other(n) * 4 * 40 + 200_000  # activations, not a runaway estimate
     if mode != "fwd":  # 3500 more floats in every output row
         assert costs[4000].per_seed - costs[500].per_seed >= 0.8 * 3500 * 4
+
+
+# ---------------------------------------------------------------------- a triage that can fail
+def test_trial_blocks_spread_over_seeds_and_samples():
+    """First seeds of the first sample, last seeds of the last, and random middle ones."""
+    target = make_target(raijac.Problem(torch.tanh, torch.randn(9, 40), batched=True))
+    spots = trial_blocks(target, "rev")
+    assert spots[0] == (0, 1, 0, 2) and spots[1] == (8, 9, 38, 40)
+    b0, b1, s0, s1 = spots[2]
+    assert b1 == b0 + 1 and 2 <= s0 and s1 <= 38
+    seen = {trial_blocks(target, "rev", seed=s)[2][2] for s in range(20)}
+    assert len(seen) > 5  # the middle block moves with the seed
+    assert trial_blocks(make_target(raijac.Problem(torch.tanh, torch.randn(1))), "rev") == [(0, 1, 0, 1)]
+
+
+class _NumpyDouble(torch.autograd.Function):
+    """x -> 2x with a numpy backward: no jvp, and double backward cannot see through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.detach().cpu().numpy() * 2).to(g.device)
+
+
+def _numpy_tail(x: torch.Tensor) -> torch.Tensor:
+    """Batch-aware (K, 6) -> (K, 12): inputs 2 and up pass through _NumpyDouble."""
+    h = torch.cat([torch.tanh(x[:, :2]), _NumpyDouble.apply(x[:, 2:])], dim=1)
+    return torch.cat([h, h.sin()], dim=1)
+
+
+def test_auto_refuses_fwd_repeat_that_loses_later_columns():
+    """User report: the triage ran the first two columns of sample 0 only, so auto took
+    fwd-repeat, and columns 2 and up (through a numpy backward) were stored as zeros."""
+    x = torch.randn(3, 6, dtype=torch.float64)
+    problem = raijac.Problem(_numpy_tail, x, batched=True, batch_aware=True)
+    mode, reason, reports = resolve_mode(problem, "auto")
+    assert mode != "fwd-repeat" and "fwd-repeat fails" in reason and "relative error of 1" in reason
+    got = Kernel(make_target(problem), mode)(0, 3, 0, 12 if mode in ("rev", "rev-repeat", "loop") else 6).detach()
+    ref = torch.stack([torch.autograd.functional.jacobian(lambda v: _numpy_tail(v[None])[0], xi) for xi in x])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ModeError, match="mode fwd-repeat cannot differentiate this problem.*relative error"):
+        resolve_mode(problem, "fwd-repeat")
+
+
+_POINTS = torch.randn(7, 3, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.0), (torch.float32, 1e-4), (torch.float64, 1e-9)])
+def test_a_wrong_mode_is_refused_at_any_scale(dtype, scale):
+    """User report: torch.cdist's backward under vmap is wrong; at scale 1 auto refused rev,
+    but scaled by 1e-4 (float32) or 1e-9 (float64) the absolute tolerance let it through."""
+    pts = _POINTS.to(dtype)
+
+    def f(x):
+        return torch.cdist(x.reshape(5, 3), pts).reshape(-1) * scale
+
+    problem = raijac.Problem(f, torch.randn(15, dtype=dtype, generator=torch.Generator().manual_seed(6)))
+    mode, reason, _ = resolve_mode(problem, "auto")
+    assert mode == "loop" and "rev fails (gives numbers that differ from plain autograd by a relative error" in reason
+    got = Kernel(make_target(problem), mode)(0, 1, 0, 35)[0].detach()
+    ref = torch.autograd.functional.jacobian(f, problem.x)
+    torch.testing.assert_close(got, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)

@@ -1,0 +1,253 @@
+"""No silent wrong Jacobian: the per-block check (kernels.block_error, run by the worker before
+every write) and the chain modes with in-place activations, against torch.func / autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from click.testing import CliRunner
+
+import raijac
+from raijac.errors import ModeError, WorkerError
+from raijac.kernels import Kernel, block_error, check_rtol, make_target, seed_axis
+from raijac.probe import resolve_mode
+from raijac.sparsity import choose
+from raijac.worker import Worker
+from tests.problems import CASES
+
+ROW_MODES = ("rev", "rev-repeat", "loop", "chain")
+
+
+class NumpyDouble(torch.autograd.Function):
+    """x -> 2x with a numpy backward: no jvp, and a backward double backward cannot see through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.detach().cpu().numpy() * 2).to(g.device)
+
+
+def numpy_middle(x: torch.Tensor) -> torch.Tensor:
+    """Batch-aware (K, 64) -> (K, 128): only inputs 24:32 pass through NumpyDouble, so
+    fwd-repeat gets exactly those columns wrong (zeros), and rev-repeat all of them right."""
+    h = torch.cat([torch.tanh(x[:, :24]), NumpyDouble.apply(x[:, 24:32]), torch.sin(x[:, 32:])], dim=1)
+    return torch.cat([h, h * h], dim=1)
+
+
+def _autograd_jacobian(f, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobians (B, M, N) from torch.autograd.functional, one sample at a time."""
+    return torch.stack([torch.autograd.functional.jacobian(lambda v: f(v[None])[0], xi) for xi in x])
+
+
+def _corrupt(block: torch.Tensor, rel: float) -> torch.Tensor:
+    """The block with its largest entry off by `rel` of the block's norm."""
+    bad = block.contiguous().clone()
+    flat = bad.view(-1)
+    i = int(flat.abs().argmax())
+    flat[i] += rel * block.norm() * (1 if flat[i] >= 0 else -1)
+    return bad
+
+
+# ---------------------------------------------------------------------- block_error
+CHECKED = [(c, m) for c in CASES for m in c.modes if c.name not in ("old_style_function",)]
+
+
+@pytest.mark.parametrize("case,mode", CHECKED, ids=[f"{c.name}-{m}" for c, m in CHECKED])
+def test_right_blocks_pass_and_wrong_ones_fail(case, mode):
+    """Every working mode's blocks of every test problem pass; one entry off by 30% of the block fails."""
+    target = make_target(case.build())
+    n_seed = target.n_out if seed_axis(mode) == "rows" else target.n_in
+    b1, s0, s1 = min(target.n_samples, 3), n_seed // 3, n_seed
+    block = Kernel(target, mode)(0, b1, s0, s1).detach()
+    rows = seed_axis(mode) == "rows"
+    rtol = check_rtol(block.dtype)
+    assert block_error(target, block, 0, b1, s0, s1, rows) <= rtol / 10
+    assert block_error(target, _corrupt(block, 0.3), 0, b1, s0, s1, rows) > rtol
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd", "loop"])
+def test_sparse_compressed_blocks_are_checked(mode):
+    """A coloured block S^T J or J S is checked against (u^T S^T) J or (u^T J) S."""
+
+    def stencil(u):
+        return torch.cat([u[:1], u[:-2] - 2 * u[1:-1] + u[2:] + torch.sin(u[1:-1]), u[-1:] ** 2])
+
+    n = 30
+    pattern = sp.diags_array([np.ones(n - abs(k)) for k in (-1, 0, 1)], offsets=[-1, 0, 1], shape=(n, n)).tocsr()
+    problem = raijac.Problem(stencil, torch.randn(n, dtype=torch.float64), sparsity=pattern)
+    colouring = choose(problem.pattern, mode)[0]
+    colours = torch.from_numpy(colouring.colours.astype(np.int64))
+    target = make_target(problem)
+    block = Kernel(target, mode, colours)(0, 1, 0, colouring.n_colours).detach()
+    rows = seed_axis(mode) == "rows"
+    assert block_error(target, block, 0, 1, 0, colouring.n_colours, rows, colours) < 1e-12
+    assert block_error(target, _corrupt(block, 0.01), 0, 1, 0, colouring.n_colours, rows, colours) > 1e-3
+    # Blocks of one colour only are checked against their own colour's entries.
+    one = Kernel(target, mode, colours)(0, 1, 1, 2).detach()
+    assert block_error(target, one, 0, 1, 1, 2, rows, colours) < 1e-12
+
+
+def test_hessian_blocks_are_checked():
+    """f is a gradient: the reference VJP is a double backward through it."""
+
+    def energy(x):
+        return (x.sin() * x.roll(1)).sum() + x.pow(4).sum() / 4
+
+    problem = raijac.Problem.hessian(energy, torch.randn(12, dtype=torch.float64))
+    target = make_target(problem)
+    block = Kernel(target, "rev")(0, 1, 3, 9).detach()
+    np.testing.assert_allclose(block[0].numpy(), torch.func.hessian(energy)(problem.x)[3:9].numpy(), rtol=1e-12)
+    assert block_error(target, block, 0, 1, 3, 9, True) < 1e-12
+    assert block_error(target, _corrupt(block, 0.01), 0, 1, 3, 9, True) > 1e-3
+
+
+def test_every_sample_of_a_block_is_checked():
+    """One wrong sample among many fails the block, however right the others are."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    target = make_target(raijac.Problem(lambda v: torch.tanh(v) * v.sum(-1, keepdim=True), x, batched=True))
+    block = Kernel(target, "rev")(0, 6, 0, 5).detach()
+    assert block_error(target, block, 0, 6, 0, 5, True) < 1e-12
+    bad = block.clone()
+    bad[4] = _corrupt(bad[4], 0.01)
+    assert block_error(target, bad, 0, 6, 0, 5, True) > 1e-3
+
+
+def test_scale_free():
+    """Relative error: a J scaled by 1e-9 is checked as strictly as at scale 1."""
+    w = torch.randn(7, 9, dtype=torch.float64)
+    for scale in (1.0, 1e-9):
+        target = make_target(raijac.Problem(lambda v, s=scale: torch.tanh(w @ v) * s, torch.randn(9, dtype=torch.float64)))
+        block = Kernel(target, "rev")(0, 1, 0, 7).detach()
+        assert block_error(target, block, 0, 1, 0, 7, True) < 1e-12
+        assert block_error(target, block * 1.05, 0, 1, 0, 7, True) == pytest.approx(0.05, rel=1e-6)
+
+
+# ---------------------------------------------------------------------- the worker's check
+def _worker(problem: raijac.Problem, mode: str, **kw) -> Worker:
+    args = {"mode": "auto", "dtype": "float64"}
+    return Worker(
+        problem, name="w0", fingerprint=problem.fingerprint(**args), fingerprint_args=args, mode=mode, dtype="float64", **kw
+    )
+
+
+def test_worker_refuses_a_wrong_block_and_writes_nothing():
+    """fwd-repeat loses inputs 24:32 (a numpy backward has no double backward): the worker
+    raises naming the block and its error instead of returning the zeros it computed."""
+    problem = raijac.Problem(numpy_middle, torch.randn(3, 64, dtype=torch.float64), batched=True, batch_aware=True)
+    worker = _worker(problem, "fwd-repeat")
+    kernel = worker._ready()
+    assert worker._compute(kernel, 0, 3, 0, 24).shape == (3, 128, 24)  # right columns pass
+    with pytest.raises(
+        ModeError, match=r"columns 16:32\) differs from plain autograd by a relative error of 0\.\d+.*--mode loop"
+    ):
+        worker._compute(kernel, 0, 3, 16, 32)
+    unchecked = _worker(problem, "fwd-repeat", check_blocks=False)
+    data = unchecked._compute(unchecked._ready(), 0, 3, 16, 32)
+    assert np.all(data[:, :, 8:] == 0)  # what would have been stored without the check
+
+
+def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_path):
+    """The triage's trial columns miss 24:32, so only the block check stands between
+    fwd-repeat's zeros and the store: that tile fails, the finished ones stay written."""
+    x = torch.randn(2, 64, dtype=torch.float64)
+    problem = raijac.Problem(numpy_middle, x, batched=True, batch_aware=True)
+    with pytest.raises(WorkerError, match=r"relative error of .*--mode loop.*finished tiles are kept"):
+        raijac.compute(problem, store_path, mode="fwd-repeat", block_size=8, workers=1, progress=False)
+    jac = raijac.open(store_path, allow_partial=True)
+    assert jac.meta["block_check"]["enabled"] is True
+    stored = jac.array[...]
+    assert np.isnan(stored[:, :, 24:32]).all()  # never written
+    written = ~np.isnan(stored)
+    assert 0 < jac.tiles_done < jac.n_tiles and written.sum() >= 8 * 128  # at least one tile of 8 columns
+    ref = _autograd_jacobian(numpy_middle, x).numpy()
+    np.testing.assert_allclose(stored[written], ref[written], rtol=1e-12, atol=1e-12)
+
+
+def test_compute_records_the_check(ray_session, tmp_path):
+    """Checked by default (recorded with its tolerance); check_blocks=False records that it was not."""
+    x = torch.randn(4, 6)
+    problem = raijac.Problem(lambda v: torch.tanh(v) * v.sum(-1, keepdim=True), x, batched=True)
+    jac = raijac.compute(problem, str(tmp_path / "a.zarr"), progress=False)
+    assert jac.meta["block_check"] == {"enabled": True, "rtol": check_rtol(torch.float32), "reference": "autograd.grad VJP"}
+    assert jac.summary["block_check"]["enabled"] is True and jac.meta["runs"][-1]["block_check"] is True
+    ref = _autograd_jacobian(problem.f, x).numpy()
+    np.testing.assert_allclose(jac.numpy(), ref, rtol=1e-5, atol=1e-6)
+    off = raijac.compute(problem, str(tmp_path / "b.zarr"), progress=False, check_blocks=False)
+    assert off.meta["block_check"]["enabled"] is False and off.meta["runs"][-1]["block_check"] is False
+
+
+def test_cli_no_block_check(ray_session, tmp_path):
+    from raijac.cli import cli
+
+    spec = tmp_path / "spec.py"
+    spec.write_text("import torch, raijac\nproblem = raijac.Problem(torch.tanh, torch.linspace(-1, 1, 5))\n")
+    out = str(tmp_path / "o.zarr")
+    result = CliRunner().invoke(cli, ["compute", f"{spec}:problem", "--out", out, "--no-block-check", "--json"])
+    assert result.exit_code == 0, result.output
+    assert raijac.open(out).meta["block_check"]["enabled"] is False
+    # Switching the check off takes the flag: the env var click would otherwise read is ignored.
+    env = {"RAIJAC_COMPUTE_NO_BLOCK_CHECK": "1", "RAIJAC_NO_BLOCK_CHECK": "1"}
+    result = CliRunner().invoke(cli, ["compute", f"{spec}:problem", "--out", out, "--overwrite"], env=env)
+    assert result.exit_code == 0, result.output
+    assert raijac.open(out).meta["block_check"]["enabled"] is True
+
+
+# ---------------------------------------------------------------------- chain modes, in-place stages
+INPLACE = {
+    "silu": lambda: torch.nn.SiLU(inplace=True),
+    "mish": lambda: torch.nn.Mish(inplace=True),
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.1, inplace=True),
+    "relu": lambda: torch.nn.ReLU(inplace=True),
+}
+
+
+def _inplace_net(act: str, dtype: torch.dtype, n_in: int, n_out: int) -> torch.nn.Sequential:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_in, 16), INPLACE[act](), torch.nn.Linear(16, 16), INPLACE[act](), torch.nn.Linear(16, n_out)
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("act", list(INPLACE))
+@pytest.mark.parametrize("mode", ["chain", "chain-fwd", "auto"])
+def test_chain_modes_with_inplace_activations(mode, act, dtype):
+    """SiLU/Mish in place made the chain modes 4-7% off (their input was overwritten);
+    ReLU/LeakyReLU were right by luck (same derivative at the output) and stay covered."""
+    n_in, n_out = (12, 7) if mode != "chain-fwd" else (7, 12)
+    net = _inplace_net(act, dtype, n_in, n_out)
+    x = torch.randn(n_in, dtype=dtype)
+    ref = torch.func.jacrev(net)(x).detach()
+    problem = raijac.Problem(net, x)
+    chosen = resolve_mode(problem, mode)[0]
+    assert chosen in ("chain", "chain-fwd")
+    n_seed = n_out if chosen == "chain" else n_in
+    got = Kernel(make_target(problem), chosen)(0, 1, 0, n_seed)[0].detach()
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    torch.testing.assert_close(got, ref, **tol)
+    assert torch.equal(x, problem.x)  # the caller's input is untouched
+
+
+@pytest.mark.parametrize("mode", ["chain", "chain-fwd"])
+def test_batched_chain_with_inplace_activations(mode):
+    torch.manual_seed(4)
+    net = _inplace_net("silu", torch.float64, 5, 6)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    ref = torch.func.vmap(torch.func.jacrev(net))(x)
+    kernel = Kernel(make_target(raijac.Problem(net, x, batched=True)), mode)
+    got = kernel(0, 4, 0, 6 if mode == "chain" else 5).detach()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_compute_chain_inplace(ray_session, store_path):
+    """End to end through auto (chain) and the workers' check, in float32."""
+    net = _inplace_net("mish", torch.float32, 40, 9)
+    x = torch.randn(40)
+    jac = raijac.compute(raijac.Problem(net, x), store_path, progress=False)
+    assert jac.summary["mode"] == "chain"
+    np.testing.assert_allclose(jac.numpy(), torch.func.jacrev(net)(x).detach().numpy(), rtol=1e-4, atol=1e-6)
