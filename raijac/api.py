@@ -24,11 +24,12 @@ from raijac import blas, modes, store
 from raijac.chain import may_chain
 from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, StoreError
 from raijac.executor import RayExecutor, default_workers
+from raijac.guard import REPLAY_SEED, keep_caller_state
 from raijac.kernels import Kernel, check_rtol, make_target
 from raijac.modes import check_mode, seed_axis
 from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
-from raijac.problem import REPLAY_SEED, Problem, keep_caller_state, load_problem, spec_key
+from raijac.problem import Problem, load_problem, spec_key
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, choose, resolve_pattern

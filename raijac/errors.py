@@ -14,6 +14,12 @@ Messages are one or two sentences: what is wrong, the value seen, and the fix.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (without a final period), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
 class RaijacError(Exception):
     """Base of every error raijac raises on purpose."""
 

@@ -25,9 +25,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from raijac import blas, modes
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError
+from raijac.guard import outputs_agree
 from raijac.modes import check_mode, seed_axis  # noqa: F401  (re-exported: kernels is where callers look)
 from raijac.peel import Peeled, Pointwise, forward_agrees
-from raijac.problem import Chain, Problem, outputs_agree
+from raijac.problem import Chain, Problem
 
 # Stages whose Jacobian is diagonal: the chain modes apply them as row/column scalings.
 ELEMENTWISE = (

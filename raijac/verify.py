@@ -21,9 +21,7 @@ with the one recorded at compute time; the stored name is run only with `trust_s
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,8 +30,10 @@ import numpy as np
 import torch
 
 from raijac.errors import ProblemError, StoreError
-from raijac.problem import Problem, _is_path, keeping_caller_state, load_problem
+from raijac.guard import keeping_caller_state
+from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
+from raijac.spec import is_path, portable_spec, spec_digest  # noqa: F401 - portable_spec, spec_digest: re-exported
 
 # Relative error allowed by default, by the coarser of the store's and the computation's dtype.
 # float16 keeps 11 significant bits: its rounding alone gives relative errors near 3e-4.
@@ -205,29 +205,6 @@ def verify(
 
 
 # ---------------------------------------------------------------------- which spec runs
-def spec_digest(spec: str) -> str | None:
-    """sha256 of a spec's file (None for a `package.module:NAME` spec, or a file that is not there)."""
-    target = spec.rpartition(":")[0]
-    if not _is_path(target) or not os.path.isfile(target):
-        return None
-    with open(target, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
-def portable_spec(spec: str | None) -> str | None:
-    """A spec file's path relative to the working folder, as a store records it: an absolute
-    path breaks when the checkout moves; the sha256 beside it says whether a copy is the same file."""
-    if not spec:
-        return spec
-    target, _, name = spec.rpartition(":")
-    if not _is_path(target):
-        return spec
-    try:
-        return f"{os.path.relpath(target)}:{name}"
-    except ValueError:  # another drive (Windows): no relative path exists
-        return spec
-
-
 def stored_spec(meta: dict) -> tuple[str | None, str | None]:
     """The spec a store names, as recorded (relative to the folder compute ran in), and its file's sha256."""
     return meta.get("spec"), meta.get("spec_sha256")

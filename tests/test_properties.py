@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import raijac
 from raijac.errors import RaijacError
-from raijac.kernels import MODES, seed_axis
+from raijac.modes import MODES, seed_axis
 from raijac.probe import resolve_mode
 from raijac.worker import Worker
 

@@ -25,8 +25,8 @@ from click.testing import CliRunner
 import raijac
 from raijac.cli import cli
 from raijac.errors import ModeError, ProblemError, StoreError
+from raijac.guard import REPLAY_SEED
 from raijac.kernels import Kernel, make_target
-from raijac.problem import REPLAY_SEED
 from raijac.verify import verify
 
 
@@ -344,7 +344,7 @@ def test_caller_state_is_restored_after_an_error(tmp_path):
 def test_a_module_moved_or_cast_during_a_run_is_given_back():
     """What a probe on a GPU does to the caller's module (Module.to swaps .data, .grad's
     .data and the buffers), shown with a dtype cast, which takes the same path."""
-    from raijac.problem import keep_caller_state
+    from raijac.guard import keep_caller_state
 
     net = _bn_net()
     net[0].weight.grad = torch.ones_like(net[0].weight)

@@ -1,0 +1,242 @@
+"""guard: what raijac checks and keeps fixed around the user's code (torch only; used by problem, kernels, api, verify).
+
+Three promises: a function that draws random numbers is run from one fixed generator
+state every time (NOTE: [replay] in problem), so J and y belong to one function; the
+samples of a batched problem are independent, as its kernels assume; and computing,
+planning or verifying gives the caller's modules and generators back as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial, wraps
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+import torch
+
+from raijac.errors import ProblemError, first_line
+
+if TYPE_CHECKING:
+    from raijac.problem import Problem
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+REPLAY_SEED = 0
+# Two calls of a deterministic f agree to rounding (GPU reductions may reorder sums); two
+# random draws differ by the size of the output itself.
+_AGREE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@contextmanager
+def replaying(device: torch.device | str) -> Iterator[None]:
+    """Run the body from the generator state REPLAY_SEED (CPU, and `device` when it is a GPU),
+    then give the caller's state back."""
+    device = torch.device(device)
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(REPLAY_SEED)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(REPLAY_SEED)
+        yield
+
+
+def generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def outputs_agree(a: object, b: object) -> bool:
+    """Whether two evaluations of f agree to rounding (relative to the largest entry, NaNs in
+    the same places): the test that a replayed f is still the function that gave y."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return type(a) is type(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
+        return False
+    a64, b64 = torch.nan_to_num(a64), torch.nan_to_num(b64)
+    scale = max(float(a64.abs().max()), 1.0) if a64.numel() else 1.0
+    return bool(((a64 - b64).abs() <= _AGREE_RTOL.get(a.dtype, 1e-5) * scale).all())
+
+
+# ---------------------------------------------------------------------- the caller's objects
+@contextmanager
+def keep_caller_state(problem: Problem | None) -> Iterator[None]:
+    """Give back, on exit, what running the problem here may change in the caller's objects:
+    the parameters (moved to a GPU by a probe), buffers (batch norm's running statistics in
+    training mode), `.grad` and training flags of the modules f uses, and the torch generators
+    (the generators alone when `problem` is None)."""
+    modules = [] if problem is None else _modules_of(problem)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    params, buffers = [], []
+    for owner, _ in flags:
+        for name, p in owner._parameters.items():
+            if p is not None and torch.nn.parameter.is_lazy(p):
+                continue  # materialised by f's first call: that is its shape now, not a change to undo
+            grad = None if p is None else p.grad
+            params.append((owner, name, p, None if p is None else p.data, grad, None if grad is None else grad.data))
+        for name, b in owner._buffers.items():
+            buffers.append((owner, name, b, None if b is None else b.detach().clone()))
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for owner, name, p, data, grad, grad_data in params:
+                owner._parameters[name] = p
+                if p is not None:  # Module.to() swaps .data of a parameter and of its .grad in place
+                    if p.data is not data:
+                        p.data = data
+                    if grad is not None and grad.data is not grad_data:
+                        grad.data = grad_data
+                    if p.grad is not grad:
+                        p.grad = grad
+            for owner, name, b, saved in buffers:
+                if b is not None and (b.shape, b.dtype, b.device) == (saved.shape, saved.dtype, saved.device):
+                    b.copy_(saved)
+                    owner._buffers[name] = b
+                else:  # f replaced or reshaped it: the saved copy is the caller's value
+                    owner._buffers[name] = saved
+
+
+def keeping_caller_state(run: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`run` with `keep_caller_state` around it, for the `problem=` keyword it was given."""
+
+    @wraps(run)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        problem = kwargs.get("problem")
+        with keep_caller_state(problem if hasattr(problem, "wrt") and hasattr(problem, "f") else None):
+            return run(*args, **kwargs)
+
+    return wrapper
+
+
+def _modules_of(problem: Problem) -> list[torch.nn.Module]:
+    """The modules f uses that raijac can see: the problem's module, f itself, a chain's
+    stages, and modules held by f's closure or partial arguments (two levels deep)."""
+    found: dict[int, torch.nn.Module] = {}
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, torch.nn.Module):
+            found.setdefault(id(obj), obj)
+            return
+        if depth <= 0:
+            return
+        if isinstance(getattr(obj, "stages", None), tuple):  # a Problem.chain
+            inner = list(obj.stages)
+        elif isinstance(obj, partial):
+            inner = [obj.func, *obj.args, *obj.keywords.values()]
+        else:
+            inner = [c.cell_contents for c in getattr(obj, "__closure__", None) or () if _has_contents(c)]
+            inner += [getattr(obj, "__self__", None), getattr(obj, "__wrapped__", None)]
+        for each in inner:
+            if each is not None:
+                visit(each, depth - 1)
+
+    visit(problem.module, 1)
+    visit(problem.f, 3)
+    return list(found.values())
+
+
+def _has_contents(cell: object) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- independent samples
+def check_independent_samples(problem: Problem, y: torch.Tensor) -> None:
+    """Refuse batched functions where an output sample depends on other samples: the
+    kernels differentiate blocks of samples (or one at a time), so J would be wrong for
+    them. Checked on the first, the last and one random sample."""
+    b = int(problem.x.shape[0])
+    if b < 2:
+        return
+    middle = int(torch.randint(1, max(b - 1, 2), (), generator=torch.Generator().manual_seed(b)))
+    picks = sorted({0, min(middle, b - 1), b - 1})
+    if problem.x.is_floating_point():
+        _check_gradient_stays(problem, picks)
+    _compare_one_sample_passes(problem, y, picks)
+
+
+def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
+    """Raise where the gradient of output sample s reaches another input sample (exact
+    zeros expected)."""
+    x = problem.x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        if problem.wrt == "params":  # x is the module's first input, ctx[0]
+            y = problem._forward(None, problem.params, (x, *problem.ctx[1:]))
+        else:
+            y = problem._forward(x, problem.params)
+        if not y.requires_grad:
+            return
+        for s in picks:
+            w = torch.randn(y[s].shape, generator=torch.Generator().manual_seed(s), dtype=y.dtype).to(y.device)
+            (g,) = torch.autograd.grad((y[s] * w).sum(), x, retain_graph=True, allow_unused=True)
+            if g is None:
+                continue
+            reached = (g.reshape(g.shape[0], -1) != 0).any(dim=1)
+            reached[s] = False
+            if bool(reached.any()):
+                raise ProblemError(
+                    f"batched=True needs f to treat samples independently, but output sample {s} depends on other "
+                    f"input samples (sample {int(reached.nonzero()[0])}; batch norm in training mode, a mean over the "
+                    "batch, or a shift along it?); call module.eval(), or pass batched=False."
+                )
+
+
+def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[int]) -> None:
+    """Compare the batch's output sample s with f on sample s alone, which is what the
+    kernels may differentiate: catches what no gradient shows (token ids as x, a coupling
+    through a step function)."""
+    tol = _AGREE_RTOL.get(y.dtype, 1e-4) * 10
+    # Parameter Jacobians always run f on one sample at a time (vmapped): f must map one
+    # sample there. Input Jacobians run blocks of samples, whose own errors say what is wrong.
+    one_at_a_time = problem.wrt == "params"
+    for s in picks:
+        try:
+            with torch.no_grad():
+                alone = problem._one_sample(s)
+        except Exception as exc:
+            if not one_at_a_time:
+                continue
+            raise ProblemError(
+                f"batched=True needs f to map one sample (1, ...) as it maps a batch, but on sample {s} alone f raised "
+                f"{type(exc).__name__}: {first_line(exc)}; fix f, or pass batched=False."
+            ) from exc
+        if tuple(alone.shape) != (1, *y.shape[1:]):
+            if not one_at_a_time:
+                continue
+            raise ProblemError(
+                f"batched=True needs f to map (1, ...) to (1, ...), but on sample {s} alone it returned shape "
+                f"{tuple(alone.shape)}; fix f, or pass batched=False."
+            )
+        err = float((alone[0].double() - y[s].double()).norm())
+        scale = max(float(y[s].double().norm()), 1e-30)
+        if not err <= tol * scale:
+            raise ProblemError(
+                f"batched=True needs f to treat samples independently, but output sample {s} of the whole batch "
+                f"differs from f on sample {s} alone by {err / scale:.3g} (relative) (batch norm in training mode, "
+                "or a mean over the batch?); call module.eval(), or pass batched=False."
+            )
+
+
+# ------------------------------------------------------------------ identity
