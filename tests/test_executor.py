@@ -115,6 +115,28 @@ def test_a_tile_that_keeps_killing_its_worker_is_reported(store_path):
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_workers_restarting_when_a_run_starts_are_waited_for(tmp_path, store_path):
+    """SIGKILL the pooled worker processes just before a run: its probes reach actors Ray is
+    still restarting (a call fails at once with ActorUnavailableError) and wait for them."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    problem, w, x = _slow_problem(str(pid_dir), n=6, delay=0.0)
+
+    def worker_pids() -> set[int]:
+        return {int(p) for p in os.listdir(pid_dir)} - {os.getpid()}
+
+    raijac.compute(problem, store_path + "-first", mode="rev", workers=2)
+    old = worker_pids()
+    assert old, "the first run left no worker pid"
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+        os.remove(pid_dir / str(pid))
+    jac = raijac.compute(problem, store_path, mode="rev", workers=2)
+    assert jac.complete and worker_pids() and not worker_pids() & old
+    assert_close(jac.numpy(), _reference(w, x))
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_heterogeneous_budgets_give_different_blocks(store_path):
     """Two workers, one with 16x the budget: it merges more tiles per block and does more of them."""
     torch.manual_seed(0)
