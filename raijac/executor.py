@@ -22,7 +22,7 @@ from raijac.errors import RaijacError, WorkerError
 from raijac.plan import Plan, WorkerCost
 from raijac.problem import Problem, _first_line
 from raijac.scheduler import IN_FLIGHT, MAX_TILE_FAILURES, Call, Died, Scheduler
-from raijac.shipping import Packed, _import_paths, pack
+from raijac.shipping import Packed, _Background, _import_paths, _spec_file, pack
 
 __all__ = ["IN_FLIGHT", "MAX_TILE_FAILURES", "RayExecutor", "default_workers"]
 
@@ -67,10 +67,52 @@ def _auth_failed(exc: BaseException) -> bool:
     return False
 
 
-def _spec_file(spec: str) -> tuple[str, str] | None:
-    """(file path, NAME) for a `path/to/file.py:NAME` spec, None for a module spec."""
-    target, _, name = spec.rpartition(":")
-    return (target, name) if target.endswith(".py") and os.path.isfile(target) else None
+def _token_error(address: str, sent: bool) -> RaijacError:
+    """What to do when a cluster refuses this client's token (or its lack of one)."""
+    where = (
+        "the head node's token: `ray get-auth-token` there prints it (it is kept in ~/.ray/auth_token on the head "
+        "node, or in RAY_AUTH_TOKEN where the cluster was started with it)"
+    )
+    if sent:
+        return RaijacError(
+            f"the Ray cluster at {address} refused this client's authentication token (from RAY_AUTH_TOKEN or "
+            f"~/.ray/auth_token here); set RAY_AUTH_TOKEN to {where}."
+        )
+    return RaijacError(
+        f"the Ray cluster at {address} requires an authentication token and this client sent none; set RAY_AUTH_MODE=token "
+        f"and RAY_AUTH_TOKEN to {where} (or copy that file to ~/.ray/auth_token here)."
+    )
+
+
+def _check_token(address: str, timeout: float = 5.0) -> None:
+    """Refuse in seconds, quietly, an address whose cluster would refuse this client's token.
+
+    NOTE: [token probe] Joining a token-authenticated cluster without its token, ray.init
+    retries for ~20 s and prints ~20 lines of warnings before it fails. One gRPC call to the
+    cluster's GCS with the metadata ray.init would send (the token only in RAY_AUTH_MODE=token,
+    as Ray does for an explicit address) answers UNAUTHENTICATED at once. Any other answer,
+    or none, leaves the verdict to ray.init.
+    """
+    if not _explicit(address):
+        return
+    try:
+        import grpc
+        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray 2.x layout: ray.init's own error stands
+        return
+    try:
+        sent = get_authentication_mode() == AuthenticationMode.TOKEN and AuthenticationTokenLoader.instance().has_token()
+        metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items()) if sent else ()
+    except Exception:  # no token where token mode is on: ray.init says so at once
+        return
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise _token_error(address, sent) from None
 
 
 def default_workers(cpus: int) -> int:
@@ -133,6 +175,7 @@ class RayExecutor:
         kwargs = dict(logging_level="ERROR", log_to_driver=True)
         if self.address:
             _check_reachable(self.address)
+            _check_token(self.address)
         warm = _warm_driver()  # while ray.init waits for its processes (see NOTE: [boot])
         try:
             if self.address:
@@ -147,10 +190,7 @@ class RayExecutor:
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         except Exception as exc:
             if _auth_failed(exc):
-                raise RaijacError(
-                    f"the Ray cluster at {self.address} refused this client's authentication token; set RAY_AUTH_MODE=token "
-                    "and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token), as `ray start` printed it."
-                ) from exc
+                raise _token_error(self.address, sent=bool(os.environ.get("RAY_AUTH_MODE") == "token")) from exc
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RaijacError(f"cannot start or reach {where}: {msg}; check --address / RAY_ADDRESS.") from exc
@@ -553,32 +593,6 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)
     return hosts[:n]
-
-
-class _Background(threading.Thread):
-    """A daemon thread whose exception `join` re-raises in the caller.
-
-    NOTE: [background put] `ray.put` of a problem copies its tensors into the object store:
-    0.03 s for 512 MiB where the store reuses freed pages, up to 0.8 s where it must fault in
-    fresh ones (measured here, MLP-8192). In a thread it overlaps the driver's triage instead
-    of delaying it; the actors' loads start when it is done."""
-
-    def __init__(self, target: Callable[[], None]) -> None:
-        super().__init__(name="raijac-ship", daemon=True)
-        self._work, self.error = target, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._work()
-        except BaseException as exc:  # handed to the caller by join
-            self.error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
 
 def _progress_bar(total: int, plan: Plan, enabled: bool):
