@@ -1,30 +1,30 @@
 """executor: runs a Plan's tiles on Ray actors (after plan and worker; the only module besides worker that imports ray).
 
-Embedded local Ray when no address is given, an existing cluster with `--address` or
-`RAY_ADDRESS`, and the caller's own Ray when it already called `ray.init` (left running).
-The driver keeps a queue of pending tiles and a shallow queue (two calls) per actor over
-`ray.wait`, so faster actors take more tiles; a tile is recorded done only after its
-worker returned from writing it. A dead actor's tiles go back on the queue; a failed tile
-stops the run once the blocks still in flight have returned and are recorded.
+Embedded local Ray when no address is given (kept for the life of the process, so later
+calls skip its start), an existing cluster with `--address` or `RAY_ADDRESS`, and the
+caller's own Ray when it already called `ray.init` (left running). The `Scheduler` decides
+which tiles go where; this module sends them as actor calls and waits on them with
+`ray.wait`. A tile is recorded done only after its worker returned from writing it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from raijac.errors import RaijacError, WorkerError
+from raijac.errors import RaijacError, WorkerError, first_line
 from raijac.planner import Plan, WorkerCost
-from raijac.problem import Problem, _first_line
+from raijac.problem import Problem
+from raijac.scheduler import IN_FLIGHT, MAX_TILE_FAILURES, Call, Died, Scheduler
+from raijac.shipping import Packed, _Background, _import_paths, _spec_file, pack
 
-IN_FLIGHT = 2  # calls queued per actor: one running, one waiting
-MAX_TILE_FAILURES = 3
+__all__ = ["IN_FLIGHT", "MAX_TILE_FAILURES", "RayExecutor", "default_workers"]
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -67,10 +67,52 @@ def _auth_failed(exc: BaseException) -> bool:
     return False
 
 
-def _spec_file(spec: str) -> tuple[str, str] | None:
-    """(file path, NAME) for a `path/to/file.py:NAME` spec, None for a module spec."""
-    target, _, name = spec.rpartition(":")
-    return (target, name) if target.endswith(".py") and os.path.isfile(target) else None
+def _token_error(address: str, sent: bool) -> RaijacError:
+    """What to do when a cluster refuses this client's token (or its lack of one)."""
+    where = (
+        "the head node's token: `ray get-auth-token` there prints it (it is kept in ~/.ray/auth_token on the head "
+        "node, or in RAY_AUTH_TOKEN where the cluster was started with it)"
+    )
+    if sent:
+        return RaijacError(
+            f"the Ray cluster at {address} refused this client's authentication token (from RAY_AUTH_TOKEN or "
+            f"~/.ray/auth_token here); set RAY_AUTH_TOKEN to {where}."
+        )
+    return RaijacError(
+        f"the Ray cluster at {address} requires an authentication token and this client sent none; set RAY_AUTH_MODE=token "
+        f"and RAY_AUTH_TOKEN to {where} (or copy that file to ~/.ray/auth_token here)."
+    )
+
+
+def _check_token(address: str, timeout: float = 5.0) -> None:
+    """Refuse in seconds, quietly, an address whose cluster would refuse this client's token.
+
+    NOTE: [token probe] Joining a token-authenticated cluster without its token, ray.init
+    retries for ~20 s and prints ~20 lines of warnings before it fails. One gRPC call to the
+    cluster's GCS with the metadata ray.init would send (the token only in RAY_AUTH_MODE=token,
+    as Ray does for an explicit address) answers UNAUTHENTICATED at once. Any other answer,
+    or none, leaves the verdict to ray.init.
+    """
+    if not _explicit(address):
+        return
+    try:
+        import grpc
+        from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray 2.x layout: ray.init's own error stands
+        return
+    try:
+        sent = get_authentication_mode() == AuthenticationMode.TOKEN and AuthenticationTokenLoader.instance().has_token()
+        metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items()) if sent else ()
+    except Exception:  # no token where token mode is on: ray.init says so at once
+        return
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise _token_error(address, sent) from None
 
 
 def default_workers(cpus: int) -> int:
@@ -79,15 +121,31 @@ def default_workers(cpus: int) -> int:
 
 
 class RayExecutor:
-    """A Ray session plus a set of worker actors; use as a context manager."""
+    """A Ray session plus a set of worker actors; use as a context manager.
 
-    def __init__(self, *, address: str | None = None, workers: int | None = None, spec: str | None = None) -> None:
+    Arguments:
+        address: a Ray cluster to join (else RAY_ADDRESS, else an embedded local Ray).
+        workers: CPU actors to start (default: one per core, at most 8; one per GPU on GPUs).
+        spec: the problem's `file.py:NAME` spec, shipped to a cluster's workers as a module.
+        keep_ray: keep an embedded local Ray (and its actors) running for the life of this
+            process, so later calls skip its start-up; False shuts it down on exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        workers: int | None = None,
+        spec: str | None = None,
+        keep_ray: bool = True,
+    ) -> None:
         if workers is not None and workers < 1:
             raise RaijacError(f"--workers must be at least 1, but got {workers}.")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.explicit_address = address
         self.requested_workers = workers
-        self.owns_ray = False
+        self.keep_ray = keep_ray
+        self.owns_ray = False  # shut Ray down on exit
         self.spec = spec
         self.shipped = False
         self.actors: list[Any] = []
@@ -103,15 +161,21 @@ class RayExecutor:
 
         if ray.is_initialized():
             current = ray.get_runtime_context().gcs_address
+            kept = current == _kept_ray["address"]
             if self.explicit_address and self.explicit_address != current and _explicit(self.explicit_address):
-                raise RaijacError(
-                    f"this process is already connected to the Ray cluster at {current}, not {self.explicit_address}; "
-                    "call ray.shutdown() first, or drop the address to use the running Ray."
-                )
-            return self
+                if not kept:
+                    raise RaijacError(
+                        f"this process is already connected to the Ray cluster at {current}, not {self.explicit_address}; "
+                        "call ray.shutdown() first, or drop the address to use the running Ray."
+                    )
+                _shutdown_kept()  # raijac's own embedded Ray gives way to the cluster asked for
+            else:
+                self.owns_ray = kept and not self.keep_ray
+                return self
         kwargs = dict(logging_level="ERROR", log_to_driver=True)
         if self.address:
             _check_reachable(self.address)
+            _check_token(self.address)
         warm = _warm_driver()  # while ray.init waits for its processes (see NOTE: [boot])
         try:
             if self.address:
@@ -126,16 +190,16 @@ class RayExecutor:
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         except Exception as exc:
             if _auth_failed(exc):
-                raise RaijacError(
-                    f"the Ray cluster at {self.address} refused this client's authentication token; set RAY_AUTH_MODE=token "
-                    "and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token), as `ray start` printed it."
-                ) from exc
+                raise _token_error(self.address, sent=bool(os.environ.get("RAY_AUTH_MODE") == "token")) from exc
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RaijacError(f"cannot start or reach {where}: {msg}; check --address / RAY_ADDRESS.") from exc
         finally:
             warm.join()
-        self.owns_ray = True
+        if self.address or not self.keep_ray:
+            self.owns_ray = True
+        else:
+            _keep_ray(ray.get_runtime_context().gcs_address)
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -151,6 +215,8 @@ class RayExecutor:
             self.discard()
         if self.owns_ray:
             _POOLS.pop(_session_key(), None)
+            if _kept_ray["address"] == ray.get_runtime_context().gcs_address:
+                _kept_ray["address"] = None
             ray.shutdown()
 
     # ------------------------------------------------------------------ actors
@@ -247,12 +313,7 @@ class RayExecutor:
             # memory cost for all (alone, so the probe has the memory bandwidth to itself), the
             # others only build the problem. Every GPU measures its own.
             shared = device == "cpu"
-            refs = [
-                a.probe.remote(r, not shared or i == 0) for i, (a, r) in enumerate(zip(self.actors, self.recipes, strict=True))
-            ]
-            if while_probing is not None:
-                while_probing()
-            costs = [self._get(ref, name) for ref, name in zip(refs, self.names, strict=True)]
+            costs = self._probe([not shared or i == 0 for i in range(n)], while_probing)
             if shared:
                 first = costs[0]
                 costs = [WorkerCost(c.name, c.device, c.budget, first.base, first.per_seed) for c in costs]
@@ -260,6 +321,45 @@ class RayExecutor:
         except BaseException:
             self.discard()
             raise
+
+    def _probe(self, measure: list[bool], while_probing: Callable[[], None] | None) -> list[WorkerCost]:
+        """Every actor's probe; one whose process goes away (a crash, a restart under way, its
+        node lost) is waited for and probed again, up to MAX_TILE_FAILURES times (NOTE: [revive])."""
+        import ray
+
+        went_away = _went_away_errors()
+        waiting = {
+            a.probe.remote(r, m): (i, "probe") for i, (a, r, m) in enumerate(zip(self.actors, self.recipes, measure, strict=True))
+        }
+        if while_probing is not None:
+            while_probing()
+        costs: list[WorkerCost | None] = [None] * len(self.actors)
+        deaths = [0] * len(self.actors)
+        while waiting:
+            (ref,), _ = ray.wait(list(waiting), num_returns=1)
+            i, kind = waiting.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, RaijacError):
+                    raise cause from None
+                raise WorkerError(f"worker {self.names[i]} failed: {type(cause).__name__}: {first_line(cause)}") from None
+            except went_away as exc:
+                deaths[i] += 1
+                if kind == "ready" or deaths[i] >= MAX_TILE_FAILURES:
+                    raise WorkerError(
+                        f"worker {self.names[i]} went away {deaths[i]} times while loading the problem (last: "
+                        f"{type(exc).__name__}: {first_line(exc)}); check that building the problem does not crash "
+                        "the process or run it out of memory."
+                    ) from None
+                waiting[_revive(self.actors[i])] = (i, "ready")
+                continue
+            if kind == "ready":
+                waiting[self.actors[i].probe.remote(self.recipes[i], measure[i])] = (i, "probe")
+            else:
+                costs[i] = value
+        return costs  # type: ignore[return-value]
 
     def discard(self) -> None:
         """Kill this run's actors and forget them (after an error, their state is unknown)."""
@@ -272,17 +372,6 @@ class RayExecutor:
             except Exception:
                 pass
         self.actors = []
-
-    def _get(self, ref: Any, name: str) -> Any:
-        import ray
-
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause
-            if isinstance(cause, RaijacError):
-                raise cause from None
-            raise WorkerError(f"worker {name} failed: {type(cause).__name__}: {_first_line(cause)}") from None
 
     # ------------------------------------------------------------------ the run
     def run(
@@ -297,87 +386,56 @@ class RayExecutor:
         (those that finished together in one call, after the next blocks are sent out)."""
         import ray
 
-        queue = deque(sorted(pending))
-        total = len(queue)
-        in_flight: dict[Any, tuple[int, list[int], bool]] = {}
-        load = [0] * len(self.actors)
-        alone = [False] * len(self.actors)  # running a suspect tile with nothing beside it
-        suspects: deque[int] = deque()  # tiles held by a worker that died: retried one at a time
-        failures: dict[int, int] = {}
-        done_count, seeds_done, started = 0, 0, time.perf_counter()
-        bar = _progress_bar(total, plan, progress)
+        went_away = _went_away_errors()
+        schedule = Scheduler(plan, pending, workers=len(self.actors))
+        calls: dict[Any, Call] = {}
+        revivals: dict[Any, int] = {}  # ready pings to restarting workers (NOTE: [revive])
+        seeds_done, started = 0, time.perf_counter()
+        bar = _progress_bar(schedule.total, plan, progress)
         records: list[dict] = []
-        requeued = 0
 
-        def take(worker: int) -> list[int]:
-            tiles = [queue.popleft()]
-            while queue and len(tiles) < plan.blocks[worker] and plan.mergeable(tiles[-1], queue[0]):
-                tiles.append(queue.popleft())
-            return tiles
+        def send() -> None:
+            for call in schedule.dispatch():
+                first, last = plan.tile(call.tiles[0]), plan.tile(call.tiles[-1])
+                actor = self.actors[call.worker]
+                calls[actor.run.remote(self.recipes[call.worker], out, first.b0, last.b1, first.s0, last.s1)] = call
 
-        def send(w: int, tiles: list[int], isolated: bool) -> None:
-            first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
-            ref = self.actors[w].run.remote(self.recipes[w], out, first.b0, last.b1, first.s0, last.s1)
-            in_flight[ref] = (w, tiles, isolated)
-            load[w] += 1
-            alone[w] = isolated
-
-        def submit() -> None:
-            for w in range(len(self.actors)):
-                if alone[w]:
-                    continue
-                if suspects and load[w] == 0:
-                    send(w, [suspects.popleft()], isolated=True)
-                    continue
-                while queue and load[w] < IN_FLIGHT:
-                    send(w, take(w), isolated=False)
-
-        # NOTE: [drain] When a block fails, no more blocks go out, but the run ends only after every
-        # block still in flight has returned: the actor writes block k while it computes block k+1
-        # (NOTE: [pipeline] in worker.py), and other workers are mid-block, so a failure often
-        # arrives before blocks that will be written. Each of those is recorded (or it fails too,
-        # and stays pending), so what --resume recomputes is only what was not written.
-        failure: tuple[list[int], int, BaseException] | None = None
         try:
-            submit()
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                rest = [r for r in in_flight if r != ready[0]]
+            send()
+            while calls or (revivals and schedule.failure is None):
+                waiting = list(calls) + (list(revivals) if schedule.failure is None else [])
+                ready, rest = ray.wait(waiting, num_returns=1)
                 if rest:  # whatever else finished meanwhile is recorded in the same ledger write
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 finished: list[int] = []
                 try:
                     for ref in ready:
-                        w, tiles, isolated = in_flight.pop(ref)
-                        load[w] -= 1
-                        if isolated:
-                            alone[w] = False
+                        if ref in revivals:
+                            worker = revivals.pop(ref)
+                            try:
+                                ray.get(ref)
+                                schedule.revived(worker)
+                            except went_away:
+                                pass  # gone for good (Ray will not restart it): it gets nothing more
+                            continue
+                        call = calls.pop(ref)
                         try:
                             record = ray.get(ref)
                         except ray.exceptions.RayTaskError as exc:
-                            failure = failure or (tiles, w, exc.cause)
+                            schedule.failed(call, exc.cause)
                             continue
-                        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                            # The worker process died (Ray restarts it; its next call rebuilds the problem).
-                            # Which of its blocks killed it is known only when one ran alone, so every tile
-                            # it held is retried alone, and only deaths while alone count against a tile.
-                            if isolated:
-                                failures[tiles[0]] = failures.get(tiles[0], 0) + 1
-                                if failures[tiles[0]] >= MAX_TILE_FAILURES:
-                                    failure = failure or (tiles, w, _Died(exc, failures[tiles[0]]))
-                                    continue
-                            suspects.extend(tiles)  # writes are idempotent: recompute them whole
-                            requeued += len(tiles)
+                        except went_away as exc:
+                            if schedule.died(call, exc):
+                                revivals[_revive(self.actors[call.worker])] = call.worker
                             continue
-                        finished.extend(tiles)
-                        records.append({**record, "tiles": len(tiles)})
-                        done_count += len(tiles)
-                        first, last = plan.tile(tiles[0]), plan.tile(tiles[-1])
+                        schedule.finished(call)
+                        finished.extend(call.tiles)
+                        records.append({**record, "tiles": len(call.tiles)})
+                        first, last = plan.tile(call.tiles[0]), plan.tile(call.tiles[-1])
                         seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
                     # NOTE: [ledger] The next blocks go out before the ledger write (~1 ms here with
                     # store.Ledger, ~4 ms before it), which a worker waiting for its next block would idle through.
-                    if failure is None:
-                        submit()
+                    send()
                 finally:
                     if finished:  # also when an interrupt stops the run: the written ones stay recorded
                         on_done(finished)
@@ -388,11 +446,18 @@ class RayExecutor:
         finally:
             if bar is not None:
                 bar.close()
-        if failure is not None:  # after the drain, so the count of kept tiles includes them all
-            raise self._tile_error(plan, *failure, done_count)
+        done_count = len(schedule.done)
+        if schedule.failure is not None:  # after the drain, so the count of kept tiles includes them all
+            call, cause = schedule.failure
+            raise self._tile_error(plan, list(call.tiles), call.worker, cause, done_count)
+        if schedule.waiting:
+            raise WorkerError(
+                f"every worker process went away and Ray did not restart them; {done_count} finished tiles are kept "
+                "(check the nodes' logs), and rerun with --resume."
+            )
         return {
             "tiles_computed": done_count,
-            "tiles_requeued": requeued,
+            "tiles_requeued": schedule.requeued,
             "blocks": len(records),
             "compute_s": sum(r["compute_s"] for r in records),
             "write_s": sum(r["write_s"] for r in records),
@@ -402,6 +467,9 @@ class RayExecutor:
             "finite": all(r["finite"] for r in records),
             "rss_growth": max((r["rss_growth"] or 0 for r in records), default=None),
             "oom_splits": sum(max((r["oom_splits"] for r in records if r["worker"] == n), default=0) for n in self.names),
+            "check_max_rel_err": max(
+                (r["check_max_rel_err"] for r in records if r.get("check_max_rel_err") is not None), default=None
+            ),
         }
 
     def _tile_error(self, plan: Plan, tiles: list[int], w: int, cause: BaseException, done: int) -> WorkerError:
@@ -409,11 +477,73 @@ class RayExecutor:
         span = plan.describe_tile(type(first)(first.index, first.b0, last.b1, first.s0, last.s1))
         label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
         hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
-        what = str(cause) if isinstance(cause, _Died) else f"{type(cause).__name__}: {_first_line(cause)}"
+        what = str(cause) if isinstance(cause, Died) else f"{type(cause).__name__}: {first_line(cause)}"
         return WorkerError(
             f"{label} ({span}) failed on worker {self.names[w]}: {what}. "
             f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
         )
+
+
+def _went_away_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors that mean a call's worker process went away, not that the call raised.
+
+    RayActorError covers ActorDiedError and ActorUnavailableError (a call sent to an actor that
+    is restarting fails at once with it), ObjectLostError covers OwnerDiedError and the other
+    lost-object errors; NodeDiedError, WorkerCrashedError, LocalRayletDiedError and Ray's
+    OutOfMemoryError (its memory monitor killed the worker) complete it. Getattr keeps older
+    Ray 2.x, which lack some of them, working.
+    """
+    import ray.exceptions as rx
+
+    names = (
+        "RayActorError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "ObjectLostError",
+        "LocalRayletDiedError",
+        "OutOfMemoryError",
+    )
+    return tuple(c for c in (getattr(rx, n, None) for n in names) if c is not None)
+
+
+def _revive(actor: Any) -> Any:
+    """A ref that is ready once Ray has restarted `actor`.
+
+    NOTE: [revive] A call sent to an actor Ray is restarting fails at once with
+    ActorUnavailableError ("The actor is restarting"), before it runs: retrying a dead
+    worker's tiles on it at once would count those instant failures as deaths of the tile.
+    So the driver first waits on a ping that Ray retries until the actor is back
+    (max_task_retries=-1 on this call only; block calls keep at-most-once semantics so the
+    scheduler knows which tile killed a worker).
+    """
+    return actor.ready.options(max_task_retries=-1).remote()
+
+
+# The embedded local Ray kept for the life of this process (NOTE: [kept Ray]).
+_kept_ray: dict[str, str | None] = {"address": None}
+
+
+def _keep_ray(address: str) -> None:
+    """Keep the embedded Ray just started until this process exits.
+
+    NOTE: [kept Ray] Starting a local Ray takes seconds (its processes, then the actors'
+    torch imports): a script that called raijac.compute three times paid it three times
+    (three tiny Hessians took 57 s). Kept, later calls find Ray running and reuse its actors
+    (_POOLS); it is shut down at exit, or on `keep_ray=False`.
+    """
+    if _kept_ray["address"] is None:
+        atexit.register(_shutdown_kept)
+    _kept_ray["address"] = address
+
+
+def _shutdown_kept() -> None:
+    """Shut down raijac's kept embedded Ray if it is still this process's Ray."""
+    import ray
+
+    address, _kept_ray["address"] = _kept_ray["address"], None
+    if address is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == address:
+        _POOLS.pop(_session_key(), None)
+        ray.shutdown()
 
 
 def _warm_driver() -> threading.Thread:
@@ -436,67 +566,6 @@ def _warm_driver() -> threading.Thread:
 
 # Worker hosts kept between runs on a Ray the caller owns: session -> (resources, hosts).
 _POOLS: dict[tuple, tuple[str, list[Any]]] = {}
-
-
-class Packed:
-    """A problem pickled with its CPU tensors as out-of-band byte buffers (views, no copies).
-
-    NOTE: [shipping] Pickled in-band, a problem's tensors are copied into one pickle, again
-    into the object store, and unpickled through more copies on every worker: 0.74 s to put
-    and ~1.0 s per worker to get for 512 MiB of weights, measured here. As raw byte buffers
-    (pickle 5, out of band) `ray.put` writes them to the object store once and each worker
-    copies them out once: 0.03-0.24 s and 0.25 s. Workers still get private, writable
-    tensors. Packing is done before the triage, the put after it starts (NOTE: [background
-    put]): the triage runs `functional_call`, which swaps a module's parameters for
-    transformed tensors while it runs, so the problem must not be pickled meanwhile.
-    """
-
-    def __init__(self, blob: bytes, buffers: list[Any]) -> None:
-        self.blob, self.buffers = blob, buffers
-
-    def load(self) -> Problem:
-        import pickle
-
-        return pickle.loads(self.blob, buffers=self.buffers)
-
-
-def pack(problem: Problem) -> Packed:
-    """Pickle a problem now, its CPU tensors as views (NOTE: [shipping]); `ray.put` copies them later."""
-    import numpy as np
-    import torch
-    from ray import cloudpickle
-
-    buffers: list[Any] = []
-    dispatch = cloudpickle.CloudPickler.dispatch  # what Ray's own _register_cloudpickle_reducer edits
-    previous = dispatch.get(torch.Tensor)
-    dispatch[torch.Tensor] = _reduce_tensor
-    try:
-        blob = cloudpickle.dumps(problem, protocol=5, buffer_callback=buffers.append)
-    finally:
-        if previous is None:
-            dispatch.pop(torch.Tensor, None)
-        else:
-            dispatch[torch.Tensor] = previous
-    # numpy views of the buffers: Ray ships numpy arrays out of band (one copy into the store)
-    return Packed(blob, [np.frombuffer(b.raw(), dtype=np.uint8) for b in buffers])
-
-
-def _reduce_tensor(t: Any) -> tuple:
-    import torch
-
-    from raijac.worker import rebuild_tensor
-
-    if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
-        return type(t).__reduce_ex__(t, 5)
-    c = t.detach().contiguous()
-    flat = c.reshape(-1).view(torch.uint8).numpy()
-    return rebuild_tensor, (flat, str(c.dtype).removeprefix("torch."), tuple(c.shape), bool(t.requires_grad))
-
-
-def _import_paths() -> tuple[str, ...]:
-    """The driver's import folders: a problem pickled from a module the driver imported
-    (a script's neighbour, say) unpickles on workers of this machine too."""
-    return tuple(p for p in sys.path if p and os.path.isdir(p))
 
 
 def _session_key() -> tuple:
@@ -527,39 +596,6 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)
     return hosts[:n]
-
-
-class _Background(threading.Thread):
-    """A daemon thread whose exception `join` re-raises in the caller.
-
-    NOTE: [background put] `ray.put` of a problem copies its tensors into the object store:
-    0.03 s for 512 MiB where the store reuses freed pages, up to 0.8 s where it must fault in
-    fresh ones (measured here, MLP-8192). In a thread it overlaps the driver's triage instead
-    of delaying it; the actors' loads start when it is done."""
-
-    def __init__(self, target: Callable[[], None]) -> None:
-        super().__init__(name="raijac-ship", daemon=True)
-        self._work, self.error = target, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._work()
-        except BaseException as exc:  # handed to the caller by join
-            self.error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-class _Died(Exception):
-    """A worker process that died repeatedly on the same block."""
-
-    def __init__(self, exc: BaseException, times: int) -> None:
-        super().__init__(f"its worker process died {times} times while computing it (last: {type(exc).__name__})")
 
 
 def _progress_bar(total: int, plan: Plan, enabled: bool):

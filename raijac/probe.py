@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raijac import modes
 from raijac.chain import chain_stages
-from raijac.errors import ModeError, ProblemError
+from raijac.errors import ModeError, ProblemError, first_line
 from raijac.kernels import Kernel, Reference, Target, block_error, check_rtol, make_target
 from raijac.modes import check_mode, seed_axis
-from raijac.problem import Problem, _first_line
+from raijac.problem import Problem
 
 SLOW_PATH_HINTS = ("performance drop", "batching rule", "fallback")
 
@@ -98,7 +98,7 @@ def try_mode(target: Target, mode: str, reference: Reference | None = None) -> M
     except ModeError as exc:
         return ModeReport(mode, False, str(exc), seconds=time.perf_counter() - start)
     except Exception as exc:  # vmap, forward-AD and user errors all land here
-        return ModeReport(mode, False, f"{type(exc).__name__}: {_first_line(exc)}", seconds=time.perf_counter() - start)
+        return ModeReport(mode, False, f"{type(exc).__name__}: {first_line(exc)}", seconds=time.perf_counter() - start)
     slow = [str(w.message) for w in caught if any(h in str(w.message).lower() for h in SLOW_PATH_HINTS)]
     note = _slow_note(slow[0]) if slow else ""
     for spot, block in blocks:
@@ -111,7 +111,7 @@ def try_mode(target: Target, mode: str, reference: Reference | None = None) -> M
 def _slow_note(warning: str) -> str:
     """vmap's slow-path warning, shortened to the op that lacks a batching rule where it names one."""
     op = re.search(r"batching rule for (\S+?)\.?(\s|$)", warning)
-    return f"vmap has no batching rule for {op.group(1)}" if op else _first_line(Warning(warning))
+    return f"vmap has no batching rule for {op.group(1)}" if op else first_line(Warning(warning))
 
 
 def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int, reference: Reference) -> str:

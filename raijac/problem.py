@@ -26,8 +26,7 @@ from typing import Literal
 import torch
 
 from raijac import trees
-from raijac.errors import ProblemError
-from raijac.errors import first_line as _first_line  # noqa: F401 - the name other modules import
+from raijac.errors import ProblemError, first_line
 from raijac.guard import REPLAY_SEED, check_independent_samples, generator_states, outputs_agree, replaying, same_states
 from raijac.spec import import_spec_module, normalize_spec, spec_key  # noqa: F401 - spec_key: the name others import
 
@@ -290,7 +289,7 @@ class Problem:
             try:
                 value = f(x)
             except Exception as exc:
-                raise ProblemError(f"f raised {type(exc).__name__} on x of shape {tuple(x.shape)}: {_first_line(exc)}.") from exc
+                raise ProblemError(f"f raised {type(exc).__name__} on x of shape {tuple(x.shape)}: {first_line(exc)}.") from exc
         want = (x.shape[0],) if batched else ()
         if not isinstance(value, torch.Tensor) or value.numel() != math.prod(want):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -501,7 +500,7 @@ class Problem:
             raise
         except Exception as exc:  # the user's function: show its own message
             raise ProblemError(
-                f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {_first_line(exc)}; "
+                f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {first_line(exc)}; "
                 "fix f or pass x of the shape it expects."
             ) from exc
 
@@ -617,7 +616,7 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
         except ProblemError:
             raise  # already says what is wrong with the problem it tried to build
         except Exception as exc:
-            raise ProblemError(f"calling {name}() from {target} raised {type(exc).__name__}: {_first_line(exc)}.") from exc
+            raise ProblemError(f"calling {name}() from {target} raised {type(exc).__name__}: {first_line(exc)}.") from exc
     if not isinstance(obj, Problem):
         raise ProblemError(
             f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives {type(obj).__name__} {_short_repr(obj)}."

@@ -24,11 +24,11 @@ import torch
 
 from raijac import store
 from raijac.errors import ModeError, ProblemError
-from raijac.executor import Packed
 from raijac.kernels import Kernel, Reference, Target, block_error, check_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
+from raijac.shipping import Packed
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -249,12 +249,6 @@ def load(
     return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 
 
-def rebuild_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> torch.Tensor:
-    """A private copy of a tensor shipped as raw bytes (see NOTE: [shipping] in executor)."""
-    t = torch.from_numpy(np.array(data, copy=True)).view(getattr(torch, dtype)).reshape(shape)
-    return t.requires_grad_(True) if requires_grad else t
-
-
 def _node_id() -> str:
     """The Ray node this worker runs on (several nodes may share one host), else the host name."""
     try:
@@ -357,6 +351,11 @@ class WorkerHost:
             source = loaded[0] if loaded is not None else self._source(boxed)
             self.worker, self.run_id = Worker(source, loaded=loaded, **kwargs), run_id
         return self.worker
+
+    def ready(self) -> bool:
+        """Answer once this host is up: the driver waits on it after a crash before sending
+        more blocks (a call to a restarting actor fails at once; NOTE: [revive] in executor)."""
+        return True
 
     def probe(self, recipe: tuple[str, list, dict[str, Any]], measure: bool = True) -> WorkerCost:
         return self._worker(recipe).probe(measure)

@@ -155,16 +155,25 @@ def test_job_on_two_nodes_uses_both_and_is_right(two_node_cluster, tmp_path):
     assert_close(raijac.open(out).numpy(), want)
 
 
-def test_wrong_token_fails_with_a_clear_message(two_node_cluster, tmp_path):
+@pytest.mark.parametrize("client", ["wrong token", "no token"])
+def test_token_refusal_fails_fast_quietly_and_says_where_the_token_is(two_node_cluster, tmp_path, client):
+    """One line, no pages of Ray's retry warnings: the client's token is refused, or it has
+    none (RAY_AUTH_MODE unset, no ~/.ray/auth_token), and the message says where the token is."""
     address, env = two_node_cluster
     spec = tmp_path / "cluster_spec.py"
     spec.write_text(SPEC)
-    bad = env | {"RAY_AUTH_TOKEN": "0" * 32}
+    if client == "wrong token":
+        env = env | {"RAY_AUTH_TOKEN": "0" * 32}
+    else:
+        env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
     cmd = [sys.executable, "-m", "raijac", "compute", f"{spec}:problem", "--out", str(tmp_path / "x.zarr"), "--address", address]
-    result = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "token" in last.lower()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error:") and "RAY_AUTH_TOKEN" in lines[0] and "ray get-auth-token" in lines[0]
+    assert ("refused this client's authentication token" if client == "wrong token" else "sent none") in lines[0]
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_ray_job_submit_runs_raijac_compute(two_node_cluster_with_jobs, tmp_path):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import zarr
@@ -20,7 +21,50 @@ import zarr
 import raijac
 from raijac import store
 from raijac.executor import MAX_TILE_FAILURES
+from raijac.shipping import pack
 from tests.problems import assert_close
+
+
+class _DispatchSpy:
+    """Records, while it is pickled, whether cloudpickle's process-wide dispatch holds a tensor reducer."""
+
+    seen: list[object] = []
+
+    def __reduce__(self):
+        from ray import cloudpickle
+
+        _DispatchSpy.seen.append(cloudpickle.CloudPickler.dispatch.get(torch.Tensor))
+        return (_DispatchSpy, ())
+
+
+def test_pack_ships_tensors_out_of_band_without_patching_cloudpickle():
+    """A problem's tensors travel as raw buffers and come back equal, private, and of their own
+    types (a Parameter stays a Parameter), and cloudpickle's shared dispatch table, which other
+    threads pickle with meanwhile (Ray's own put), is never changed during the pack."""
+    from ray import cloudpickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    spy = _DispatchSpy()
+
+    def f(x):
+        assert spy is not None
+        return model(x)
+
+    x = torch.randn(4, dtype=torch.float64)
+    problem = raijac.Problem(f, x)
+    before = cloudpickle.CloudPickler.dispatch.get(torch.Tensor)
+    _DispatchSpy.seen.clear()
+    packed = pack(problem)
+    assert _DispatchSpy.seen == [before], "pack changed cloudpickle's process-wide dispatch"
+    assert len(packed.buffers) >= 5  # four weights and biases, and x
+    loaded = packed.load()
+    assert_close(loaded.f(loaded.x).detach().numpy(), model(x).detach().numpy())
+    copy = next(c.cell_contents for c in loaded.f.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+    got = dict(copy.named_parameters())
+    assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in got.values())
+    got["0.weight"].data.zero_()  # private: the driver's model is untouched
+    assert model[0].weight.abs().sum() > 0
 
 
 def test_unreachable_address_fails_fast(tmp_path):
@@ -38,6 +82,65 @@ def test_unreachable_address_fails_fast(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster at 127.0.0.1:9")
     assert not out.exists()
+
+
+KEPT_RAY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import psutil, ray, torch
+    import raijac
+    from raijac.executor import RayExecutor
+
+    with RayExecutor(keep_ray=False):  # the opt-out: the Ray it starts is shut down on exit
+        pass
+    opted_out = not ray.is_initialized()
+    w = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    times, errors = [], []
+    for i in range(2):
+        x = torch.randn(4, generator=torch.Generator().manual_seed(i))
+        start = time.perf_counter()
+        jac = raijac.compute(raijac.Problem(lambda x: torch.tanh(w @ x), x), f"{sys.argv[1]}/j{i}.zarr", workers=1)
+        times.append(time.perf_counter() - start)
+        want = torch.func.jacrev(lambda x: torch.tanh(w @ x))(x).numpy()
+        errors.append(float(abs(jac.numpy() - want).max() / abs(want).max()))
+    kept = ray.is_initialized()
+    ray_procs = [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
+    print(json.dumps(dict(times=times, errors=errors, kept=kept, opted_out=opted_out, procs=ray_procs)))
+    """
+)
+
+
+def test_embedded_ray_is_kept_for_the_process_and_gone_after_it(tmp_path):
+    """Two raijac.compute calls in a script without ray.init: the second reuses the first's
+    Ray and actors (much faster), results match jacrev, and no Ray process outlives the script
+    (shut down at exit). `keep_ray=False` shuts its Ray down at once."""
+    script = tmp_path / "two_calls.py"
+    script.write_text(KEPT_RAY_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    first, second = report["times"]
+    assert second < first / 3, report["times"]
+    assert max(report["errors"]) < 1e-5
+    assert report["kept"] and report["opted_out"]
+    assert report["procs"], "the embedded Ray started no processes?"
+
+    def alive() -> list[str]:
+        found = []
+        for pid, created in report["procs"]:
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(f"{pid} {' '.join(proc.cmdline())[:80]}")
+            except psutil.Error:
+                pass
+        return found
+
+    deadline = time.time() + 120  # a loaded machine's workers take a while to notice their raylet is gone
+    while (left := alive()) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes outlived the script: {left}"
 
 
 def test_address_other_than_the_running_ray_is_refused(ray_session, store_path):
@@ -71,10 +174,10 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, store_path):
     pid_dir.mkdir()
     problem, w, x = _slow_problem(str(pid_dir))
     killed = []
+    stop = threading.Event()
 
     def killer():
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        while not stop.is_set():  # as long as the run lasts (actors start slowly on a loaded machine)
             if os.path.exists(store_path) and os.path.exists(os.path.join(store_path, "tiles")):
                 done = zarr.open_group(store_path)["tiles"][:].sum()
                 pids = [int(p) for p in os.listdir(pid_dir) if int(p) != os.getpid()]
@@ -86,8 +189,11 @@ def test_killed_worker_is_replaced_and_nothing_is_lost(tmp_path, store_path):
 
     thread = threading.Thread(target=killer)
     thread.start()
-    jac = raijac.compute(problem, store_path, mode="rev", workers=2, block_size=5)
-    thread.join()
+    try:
+        jac = raijac.compute(problem, store_path, mode="rev", workers=2, block_size=5)
+    finally:
+        stop.set()
+        thread.join()
     assert killed, "the test never found a worker to kill"
     assert jac.complete and jac.summary["tiles_requeued"] >= 1
     assert jac.summary["tiles_computed"] == jac.summary["tiles_total"]
@@ -111,6 +217,28 @@ def test_a_tile_that_keeps_killing_its_worker_is_reported(store_path):
     assert "tile 5 (samples 5:6" in msg and f"died {MAX_TILE_FAILURES} times" in msg and "finished tiles are kept" in msg
     pending = store.Ledger(zarr.open_group(store_path)).pending()
     assert 5 in pending and len(pending) < 8
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_workers_restarting_when_a_run_starts_are_waited_for(tmp_path, store_path):
+    """SIGKILL the pooled worker processes just before a run: its probes reach actors Ray is
+    still restarting (a call fails at once with ActorUnavailableError) and wait for them."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    problem, w, x = _slow_problem(str(pid_dir), n=6, delay=0.0)
+
+    def worker_pids() -> set[int]:
+        return {int(p) for p in os.listdir(pid_dir)} - {os.getpid()}
+
+    raijac.compute(problem, store_path + "-first", mode="rev", workers=2)
+    old = worker_pids()
+    assert old, "the first run left no worker pid"
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+        os.remove(pid_dir / str(pid))
+    jac = raijac.compute(problem, store_path, mode="rev", workers=2)
+    assert jac.complete and worker_pids() and not worker_pids() & old
+    assert_close(jac.numpy(), _reference(w, x))
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -19,6 +19,9 @@ def _imports(name: str) -> set[str]:
     """raijac modules that `name` imports, at the top or inside a function (a lazy import is
     still an edge: it only hides a circle until the function runs)."""
     tree = ast.parse((PACKAGE / f"{name.removeprefix('raijac.')}.py").read_text())
+    for node in ast.walk(tree):  # annotations only: `if TYPE_CHECKING:` imports never run
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raijac"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import deque
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from raijac.errors import BudgetError, RaijacError
 from raijac.planner import CHUNK_BYTES, Plan, WorkerCost, format_size, make_plan, parse_size
+from raijac.scheduler import Scheduler
 
 MAX_TILES = 5_000  # keeps one example's exhaustive checks well under a second
 
@@ -33,14 +34,13 @@ def plan_for(workers, *, batch_size=None, n_out=5, n_in=7, seed_axis="rows", ite
 
 
 def merged_blocks(plan: Plan, worker: int) -> list[list[int]]:
-    """The blocks the executor's `take` builds for one worker from a full queue of tiles."""
-    queue = deque(range(plan.n_tiles))
+    """The blocks the executor's Scheduler gives one worker that computes a full queue of tiles alone."""
+    schedule = Scheduler(dataclasses.replace(plan, blocks=(plan.blocks[worker],)), range(plan.n_tiles))
     blocks = []
-    while queue:
-        tiles = [queue.popleft()]
-        while queue and len(tiles) < plan.blocks[worker] and plan.mergeable(tiles[-1], queue[0]):
-            tiles.append(queue.popleft())
-        blocks.append(tiles)
+    while (call := schedule.next(0)) is not None:
+        blocks.append(list(call.tiles))
+        schedule.finished(call)
+    assert sorted(schedule.done) == list(range(plan.n_tiles))
     return blocks
 
 
@@ -122,7 +122,7 @@ def test_tiles_cover_once_aligned_and_fit(case):
     assert (owner >= 0).all()
 
     # Blocks: one entry per worker; each worker's merged block fits its budget, both as the
-    # plan reports it (_block_extent) and as the executor actually merges tiles.
+    # plan reports it (_block_extent) and as the executor's Scheduler actually merges tiles.
     assert len(plan.blocks) == len(case["workers"]) and all(m >= 1 for m in plan.blocks)
     assert plan.forced_block == bool(case["block_size"])
     if case["block_size"]:
