@@ -78,6 +78,10 @@ class Target:
     def n_out(self) -> int:
         return math.prod(self.out_shape)
 
+    @property
+    def n_samples(self) -> int:
+        return int(self.z.shape[0])
+
     def block(self, b0: int, b1: int) -> tuple[torch.Tensor, Context]:
         return self.z[b0:b1], None if self.ctx is None else tuple(c[b0:b1] for c in self.ctx)
 
