@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
@@ -33,17 +32,8 @@ from raijac.spec import import_spec_module, normalize_spec, spec_key  # noqa: F4
 Wrt = Literal["input", "params"]
 
 
-@dataclass(frozen=True)
-class ParamInfo:
-    """One trainable parameter's place among the Jacobian's columns."""
-
-    name: str
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
+# A parameter's place among J's columns: a leaf like any differentiated input's.
+ParamInfo = trees.Leaf
 
 
 def unflatten(info: Sequence[ParamInfo], flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -328,6 +328,28 @@ def linear_tail() -> raijac.Problem:
     )
 
 
+class LyingJvp(torch.autograd.Function):
+    """2x whose jvp says 5t: forward-mode answers disagree with autograd's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 5
+
+
 class _ClipGrad(torch.autograd.Function):
     """Identity forward, a halved backward: linear in g (a Jacobian exists), but not the
     forward's derivative. (A clamped g would make the VJP nonlinear in the cotangent, so no

@@ -9,7 +9,7 @@ import raijac
 from raijac.errors import ModeError, ProblemError
 from raijac.kernels import Kernel, make_target
 from raijac.probe import candidate_modes, measure_cost, resolve_mode, trial_blocks
-from tests.problems import BY_NAME, CASES
+from tests.problems import BY_NAME, CASES, LyingJvp
 
 AUTO = [c for c in CASES if c.auto]
 
@@ -71,26 +71,7 @@ def test_no_mode_works():
 def test_wrong_numbers_are_caught():
     """A mode whose block disagrees with plain autograd is rejected, not used."""
 
-    class Lying(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return x * 2
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 2
-
-        @staticmethod
-        def jvp(ctx, t):
-            return t * 5  # disagrees with backward
-
-    problem = raijac.Problem(lambda x: torch.cat([Lying.apply(x), x]), torch.randn(4))
+    problem = raijac.Problem(lambda x: torch.cat([LyingJvp.apply(x), x]), torch.randn(4))
     mode, reason, reports = resolve_mode(problem, "auto")
     assert mode == "rev"
     assert "differ from plain autograd" in next(r.note for r in reports if r.mode == "fwd")

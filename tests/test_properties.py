@@ -24,6 +24,7 @@ from raijac.errors import RaijacError
 from raijac.modes import MODES, seed_axis
 from raijac.probe import resolve_mode
 from raijac.worker import Worker
+from tests.problems import LyingJvp
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
 MAX_WIDTH = 12
@@ -71,28 +72,6 @@ class _NoJvp(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         return torch.cos(x) * g
-
-
-class _LyingJvp(torch.autograd.Function):
-    """2x whose jvp says 5t: forward-mode answers disagree with autograd's."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x * 2
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-    @staticmethod
-    def jvp(ctx, t):
-        return t * 5
 
 
 class _NumpyBackward(torch.autograd.Function):
@@ -147,7 +126,7 @@ def _stage(name: str, width: int, gen: torch.Generator) -> tuple[Stage, int]:
         "softmax": lambda h: torch.softmax(h, dim=-1),
         "cube": _Cube.apply,
         "no_jvp": _NoJvp.apply,
-        "lying_jvp": _LyingJvp.apply,
+        "lying_jvp": LyingJvp.apply,
         "numpy_backward": _NumpyBackward.apply,
     }
     return same.get(name, lambda h: h.flip(-1)), width
