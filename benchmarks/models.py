@@ -1,6 +1,6 @@
 """Real models against torch.func (issue 13): ResNet-18 and a GPT-style decoder, per-sample Jacobians.
 
-    PYTHONPATH=. python benchmarks/models.py [--batch 2] [--repeats 2] [--parts kernel params input gpt]
+    PYTHONPATH=. python benchmarks/models.py [--batch 2] [--repeats 2] [--parts kernel params input gpt grads]
 
 - ResNet-18 (full width, 11.2M parameters, 32x32 inputs, 10 classes): the `rev` kernel alone on
   one sample and 2 rows against `vjp(functional_call)` vmapped over the same rows (its output
@@ -8,6 +8,8 @@
 - end to end on a warm Ray (2 workers x 1 thread, auto), per-sample parameter and input
   Jacobians, against `vmap(jacrev(functional_call))` in this process (its threads), including
   the concatenation of its dict into the `(B, M, P)` array raijac stores;
+- per-sample gradients of a ~51k-parameter CNN, B=256 (`loss=`, `targets=` labels), against
+  `vmap(grad(...))`;
 - the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits
   (torch.func on the math attention backend too, which its vmap batches).
 
@@ -115,7 +117,26 @@ def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], o
     )
 
 
-PARTS = ["kernel", "params", "input", "gpt"]
+PARTS = ["kernel", "params", "input", "gpt", "grads"]
+
+
+def small_cnn() -> torch.nn.Module:
+    """The per-sample-gradient case of issue 13: a CNN of ~51k parameters on 28x28 images."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 12 * 12, 10),
+    )  # fmt: skip
+
+
+def func_per_sample_grads(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """vmap(grad(loss of functional_call)) over samples, flattened to (B, P) as raijac stores it."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, p, (xb[None],)), yb[None])
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
 
 
 def main() -> None:
@@ -144,6 +165,18 @@ def main() -> None:
             f"ResNet-18 per-sample input Jacobians B={b}",
             lambda: raijac.Problem.from_module(resnet, images, wrt="input", batched=True),
             lambda: func_input_jacobian(resnet, images),
+            args.repeats,
+        )
+    if "grads" in args.parts:
+        cnn = small_cnn()
+        digits, labels = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+        n_params = sum(p.numel() for p in cnn.parameters())
+        e2e(
+            f"per-sample gradients, CNN P={n_params}, B=256",
+            lambda: raijac.Problem.from_module(
+                cnn, digits, loss=torch.nn.functional.cross_entropy, targets=labels, wrt="params", batched=True
+            ),
+            lambda: func_per_sample_grads(cnn, digits, labels),
             args.repeats,
         )
     if "gpt" not in args.parts:
