@@ -225,8 +225,9 @@ class Plan:
         seeds = "rows" if self.seed_axis == "rows" else "columns"
         seeds = f"colours of {seeds}" if self.sparse else seeds
         lines.append(
-            f"seeds       {self.n_seed} {seeds}; {self.n_tiles} tiles of {self.tile_seeds} {seeds}"
-            + (f" x {self.tile_samples} samples" if self.batched else "")
+            f"seeds       {self.n_seed} {seeds}; {self.n_tiles} tile{'s' if self.n_tiles != 1 else ''} of "
+            f"{self.tile_seeds} {seeds}"
+            + (f" x {self.tile_samples} sample{'s' if self.tile_samples != 1 else ''}" if self.batched else "")
         )
         lines.append(f"chunks      {self.chunks}  (grid {self.grid[0]} x {self.grid[1]} tiles)")
         if self.forced_block:

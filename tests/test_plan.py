@@ -359,7 +359,8 @@ def test_plan_str_is_a_readable_table():
     lines = text.splitlines()
     assert lines[0] == "mode        fwd  (M > N)"
     assert lines[1] == "jacobian    3 x 5 x 7 float32  (420 B)"
-    assert lines[2].startswith(f"seeds       7 columns; {plan.n_tiles} tiles of {plan.tile_seeds} columns x ")
+    tiles = f"{plan.n_tiles} tile{'s' if plan.n_tiles != 1 else ''}"
+    assert lines[2].startswith(f"seeds       7 columns; {tiles} of {plan.tile_seeds} columns x ")
     assert f"chunks      {plan.chunks}  (grid {plan.grid[0]} x {plan.grid[1]} tiles)" in lines
     worker_lines = [line for line in lines if line.startswith(("  cpu0 ", "  cuda1 "))]
     assert len(worker_lines) == 2
@@ -377,3 +378,12 @@ def test_plan_str_unbatched_without_workers_section_extras():
     assert "jacobian    11 x 13 float32  (572 B)" in text
     assert "samples" not in text and "triage" not in text and "forced" not in text
     assert sum(line.startswith("  cpu0 ") for line in text.splitlines()) == 1
+
+
+def test_one_tile_is_one_tile():
+    plan = make_plan(
+        mode="rev", requested_mode="rev", reason="r", batch_size=None, n_out=3, n_in=4, seed_axis="rows", dtype="float32",
+        itemsize=4,
+        workers=[WorkerCost("cpu0", "cpu", 1 << 20, 0, 64)],
+    )  # fmt: skip
+    assert plan.n_tiles == 1 and "; 1 tile of 3 rows" in str(plan)
