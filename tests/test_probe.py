@@ -153,7 +153,10 @@ def test_a_wrong_mode_is_refused_at_any_scale(dtype, scale):
     problem = raijac.Problem(f, torch.randn(15, dtype=dtype, generator=torch.Generator().manual_seed(6)))
     mode, reason, _ = resolve_mode(problem, "auto")
     # rev-batched batches only the backward, where cdist's rule is right; loop needs no batching at all
-    assert mode in ("rev-batched", "loop") and "rev fails (gives numbers that differ from plain autograd by a relative error" in reason
+    assert (
+        mode in ("rev-batched", "loop")
+        and "rev fails (gives numbers that differ from plain autograd by a relative error" in reason
+    )
     got = Kernel(make_target(problem), mode)(0, 1, 0, 35)[0].detach()
     ref = torch.autograd.functional.jacobian(f, problem.x)
     torch.testing.assert_close(got, ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
