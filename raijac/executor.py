@@ -88,7 +88,7 @@ def _check_token(address: str, timeout: float = 5.0) -> None:
     """Refuse in seconds, quietly, an address whose cluster would refuse this client's token.
 
     NOTE: [token probe] Joining a token-authenticated cluster without its token, ray.init
-    retries for ~20 s and prints ~20 lines of warnings before it fails. One gRPC call to the
+    retries for many seconds and prints a page of warnings before it fails. One gRPC call to the
     cluster's GCS with the metadata ray.init would send (the token only in RAY_AUTH_MODE=token,
     as Ray does for an explicit address) answers UNAUTHENTICATED at once. Any other answer,
     or none, leaves the verdict to ray.init.
@@ -433,8 +433,8 @@ class RayExecutor:
                         records.append({**record, "tiles": len(call.tiles)})
                         first, last = plan.tile(call.tiles[0]), plan.tile(call.tiles[-1])
                         seeds_done += (last.s1 - first.s0) * (last.b1 - first.b0)
-                    # NOTE: [ledger] The next blocks go out before the ledger write (~1 ms here with
-                    # store.Ledger, ~4 ms before it), which a worker waiting for its next block would idle through.
+                    # NOTE: [ledger] The next blocks go out before the ledger write, which a worker
+                    # waiting for its next block would otherwise idle through.
                     send()
                 finally:
                     if finished:  # also when an interrupt stops the run: the written ones stay recorded
@@ -527,8 +527,8 @@ def _keep_ray(address: str) -> None:
     """Keep the embedded Ray just started until this process exits.
 
     NOTE: [kept Ray] Starting a local Ray takes seconds (its processes, then the actors'
-    torch imports): a script that called raijac.compute three times paid it three times
-    (three tiny Hessians took 57 s). Kept, later calls find Ray running and reuse its actors
+    torch imports): a script that called raijac.compute three times paid it three times.
+    Kept, later calls find Ray running and reuse its actors
     (_POOLS); it is shut down at exit, or on `keep_ray=False`.
     """
     if _kept_ray["address"] is None:
@@ -549,13 +549,12 @@ def _shutdown_kept() -> None:
 def _warm_driver() -> threading.Thread:
     """Pay this process's one-off torch.func costs in a background thread.
 
-    NOTE: [boot] A process's first vjp imports torch._dynamo: ~1.1 s here, in the driver
+    NOTE: [boot] A process's first vjp imports torch._dynamo (about a second), in the driver
     (for the triage) and in every worker. So the driver pays it while ray.init waits on its
     processes, and `boot` starts the actors before the triage, each paying it in its own
-    process start (WorkerHost.__init__) while the driver triages. Measured on MLP-4096, the
-    first call on a fresh Ray went from 5.9 s to 5.6 s. On a warm Ray `preload` likewise
-    hands the problem to the actors before the triage, so building it, checking it and
-    tracing its chain overlap the driver's own triage (MLP-8192 auto: 8.2 s -> 7.8 s).
+    process start (WorkerHost.__init__) while the driver triages. On a warm Ray `preload`
+    likewise hands the problem to the actors before the triage, so building it, checking it
+    and tracing its chain overlap the driver's own triage (benchmarks/RESULTS.md).
     """
     from raijac.probe import warm_up
 

@@ -552,8 +552,8 @@ def block_error(
     per colour. Any wrong entry moves the projection (almost surely), so one backward per
     block of rows checks all of it, and one per sample block all its blocks of columns (the
     forward and u^T J are kept across a sample block's blocks: `Reference`). Blocks of rows
-    are not checked against a forward-mode J v made once per sample block: measured on
-    MLP-8192, a dual x @ W.T took 1.1 s against 0.046 s plain, more than a backward per block.
+    are not checked against a forward-mode J v made once per sample block: a dual matmul
+    costs more than a backward per block (benchmarks/RESULTS.md).
     Entries that are not finite on either side are left out.
     """
     reference = reference or Reference(target)

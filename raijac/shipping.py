@@ -26,10 +26,9 @@ class Packed:
     """A problem pickled with its CPU tensors as out-of-band byte buffers (views, no copies).
 
     NOTE: [shipping] Pickled in-band, a problem's tensors are copied into one pickle, again
-    into the object store, and unpickled through more copies on every worker: 0.74 s to put
-    and ~1.0 s per worker to get for 512 MiB of weights, measured here. As raw byte buffers
-    (pickle 5, out of band) `ray.put` writes them to the object store once and each worker
-    copies them out once: 0.03-0.24 s and 0.25 s. Workers still get private, writable
+    into the object store, and unpickled through more copies on every worker. As raw byte
+    buffers (pickle 5, out of band) `ray.put` writes them to the object store once and each
+    worker copies them out once (benchmarks/RESULTS.md has the times). Workers still get private, writable
     tensors. Packing is done before the triage, the put after it starts (NOTE: [background
     put] in executor): the triage runs `functional_call`, which swaps a module's parameters
     for transformed tensors while it runs, so the problem must not be pickled meanwhile.
@@ -111,9 +110,8 @@ def _spec_file(spec: str) -> tuple[str, str] | None:
 class _Background(threading.Thread):
     """A daemon thread whose exception `join` re-raises in the caller.
 
-    NOTE: [background put] `ray.put` of a problem copies its tensors into the object store:
-    0.03 s for 512 MiB where the store reuses freed pages, up to 0.8 s where it must fault in
-    fresh ones (measured here, MLP-8192). In a thread it overlaps the driver's triage instead
+    NOTE: [background put] `ray.put` of a problem copies its tensors into the object store,
+    slowly where it must fault in fresh pages. In a thread it overlaps the driver's triage instead
     of delaying it; the actors' loads start when it is done."""
 
     def __init__(self, target: Callable[[], None]) -> None:

@@ -194,8 +194,8 @@ class Worker:
             raise
 
     def _first_check(self, kernel: Kernel) -> None:
-        """One small block, and its check: a process's first autograd backward costs ~0.4 s
-        (measured on MLP-8192; 0.045 s after), better paid here than in the first tile."""
+        """One small block, and its check: a process's first autograd backward costs several
+        times a later one, better paid here than in the first tile."""
         block = kernel(0, 1, 0, 1).detach()
         if self.check_blocks:
             self._check(kernel, block, 0, 1, 0, 1)
@@ -266,7 +266,7 @@ def bound_heap(threshold: int = 1 << 20) -> bool:
 
     NOTE: [heap] By default glibc raises its mmap threshold after large frees, so later
     blocks come from a heap that never shrinks: a worker's RSS then ratchets to several
-    times its budget (measured: 58 MB for 16 MB blocks). A fixed 1 MiB threshold maps
+    times its budget. A fixed 1 MiB threshold maps
     every large tensor on its own and unmaps it when freed, so RSS follows live memory
     and the planner's measured cost; the price is a page fault per page of new blocks.
     """
@@ -321,8 +321,8 @@ class WorkerHost:
         return source
 
     def _drop(self) -> None:
-        # The last run's problem goes first: measured here, unpickling 512 MiB of weights
-        # took 0.1 s into freed memory but 1.2 s while the old copy was still held.
+        # The last run's problem goes first: unpickling weights into freed memory is several
+        # times faster than next to the old copy (benchmarks/RESULTS.md).
         # (A traced chain holds no cycle: NOTE: [peel garbage] in raijac.peel.)
         self.worker, self.run_id, self.preloaded = None, None, None
 
