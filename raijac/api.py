@@ -296,6 +296,7 @@ def compute(
             warnings.warn(too_big, UserWarning, stacklevel=2)
     fp_args = ready.fingerprint_args
     fingerprint = problem.fingerprint(**fp_args)
+    named = record.spec_meta(problem)  # before Ray is joined (record.spec_meta)
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")
     existing = store.check_out(out, resume=resume, overwrite=overwrite)
@@ -358,7 +359,7 @@ def compute(
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
             codec_name, codec_reason = codec["choice"]
-            ids = {"fingerprint": fingerprint, "fingerprint_parts": record.fingerprint_parts(problem, **fp_args)}
+            ids = {**named, "fingerprint": fingerprint, "fingerprint_parts": record.fingerprint_parts(problem, **fp_args)}
             codec_args = (codec_name, codec_reason, compression_level)
             checks = record.block_check_meta(check_blocks, problem)
             group = record.create(out, problem, the_plan, ids, codec_args, started, checks)

@@ -147,7 +147,7 @@ class RayExecutor:
         self.keep_ray = keep_ray
         self.owns_ray = False  # shut Ray down on exit
         self.spec = spec
-        self.shipped = False
+        self.shipped: tuple[str, str] | None = None  # (spec file, NAME) shipped to the cluster as a module
         self.actors: list[Any] = []
         self.names: list[str] = []
         self.source: str | Any = None  # this run's problem as the actors get it (see _ship)
@@ -185,7 +185,7 @@ class RayExecutor:
                 if shipped:
                     kwargs["runtime_env"] = {"py_modules": [shipped[0]]}
                 ray.init(address=self.address, **kwargs)
-                self.shipped = bool(shipped)
+                self.shipped = shipped
             else:
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **kwargs)
         except Exception as exc:
@@ -250,8 +250,10 @@ class RayExecutor:
         self.boot(budgets)
         if not isinstance(source, str):
             source = ray.put(source if isinstance(source, Packed) else pack(source))
-        elif self.shipped and _spec_file(source):
-            path, name = _spec_file(source)  # shipped as a module when Ray was joined: import it by name
+        elif self.shipped and source == self.spec:
+            # Shipped as a module when Ray was joined: import it by name. Not looked up on disk
+            # again: a `ray job` driver's working folder (where the file is) may be gone by now.
+            path, name = self.shipped
             source = f"{os.path.splitext(os.path.basename(path))[0]}:{name}"
         self.source, self.run_id = source, uuid.uuid4().hex
 

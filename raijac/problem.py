@@ -424,7 +424,13 @@ class Problem:
     @property
     def random(self) -> bool:
         """Whether f draws random numbers (found while evaluating `y`; NOTE: [replay])."""
-        self.y  # noqa: B018 - evaluates f and sets _random
+        if "_random" not in self.__dict__:
+            # First asked from inside a torch.func transform (`call` under jvp, say): y is the
+            # problem's own evaluation, with its own autograd checks, so it runs outside them.
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+            with temporarily_clear_interpreter_stack():
+                self.y  # noqa: B018 - evaluates f and sets _random
         return self.__dict__["_random"]
 
     # NOTE: [replay] A function that draws random numbers (dropout in training mode) is a

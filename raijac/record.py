@@ -233,6 +233,13 @@ def _differences(stored: dict, now: dict) -> list[str]:
     return out
 
 
+def spec_meta(problem: Problem) -> dict[str, str | None]:
+    """How the store names the problem's spec: relative to the working folder, with the file's
+    digest. Made before Ray is joined: a `ray job` driver's working folder, where a relative
+    path is resolved, can be removed under it once its runtime environment changes."""
+    return {"spec": portable_spec(problem.spec), "spec_sha256": spec_digest(problem.spec) if problem.spec else None}
+
+
 def check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, problem: Problem) -> None:
     if meta.get("fingerprint") != fingerprint:
         stored = meta.get("fingerprint_parts")
@@ -281,8 +288,6 @@ def create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, 
         "dtype": the_plan.dtype,
         "compute_dtype": str(problem.dtype).replace("torch.", ""),
         "random": random_meta(problem),
-        "spec": portable_spec(problem.spec),
-        "spec_sha256": spec_digest(problem.spec) if problem.spec else None,
         **ids,  # the fingerprint and its parts
         "seed_axis": the_plan.seed_axis,
         "n_tiles": the_plan.n_tiles,

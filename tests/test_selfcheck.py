@@ -13,7 +13,7 @@ import raijac
 from raijac.errors import ModeError, WorkerError
 from raijac.kernels import Kernel, block_error, check_rtol, make_target, seed_axis
 from raijac.probe import resolve_mode
-from raijac.sparsity import choose
+from raijac.sparsity import choose, resolve_pattern
 from raijac.worker import Worker
 from tests.problems import CASES
 
@@ -80,7 +80,7 @@ def test_sparse_compressed_blocks_are_checked(mode):
     n = 30
     pattern = sp.diags_array([np.ones(n - abs(k)) for k in (-1, 0, 1)], offsets=[-1, 0, 1], shape=(n, n)).tocsr()
     problem = raijac.Problem(stencil, torch.randn(n, dtype=torch.float64), sparsity=pattern)
-    colouring = choose(problem.pattern, mode)[0]
+    colouring = choose(resolve_pattern(problem), mode)[0]
     colours = torch.from_numpy(colouring.colours.astype(np.int64))
     target = make_target(problem)
     block = Kernel(target, mode, colours)(0, 1, 0, colouring.n_colours).detach()
