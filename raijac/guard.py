@@ -26,7 +26,10 @@ _R = TypeVar("_R")
 REPLAY_SEED = 0
 # Two calls of a deterministic f agree to rounding (GPU reductions may reorder sums); two
 # random draws differ by the size of the output itself.
-_AGREE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# Compared as norms: ||a - b|| <= rtol ||a||. BLAS may split a large product differently from
+# one call to the next (MKL's dynamic threading): ~1e-7 of the norm in float32; a dropout
+# draw moves it by the dropped share itself (>= 1e-2).
+_AGREE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 @contextmanager
@@ -55,7 +58,7 @@ def same_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def outputs_agree(a: object, b: object) -> bool:
-    """Whether two evaluations of f agree to rounding (relative to the largest entry, NaNs in
+    """Whether two evaluations of f agree to rounding (relative to the output's norm, NaNs in
     the same places): the test that a replayed f is still the function that gave y."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return type(a) is type(b)
@@ -64,9 +67,10 @@ def outputs_agree(a: object, b: object) -> bool:
     a64, b64 = a.detach().double(), b.detach().double()
     if not torch.equal(torch.isnan(a64), torch.isnan(b64)):
         return False
-    a64, b64 = torch.nan_to_num(a64), torch.nan_to_num(b64)
-    scale = max(float(a64.abs().max()), 1.0) if a64.numel() else 1.0
-    return bool(((a64 - b64).abs() <= _AGREE_RTOL.get(a.dtype, 1e-5) * scale).all())
+    a64, b64 = torch.nan_to_num(a64, posinf=0.0, neginf=0.0), torch.nan_to_num(b64, posinf=0.0, neginf=0.0)
+    if not torch.equal(torch.isinf(a.detach()), torch.isinf(b.detach())):
+        return False
+    return float((a64 - b64).norm()) <= _AGREE_RTOL.get(a.dtype, 1e-4) * float(a64.norm())
 
 
 # ---------------------------------------------------------------------- the caller's objects

@@ -544,3 +544,22 @@ def test_peel_off_for_untraceable_function():
         raise NotImplementedError("no tracing here")
 
     assert peel.peel_chain(f, torch.randn(4)) is None
+
+
+def test_rounding_level_differences_between_calls_are_not_randomness():
+    """A large product may round differently from one call to the next (MKL splits it by the
+    threads it has): that f is deterministic; a change of 1% between calls is not."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    calls = [0]
+
+    def wobbly(scale: float):
+        def f(x):
+            calls[0] += 1
+            return (x @ w.T) * (1 + scale * calls[0])
+
+        return f
+
+    problem = raijac.Problem(wobbly(2e-5), torch.randn(64))  # refused by the old per-entry 1e-5 of the largest
+    assert problem.y.shape == (64,) and not problem.random
+    with pytest.raises(ProblemError, match="different outputs on two calls"):
+        _ = raijac.Problem(wobbly(1e-2), torch.randn(64)).y
