@@ -149,6 +149,7 @@ class Problem:
         if sparsity is not None and self.ctx is not None:
             raise ProblemError("sparsity applies to problems without per-sample inputs; close over them inside f.")
         self.sparsity = sparsity
+        self._frozen = True
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -213,8 +214,7 @@ class Problem:
                 batched=batched,
                 batch_aware=batched,
             )
-            problem.kind = "module"
-            return problem
+            return problem.replace(kind="module")
         if wrt != "params":
             raise ProblemError(f"wrt must be 'params' or 'input', but got {wrt!r}.")
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -259,6 +259,7 @@ class Problem:
             spec=None,
             kind="module",
             sparsity=None,
+            _frozen=True,
         )
         return problem
 
@@ -291,9 +292,7 @@ class Problem:
             grad = torch.func.grad(lambda z: f(z).sum())  # samples are independent: each row is its own gradient
         else:
             grad = torch.func.grad(lambda z: f(z).reshape(()))
-        problem = cls(grad, x, batched=batched, batch_aware=batched, sparsity=sparsity)
-        problem.kind = "hessian"
-        return problem
+        return cls(grad, x, batched=batched, batch_aware=batched, sparsity=sparsity).replace(kind="hessian")
 
     @classmethod
     def hessian_from_module(
@@ -312,10 +311,7 @@ class Problem:
         def objective(flat: torch.Tensor) -> torch.Tensor:
             return loss(torch.func.functional_call(module, unflatten(info, flat), inputs))
 
-        problem = cls.hessian(objective, template.params)
-        problem.param_info = info
-        problem.kind = "hessian-params"
-        return problem
+        return cls.hessian(objective, template.params).replace(param_info=info, kind="hessian-params")
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -407,8 +403,9 @@ class Problem:
             out = self.f(self.x)
             lead = tuple(self.x.shape[:1]) if self.batched else ()
             if not isinstance(out, torch.Tensor) and isinstance(out, tuple | list | dict) or _is_dataclass(out):
-                self.f = trees.Flat(self.f, (self.x,), (0,), batched=self.batched)  # flattens it from now on
-                self.f.flat_input()
+                flat = trees.Flat(self.f, (self.x,), (0,), batched=self.batched)
+                flat.flat_input()
+                object.__setattr__(self, "f", flat)  # f's own structure, found now: flattened from now on
         if isinstance(out, torch.Tensor) or not (isinstance(out, tuple | list | dict) or _is_dataclass(out)):
             return out
         leaves, names = trees.output_leaves(out)
@@ -418,7 +415,7 @@ class Problem:
                     f"batched=True needs every output to hold one entry per sample, but {name} has shape "
                     f"{tuple(leaf.shape)} for B={lead[0]}; return per-sample outputs, or pass batched=False."
                 )
-        self.out_leaves = trees.layout(names, [tuple(t.shape[len(lead) :]) for t in leaves])
+        object.__setattr__(self, "out_leaves", trees.layout(names, [tuple(t.shape[len(lead) :]) for t in leaves]))
         return trees.concat(leaves, lead)
 
     @property
@@ -530,6 +527,24 @@ class Problem:
                 h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(
+                f"a Problem is a frozen description of what to differentiate; make a changed copy with "
+                f"problem.replace({name}=...) instead of setting {name}."
+            )
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes: object) -> Problem:
+        """A copy with some fields changed (a new point x, other parameters, a spec), evaluated
+        afresh: what was found by evaluating f (y, randomness) is not carried over."""
+        unknown = sorted(set(changes) - set(self.__dict__))
+        if unknown:
+            raise ProblemError(f"Problem has no field {unknown[0]!r}; fields: {', '.join(sorted(self.__getstate__()))}.")
+        copy = object.__new__(type(self))
+        copy.__setstate__({**self.__getstate__(), **changes})
+        return copy
+
     def __repr__(self) -> str:
         return f"Problem(spec={self.spec!r}, batched={self.batched}, wrt={self.wrt!r}, x={tuple(self.x.shape)})"
 
@@ -537,7 +552,12 @@ class Problem:
         state = self.__dict__.copy()
         state.pop("y", None)  # recomputed where it is used; never shipped
         state.pop("_random", None)  # found again with y
+        state.pop("_frozen", None)  # set again by __setstate__
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_frozen"] = True
 
 
 def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
@@ -617,5 +637,4 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
         raise ProblemError(
             f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives {type(obj).__name__} {_short_repr(obj)}."
         )
-    obj.spec = normalize_spec(spec)
-    return obj
+    return obj.replace(spec=normalize_spec(spec))

@@ -176,12 +176,23 @@ def test_fingerprint_tracks_what_fixes_the_result():
     assert fp == BY_NAME["matmul_chain"].build().fingerprint()
     assert fp != base.fingerprint(mode="fwd") and fp != base.fingerprint(dtype="float64")
     moved = BY_NAME["matmul_chain"].build()
-    moved.x = moved.x + 1e-3
+    moved = moved.replace(x=moved.x + 1e-3)
     assert moved.fingerprint() != fp
     p1, p2 = BY_NAME["params"].build(), BY_NAME["params"].build()
-    p2.params = p2.params.clone()
-    p2.params[0] += 1
-    assert p1.fingerprint() != p2.fingerprint()
+    params = p2.params.clone()
+    params[0] += 1
+    assert p1.fingerprint() != p2.replace(params=params).fingerprint()
+
+
+def test_a_problem_is_frozen_and_replace_makes_a_changed_copy():
+    problem = BY_NAME["matmul_chain"].build()
+    y = problem.y
+    with pytest.raises(AttributeError, match=r"frozen.*problem.replace\(x=...\)"):
+        problem.x = problem.x + 1
+    moved = problem.replace(x=problem.x + 1)
+    assert torch.equal(problem.y, y) and not torch.equal(moved.y, y)  # evaluated afresh at the new point
+    with pytest.raises(raijac.ProblemError, match="no field 'z'"):
+        problem.replace(z=1)
 
 
 def test_pickling_drops_the_cached_output():

@@ -143,7 +143,7 @@ def test_incomplete_store_is_refused(stores, tmp_path):
 
 def test_fingerprint_mismatch_is_refused(stores, tmp_path):
     other = BY_NAME["matmul_chain"].build()
-    other.x = other.x + 1  # the same function at another point
+    other = other.replace(x=other.x + 1)  # the same function at another point
     with pytest.raises(raijac.StoreError, match="fingerprint"):
         verify(stores["plain-rev"], problem=other)
 
