@@ -252,6 +252,17 @@ def _describe(info: dict[str, Any]) -> str:
         of = "a loss w.r.t. the module's parameters" if info["kind"] == "hessian-params" else "a scalar f"
         lines.append(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
     lines.append(f"  mode      {info['mode']} ({info['mode_reason']})")
+    checked = info.get("block_check") or {}
+    if checked.get("enabled"):
+        worst = info.get("block_check_max_rel_err")
+        seen = f"; worst relative error {worst:.2g}" if worst is not None else ""
+        lines.append(
+            f"  checked   every block, against a plain autograd VJP before it was written (rtol {checked['rtol']:g}{seen})"
+        )
+    elif checked:
+        lines.append("  checked   not every block (a run had the block check turned off)")
+    if info.get("random"):
+        lines.append(f"  random    f draws random numbers: every forward pass replayed generator seed {info['random']['seed']}")
     raw, stored = format_size(info["bytes"]), format_size(info["bytes_stored"])
     what = " (non-zeros, pattern, colours, compressed product)" if sp else ""
     if info["complete"]:

@@ -137,7 +137,9 @@ class Jacobian:
         the arrays that hold J with their raw and stored bytes (`compression_ratio` only once
         complete: unwritten chunks take no space). Sparse stores: non-zeros, colours and the
         pattern's density. Parameter Jacobians and Hessians: the parameters' names, shapes
-        and offsets (`wrt` is "params" for both).
+        and offsets (`wrt` is "params" for both). `block_check`: whether every block was
+        checked against autograd before it was written, and the worst relative error seen;
+        `random`: a function whose one generator state was replayed.
         """
         meta = self.meta
         m, n = self.shape[-2:]
@@ -202,6 +204,11 @@ class Jacobian:
                     "versions",
                 )
             },
+            "block_check": meta.get("block_check"),
+            "block_check_max_rel_err": max(
+                (r["block_check_max_rel_err"] for r in runs if r.get("block_check_max_rel_err") is not None), default=None
+            ),
+            "random": meta.get("random"),
             "runs": len(runs),
             "compute_seconds": round(sum(r.get("compute_seconds") or 0 for r in runs), 3),
             "write_seconds": round(sum(r.get("write_seconds") or 0 for r in runs), 3),

@@ -190,11 +190,19 @@ def test_cli_no_block_check(ray_session, tmp_path):
     result = CliRunner().invoke(cli, ["compute", f"{spec}:problem", "--out", out, "--no-block-check", "--json"])
     assert result.exit_code == 0, result.output
     assert raijac.open(out).meta["block_check"]["enabled"] is False
+    shown = CliRunner().invoke(cli, ["inspect", out])
+    assert "checked   not every block" in shown.output
     # Switching the check off takes the flag: the env var click would otherwise read is ignored.
     env = {"RAIJAC_COMPUTE_NO_BLOCK_CHECK": "1", "RAIJAC_NO_BLOCK_CHECK": "1"}
     result = CliRunner().invoke(cli, ["compute", f"{spec}:problem", "--out", out, "--overwrite"], env=env)
     assert result.exit_code == 0, result.output
     assert raijac.open(out).meta["block_check"]["enabled"] is True
+    shown = CliRunner().invoke(cli, ["inspect", out])
+    assert "checked   every block, against a plain autograd VJP before it was written (rtol 0.001; worst relative error" in (
+        shown.output
+    )
+    info = raijac.open(out).info()
+    assert info["block_check"]["enabled"] and 0 <= info["block_check_max_rel_err"] < 1e-3
 
 
 # ---------------------------------------------------------------------- chain modes, in-place stages
