@@ -328,6 +328,18 @@ def linear_tail() -> raijac.Problem:
     )
 
 
+class NumpyDouble(torch.autograd.Function):
+    """x -> 2x with a numpy backward: no jvp, and double backward cannot see through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.detach().cpu().numpy() * 2).to(g.device)
+
+
 class LyingJvp(torch.autograd.Function):
     """2x whose jvp says 5t: forward-mode answers disagree with autograd's."""
 

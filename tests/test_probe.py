@@ -9,7 +9,7 @@ import raijac
 from raijac.errors import ModeError, ProblemError
 from raijac.kernels import Kernel, make_target
 from raijac.probe import candidate_modes, measure_cost, resolve_mode, trial_blocks
-from tests.problems import BY_NAME, CASES, LyingJvp
+from tests.problems import BY_NAME, CASES, LyingJvp, NumpyDouble
 
 AUTO = [c for c in CASES if c.auto]
 
@@ -106,21 +106,9 @@ def test_trial_blocks_spread_over_seeds_and_samples():
     assert trial_blocks(make_target(raijac.Problem(torch.tanh, torch.randn(1))), "rev") == [(0, 1, 0, 1)]
 
 
-class _NumpyDouble(torch.autograd.Function):
-    """x -> 2x with a numpy backward: no jvp, and double backward cannot see through it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.from_numpy(g.detach().cpu().numpy() * 2).to(g.device)
-
-
 def _numpy_tail(x: torch.Tensor) -> torch.Tensor:
-    """Batch-aware (K, 6) -> (K, 12): inputs 2 and up pass through _NumpyDouble."""
-    h = torch.cat([torch.tanh(x[:, :2]), _NumpyDouble.apply(x[:, 2:])], dim=1)
+    """Batch-aware (K, 6) -> (K, 12): inputs 2 and up pass through NumpyDouble."""
+    h = torch.cat([torch.tanh(x[:, :2]), NumpyDouble.apply(x[:, 2:])], dim=1)
     return torch.cat([h, h.sin()], dim=1)
 
 

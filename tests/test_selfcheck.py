@@ -15,21 +15,7 @@ from raijac.kernels import Kernel, block_error, check_rtol, make_target, seed_ax
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
 from raijac.worker import Worker
-from tests.problems import CASES
-
-ROW_MODES = ("rev", "rev-repeat", "loop", "chain")
-
-
-class NumpyDouble(torch.autograd.Function):
-    """x -> 2x with a numpy backward: no jvp, and a backward double backward cannot see through."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.from_numpy(g.detach().cpu().numpy() * 2).to(g.device)
+from tests.problems import CASES, NumpyDouble
 
 
 def numpy_middle(x: torch.Tensor) -> torch.Tensor:
