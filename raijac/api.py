@@ -296,13 +296,14 @@ def compute(
             warnings.warn(too_big, UserWarning, stacklevel=2)
     fp_args = ready.fingerprint_args
     fingerprint = problem.fingerprint(**fp_args)
+    parts = record.fingerprint_parts(problem, **fp_args)
     named = record.spec_meta(problem)  # before Ray is joined (record.spec_meta)
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")
     existing = store.check_out(out, resume=resume, overwrite=overwrite)
     colouring: Colouring | None = None
     if existing is not None:
-        record.check_resumable(existing, out, fingerprint, record.fingerprint_parts(problem, **fp_args), problem)
+        record.check_resumable(existing, out, fingerprint, parts, problem)
         if pattern is not None:
             colouring = record.stored_colouring(existing, out, pattern.digest())
     if progress is None:
@@ -359,7 +360,7 @@ def compute(
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
                 store.remove(out)
             codec_name, codec_reason = codec["choice"]
-            ids = {**named, "fingerprint": fingerprint, "fingerprint_parts": record.fingerprint_parts(problem, **fp_args)}
+            ids = {**named, "fingerprint": fingerprint, "fingerprint_parts": parts}
             codec_args = (codec_name, codec_reason, compression_level)
             checks = record.block_check_meta(check_blocks, problem)
             group = record.create(out, problem, the_plan, ids, codec_args, started, checks)
@@ -382,6 +383,10 @@ def compute(
             "decompress_seconds": group.attrs[store.ATTR].get("sparse", {}).get("decompress_seconds"),
         }
     meta = group.attrs[store.ATTR]
+    if stats["check_unchecked"]:  # blocks f gave no autograd reference for: the store must not say "every block"
+        checked = meta.get("block_check") or {}
+        unchecked = int(checked.get("unchecked") or 0) + stats["check_unchecked"]
+        meta = store.update_meta(group, block_check={**checked, "unchecked": unchecked})
     summary = record.RunSummary.of(
         the_plan,
         stats,

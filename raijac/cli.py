@@ -253,7 +253,12 @@ def _describe(info: dict[str, Any]) -> str:
         lines.append(f"  kind      Hessian of {of} (the Jacobian of its gradient); `raijac verify` checks its symmetry")
     lines.append(f"  mode      {info['mode']} ({info['mode_reason']})")
     checked = info.get("block_check") or {}
-    if checked.get("enabled"):
+    if checked.get("enabled") and checked.get("unchecked"):
+        lines.append(
+            f"  checked   every block but {_plural(checked['unchecked'], 'block')} that plain autograd could not "
+            "differentiate f for (no reference to compare with)"
+        )
+    elif checked.get("enabled"):
         worst = info.get("block_check_max_rel_err")
         seen = f"; worst relative error {worst:.2g}" if worst is not None else ""
         lines.append(

@@ -469,6 +469,7 @@ class RayExecutor:
             "finite": all(r["finite"] for r in records),
             "rss_growth": max((r["rss_growth"] or 0 for r in records), default=None),
             "oom_splits": sum(max((r["oom_splits"] for r in records if r["worker"] == n), default=0) for n in self.names),
+            "check_unchecked": sum(r.get("check_unchecked") or 0 for r in records),
             "check_max_rel_err": max(
                 (r["check_max_rel_err"] for r in records if r.get("check_max_rel_err") is not None), default=None
             ),

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac import blas, modes
 from raijac.chain import chain_stages
-from raijac.errors import ModeError, ProblemError
+from raijac.errors import ModeError, ProblemError, first_line
 from raijac.guard import outputs_agree
 from raijac.modes import check_mode, seed_axis  # noqa: F401  (re-exported: kernels is where callers look)
 from raijac.peel import Peeled, Pointwise, forward_agrees
@@ -479,6 +479,12 @@ def check_rtol(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
 
 
+class NoReference(Exception):
+    """Plain autograd cannot differentiate f (a custom Function without a backward, an op
+    with no derivative formula): a block then cannot be checked, which is not an error of
+    the block. Anything else raised while checking is raijac's or f's own error and surfaces."""
+
+
 class Reference:
     """Plain autograd VJPs of f (no vmap, no stacking), keeping the forward graphs of the
     last `keep` sample blocks for their next checks, as `rev` keeps its forward pass."""
@@ -511,8 +517,11 @@ class Reference:
                 self._graphs.pop(next(iter(self._graphs)))  # the oldest first
             zb, cb = self.target.block(b0, b1)
             z = zb.detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                y = self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+            try:
+                with torch.enable_grad():
+                    y = self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+            except (RuntimeError, NotImplementedError) as exc:
+                raise NoReference(first_line(exc)) from exc
             self._graphs[(b0, b1)] = (z, y)
         return self._graphs[(b0, b1)]
 
@@ -524,7 +533,10 @@ class Reference:
         z, y = self._graph(b0, b1)
         g = None
         if y.requires_grad:
-            (g,) = torch.autograd.grad(y, z, cotangent, retain_graph=True, allow_unused=True)
+            try:
+                (g,) = torch.autograd.grad(y, z, cotangent, retain_graph=True, allow_unused=True)
+            except (RuntimeError, NotImplementedError) as exc:
+                raise NoReference(first_line(exc)) from exc
         shape = (b1 - b0, self.target.n_in)
         return torch.zeros(shape, dtype=y.dtype, device=y.device) if g is None else g.reshape(shape)
 

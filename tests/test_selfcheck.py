@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import raijac
 from raijac.errors import ModeError, WorkerError
-from raijac.kernels import Kernel, block_error, check_rtol, make_target, seed_axis
+from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, seed_axis
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
 from raijac.worker import Worker
@@ -245,3 +245,40 @@ def test_compute_chain_inplace(ray_session, store_path):
     jac = raijac.compute(raijac.Problem(net, x), store_path, progress=False)
     assert jac.summary["mode"] == "chain"
     np.testing.assert_allclose(jac.numpy(), torch.func.jacrev(net)(x).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+class _JvpOnly(torch.autograd.Function):
+    """2x with a forward-mode formula and no backward: fwd can compute it, nothing can check it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError("no backward formula")
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2
+
+
+def test_a_block_without_a_reference_is_counted_unchecked_not_passed_off_as_checked(ray_session, tmp_path):
+    from raijac.cli import cli
+
+    problem = raijac.Problem(_JvpOnly.apply, torch.randn(6, dtype=torch.float64))
+    target = make_target(problem)
+    with pytest.raises(NoReference, match="no backward formula"):
+        block_error(target, torch.zeros(1, 6, 2, dtype=torch.float64), 0, 1, 0, 2, False)
+    out = str(tmp_path / "j.zarr")
+    jac = raijac.compute(problem, out, mode="fwd", workers=2, progress=False)
+    np.testing.assert_array_equal(jac.numpy(), 2 * np.eye(6))  # the exact J
+    assert jac.meta["block_check"]["enabled"] and jac.meta["block_check"]["unchecked"] >= 1
+    shown = CliRunner().invoke(cli, ["inspect", out])
+    assert "checked   every block but" in shown.output and "could not differentiate f" in shown.output
