@@ -113,6 +113,64 @@ def test_scale_free():
         assert block_error(target, block * 1.05, 0, 1, 0, 7, True) == pytest.approx(0.05, rel=1e-6)
 
 
+def _per_sample_param_problem(n: int = 20, scale: torch.Tensor | None = None) -> raijac.Problem:
+    """Per-sample parameter Jacobians of a small MLP (float64), sample b's outputs times scale[b]."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x = torch.randn(n, 5, dtype=torch.float64)
+    s = torch.ones(n, dtype=torch.float64) if scale is None else scale
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, v, k):
+            return self.net(v) * k[:, None]
+
+    return raijac.Problem.from_module(Scaled(), x, s, wrt="params", batched=True)
+
+
+def _func_param_jacobian(problem: raijac.Problem) -> torch.Tensor:
+    """(B, M, P) from torch.func: jacrev of functional_call per sample, flattened as raijac's columns."""
+    module = problem.module
+    names = [n for n, _ in module.named_parameters()]
+    params = {n: p.detach() for n, p in module.named_parameters()}
+
+    def one(p, v, k):
+        return torch.func.functional_call(module, p, (v[None], k[None]))[0]
+
+    jac = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0, 0))(params, *problem.ctx)
+    return torch.cat([jac[n].reshape(jac[n].shape[0], jac[n].shape[1], -1) for n in names], dim=2)
+
+
+def test_batched_parameter_blocks_are_checked_per_sample():
+    """A batched parameter problem is checked with one plain forward per group of samples at
+    shared parameters (NOTE: [shared reference]): right blocks pass, and one wrong sample
+    fails the block even when its gradients are 1e-8 of the others', or all zero."""
+    scale = torch.ones(20, dtype=torch.float64)
+    scale[13] = 1e-8
+    problem = _per_sample_param_problem(scale=scale)
+    target = make_target(problem)
+    assert target.shared_fn is not None
+    block = Kernel(target, "rev")(0, 20, 0, 3).detach()
+    torch.testing.assert_close(block, _func_param_jacobian(problem), rtol=1e-12, atol=0)
+    assert block_error(target, block, 0, 20, 0, 3, True) < 1e-12
+    for b in (0, 13, 19):
+        bad = block.clone()
+        bad[b] = _corrupt(bad[b], 0.01)
+        assert block_error(target, bad, 0, 20, 0, 3, True) > 1e-3, b
+        bad[b] = 0
+        assert block_error(target, bad, 0, 20, 0, 3, True) > 1e-3, b
+    swapped = block.clone()
+    swapped[[2, 5]] = block[[5, 2]]
+    assert block_error(target, swapped, 0, 20, 0, 3, True) > 1e-3
+    # Rows from the middle of the outputs, and samples from the middle of the batch.
+    part = Kernel(target, "rev")(7, 18, 1, 3).detach()
+    assert block_error(target, part, 7, 18, 1, 3, True) < 1e-12
+    assert block_error(target, _corrupt(part, 0.01), 7, 18, 1, 3, True) > 1e-3
+
+
 # ---------------------------------------------------------------------- the worker's check
 def _worker(problem: raijac.Problem, mode: str, **kw) -> Worker:
     args = {"mode": "auto", "dtype": "float64"}
