@@ -163,6 +163,21 @@ def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[
     )
 
 
+def _unbounded(costs: list[WorkerCost]) -> list[WorkerCost]:
+    """The costs as if memory were free: the plan load balance alone would make."""
+    return [dataclasses.replace(c, base=0, per_seed=1, bound=False) for c in costs]
+
+
+def _budget_binds(bounded: Plan, free: Plan) -> bool:
+    """Whether the plan from upper-bound costs (NOTE: [quick probe] in raijac.probe) differs
+    from the one memory would not limit: then the exact costs are worth measuring."""
+
+    def layout(p: Plan) -> tuple:
+        return (p.chunks, p.tile_samples, p.tile_seeds, p.blocks, [n for n in p.notes if "upper bound" not in n])
+
+    return any(c.bound for c in bounded.workers) and layout(bounded) != layout(free)
+
+
 @_keeps_caller_state
 def plan(
     problem_or_spec: Problem | str,
@@ -335,19 +350,25 @@ def compute(
             budgets=budgets,
             while_probing=sample_codec,
             check_blocks=check_blocks,
+            measure="quick",
         )
-        the_plan = _plan_for(
-            problem,
-            chosen,
-            reason,
-            store_dtype,
-            costs,
+        plan_args = dict(
             requested_mode=mode,
             block_size=block_size,
             grid=existing.get("layout") if existing else None,
             triage=_triage_rows(reports),
             **_sparse_plan_args(problem, colouring),
         )
+        try:
+            the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **plan_args)
+            free = _plan_for(problem, chosen, reason, store_dtype, _unbounded(costs), **plan_args)
+            binds = _budget_binds(the_plan, free)
+        except BudgetError:  # at the upper bound: the exact cost decides
+            binds = any(c.bound for c in costs)
+            if not binds:
+                raise
+        if binds:
+            the_plan = _plan_for(problem, chosen, reason, store_dtype, executor.measure(), **plan_args)
         if existing is not None:
             store.clean_partial(out)
             group = store.open_group(out, "r+")

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from raijac.errors import RaijacError, WorkerError, first_line
@@ -292,11 +293,13 @@ class RayExecutor:
         *,
         budgets: list[int] | None = None,
         while_probing: Callable[[], None] | None = None,
+        measure: str = "full",
         **worker_kwargs: Any,
     ) -> list[WorkerCost]:
         """Let each actor build the problem (unless `preload` did) and measure its own memory
-        cost (booting the actors first if `boot` was not called); `while_probing` runs here
-        meanwhile (the problem is already shipped, so it may use the problem)."""
+        cost, "full" or "quick" (booting the actors first if `boot` was not called);
+        `while_probing` runs here meanwhile (the problem is already shipped, so it may use
+        the problem)."""
         self._shipped()
         if self.run_id is None:
             self._ship(source, budgets)
@@ -314,17 +317,28 @@ class RayExecutor:
             # CPU workers run one torch build on one kind of device: one of them measures the
             # memory cost for all (alone, so the probe has the memory bandwidth to itself), the
             # others only build the problem. Every GPU measures its own.
-            shared = device == "cpu"
-            costs = self._probe([not shared or i == 0 for i in range(n)], while_probing)
-            if shared:
-                first = costs[0]
-                costs = [WorkerCost(c.name, c.device, c.budget, first.base, first.per_seed) for c in costs]
-            return costs
+            return self._measured(measure, while_probing)
         except BaseException:
             self.discard()
             raise
 
-    def _probe(self, measure: list[bool], while_probing: Callable[[], None] | None) -> list[WorkerCost]:
+    def measure(self) -> list[WorkerCost]:
+        """The exact memory costs (`start` gave an upper bound that binds the plan)."""
+        try:
+            return self._measured("full", None)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _measured(self, measure: str, while_probing: Callable[[], None] | None) -> list[WorkerCost]:
+        shared = self.device == "cpu"
+        costs = self._probe([measure if not shared or i == 0 else "none" for i in range(len(self.actors))], while_probing)
+        if shared:
+            first = costs[0]
+            costs = [replace(first, name=c.name, budget=c.budget) for c in costs]
+        return costs
+
+    def _probe(self, measure: list[str], while_probing: Callable[[], None] | None) -> list[WorkerCost]:
         """Every actor's probe; one whose process goes away (a crash, a restart under way, its
         node lost) is waited for and probed again, up to MAX_TILE_FAILURES times (NOTE: [revive])."""
         import ray

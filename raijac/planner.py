@@ -76,6 +76,7 @@ class WorkerCost:
     budget: int
     base: int
     per_seed: int
+    bound: bool = False  # base and per_seed are an upper bound from one probe block (NOTE: [quick probe])
 
     def seeds_fitting(self, samples: int = 1) -> int:
         """Most seeds per block for `samples` samples within the budget."""
@@ -332,6 +333,8 @@ def make_plan(
             tile_samples = max(chunk_samples, (min(fit_samples, samples) // chunk_samples) * chunk_samples)
         seed_other = (per_chunk, other_chunk) if seed_axis == "rows" else (other_chunk, per_chunk)
         chunks = ((chunk_samples,) if batch_size else ()) + seed_other
+    if any(w.bound for w in workers):
+        notes.append("memory per block: an upper bound from one probe block (the budget holds these tiles even at it)")
     plan = Plan(
         mode=mode,
         requested_mode=requested_mode,

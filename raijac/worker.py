@@ -26,9 +26,11 @@ from raijac import store
 from raijac.errors import ModeError, ProblemError
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
-from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, seed_bytes, warm_up
+from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
 from raijac.shipping import Packed
+
+_FIRST_CHECKED: set[str] = set()  # devices whose first block and check this process has run
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -98,27 +100,29 @@ class Worker:
             self.kernel = Kernel(target, self.mode)
         return self.kernel
 
-    def probe(self, measure: bool = True) -> WorkerCost:
-        """Build the problem, measure this worker's memory cost per block (unless another
-        worker of the same kind measures it: then base and per_seed are 0) and report its budget."""
+    def probe(self, measure: str = "full") -> WorkerCost:
+        """Build the problem and report this worker's budget and memory cost per block:
+        `measure` "full" (measure_cost), "quick" (an upper bound from one block: NOTE:
+        [quick probe] in raijac.probe) or "none" (another worker of the same kind measures
+        it: base and per_seed are then 0)."""
         with self._compute_lock:
             return self._probe(measure)
 
-    def _probe(self, measure: bool = True) -> WorkerCost:
+    def _probe(self, measure: str = "full") -> WorkerCost:
         kernel = self._ready()
         budget = self.budget or default_budget(self.device, self.local_workers)
-        if not measure:  # still pay a first block's one-off costs now, not in the run
+        if measure == "none":  # still pay a first block's one-off costs now, not in the run
             self._first_check(kernel)
             kernel.clear()
             return WorkerCost(self.name, self.device.type, int(budget), 0, 0)
-        cost = measure_cost(kernel, self.device)
+        cost = quick_cost(kernel, self.device) if measure == "quick" else measure_cost(kernel, self.device)
         self._first_check(kernel)
         kernel.clear()
         # The block is also copied to the storage dtype and encoded: count those bytes per seed.
         t = kernel.target
         other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
         per_seed = seed_bytes(cost.per_seed, other, self.dtype.itemsize)
-        return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed)
+        return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed, bound=measure == "quick")
 
     def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
         """Compute the block (samples b0:b1, seeds s0:s1), write it to `out`, report timings.
@@ -195,10 +199,14 @@ class Worker:
 
     def _first_check(self, kernel: Kernel) -> None:
         """One small block, and its check: a process's first autograd backward costs several
-        times a later one, better paid here than in the first tile."""
+        times a later one, better paid here than in the first tile (once per process: a
+        kept host has paid it in an earlier run)."""
+        if self.device.type in _FIRST_CHECKED:
+            return
         block = kernel(0, 1, 0, 1).detach()
         if self.check_blocks:
             self._check(kernel, block, 0, 1, 0, 1)
+        _FIRST_CHECKED.add(self.device.type)
 
     def _check(self, kernel: Kernel, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int) -> None:
         """Refuse a block that disagrees with a plain autograd VJP (NOTE: [block check] in kernels)."""
@@ -355,7 +363,7 @@ class WorkerHost:
         more blocks (a call to a restarting actor fails at once; NOTE: [revive] in executor)."""
         return True
 
-    def probe(self, recipe: tuple[str, list, dict[str, Any]], measure: bool = True) -> WorkerCost:
+    def probe(self, recipe: tuple[str, list, dict[str, Any]], measure: str = "full") -> WorkerCost:
         return self._worker(recipe).probe(measure)
 
     def run(self, recipe: tuple[str, list, dict[str, Any]], out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:

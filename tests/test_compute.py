@@ -206,3 +206,26 @@ def test_choose_compressor_threshold():
     rng = np.random.default_rng(0)
     assert store.choose_compressor(rng.standard_normal((64, 512)).astype(np.float32))[0] == "none"
     assert store.choose_compressor(np.eye(256, dtype=np.float32))[0] == "zstd"
+
+
+def test_one_probe_block_bounds_the_memory_cost_unless_the_budget_binds(tmp_path):
+    """NOTE: [quick probe]: a run whose tiles the budget does not limit keeps the upper bound
+    from one probe block; under a tight budget the exact cost is measured and obeyed."""
+    torch.manual_seed(1)
+    w = torch.randn(200, 50_000) / 200
+
+    def f(v):
+        return torch.tanh(w @ v)
+
+    x = torch.randn(50_000)
+    expected = torch.func.jacrev(f)(x).numpy()
+    loose = raijac.compute(raijac.Problem(f, x), str(tmp_path / "loose.zarr"), workers=2)
+    assert all(c["bound"] for c in loose.meta["workers"])
+    np.testing.assert_allclose(loose.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # 8 MiB holds at most 41 rows of 200 KB (their slice of J alone), fewer than the 25 the
+    # load balance asks for once the per-seed copies count: the budget binds either way.
+    tight = raijac.compute(raijac.Problem(f, x), str(tmp_path / "tight.zarr"), workers=2, memory_budget="8MiB")
+    assert not any(c["bound"] for c in tight.meta["workers"])
+    worker = tight.meta["workers"][0]
+    assert tight.meta["layout"]["tile_seeds"] * worker["per_seed"] + worker["base"] <= 8 * 2**20
+    np.testing.assert_allclose(tight.numpy(), expected, rtol=1e-5, atol=1e-6)
