@@ -339,7 +339,7 @@ def compute(
 
         def sample_codec() -> None:  # runs while the workers build and probe (after the problem is shipped)
             if existing is None and compressor == "auto":
-                codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring)
+                codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring, reports)
 
         costs = executor.start(
             source,
@@ -436,8 +436,14 @@ def compute(
     return result
 
 
-def _auto_codec(problem: Problem, mode: str, dtype: str, colouring: Colouring | None) -> tuple[str, str]:
-    """`--compressor auto`: try zstd on a real sample block (the first seeds of sample 0)."""
+def _auto_codec(
+    problem: Problem, mode: str, dtype: str, colouring: Colouring | None, reports: list[ModeReport] = ()
+) -> tuple[str, str]:
+    """`--compressor auto`: try zstd on real blocks: the chosen mode's trial blocks (spread
+    over samples and seeds), else a block of the first seeds of sample 0 made for it."""
+    kept = [t for r in reports if r.mode == mode and r.ok for t in r.samples]
+    if kept and colouring is None:
+        return store.choose_compressor(torch.cat(kept).to(TORCH_DTYPES[dtype]).numpy())
     seeds = None if colouring is None else torch.from_numpy(colouring.colours.astype(np.int64))
     return store.choose_compressor(sample_block(problem, mode, TORCH_DTYPES[dtype], colours=seeds).numpy())
 

@@ -21,7 +21,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,6 +45,8 @@ class ModeReport:
     note: str = ""
     slow: bool = False
     seconds: float = 0.0
+    # Up to SAMPLE_ELEMENTS entries of each passing trial block: the codec's sample (api).
+    samples: tuple[torch.Tensor, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -105,7 +107,11 @@ def try_mode(target: Target, mode: str, reference: Reference | None = None) -> M
         mismatch = _check_block(target, mode, block, *spot, reference)
         if mismatch:
             return ModeReport(mode, False, mismatch, seconds=time.perf_counter() - start)
-    return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start)
+    samples = tuple(b.detach().reshape(-1)[:SAMPLE_ELEMENTS].clone() for _, b in blocks)
+    return ModeReport(mode, True, note, slow=bool(slow), seconds=time.perf_counter() - start, samples=samples)
+
+
+SAMPLE_ELEMENTS = 2**20  # per trial block kept for choosing a codec: 4 MiB of float32
 
 
 def _slow_note(warning: str) -> str:
