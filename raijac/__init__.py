@@ -17,6 +17,7 @@ _WHERE = {
     "compute": "raijac.api",
     "plan": "raijac.api",
     "BudgetError": "raijac.errors",
+    "BlockCheckError": "raijac.errors",
     "ModeError": "raijac.errors",
     "ProblemError": "raijac.errors",
     "RaijacError": "raijac.errors",
@@ -37,6 +38,7 @@ __all__ = [
     "MODES",
     "BudgetError",
     "Jacobian",
+    "BlockCheckError",
     "ModeError",
     "Plan",
     "Problem",
@@ -52,7 +54,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from raijac.api import compute, plan
-    from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, StoreError, WorkerError
+    from raijac.errors import BlockCheckError, BudgetError, ModeError, ProblemError, RaijacError, StoreError, WorkerError
     from raijac.modes import MODES
     from raijac.planner import Plan
     from raijac.problem import Problem, load_problem

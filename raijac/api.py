@@ -18,13 +18,22 @@ import torch
 
 from raijac import blas, modes, record, store
 from raijac.chain import may_chain
-from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError
-from raijac.executor import RayExecutor, default_workers
+from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, WorkerError, first_line
+from raijac.executor import RayExecutor, WrongBlocks, default_workers, merge_stats
 from raijac.guard import keep_caller_state
 from raijac.kernels import Kernel, make_target
 from raijac.modes import check_mode, seed_axis
 from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
-from raijac.probe import ModeReport, default_budget, measure_cost, resolve_mode, sample_block, seed_bytes, stackable
+from raijac.probe import (
+    ModeReport,
+    default_budget,
+    measure_cost,
+    next_mode,
+    resolve_mode,
+    sample_block,
+    seed_bytes,
+    stackable,
+)
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
 from raijac.reader import open as open_store
@@ -390,7 +399,44 @@ def compute(
         ledger = store.Ledger(group)
         pending = ledger.pending()
         skipped = the_plan.n_tiles - len(pending)
-        stats = executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress))
+        stats: dict[str, Any] | None = None
+        tried = [chosen]
+        while True:
+            try:
+                stats = merge_stats(stats, executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress)))
+                break
+            except WrongBlocks as exc:
+                # NOTE: [fallback] A block that failed its check was not written; the tiles
+                # finished in this mode were checked and stay. auto goes on with the next mode
+                # along the same seed axis (same tiles, same store layout) for what is left.
+                stats = merge_stats(stats, exc.stats)
+                found = next_mode(problem, tried) if mode == "auto" and colouring is None else None
+                if found is None:
+                    left = (
+                        "no other mode along the same seeds passes the triage" if mode == "auto" else f"mode {mode} was requested"
+                    )
+                    raise WorkerError(f"{exc} ({left}; rerun with --overwrite and --mode loop, or another mode)") from None
+                chosen, more = found
+                reports += more
+                tried.append(chosen)
+                reason = f"{reason}; then {chosen}, after a block of {tried[-2]} failed its check"
+                fell = {"from": tried[-2], "to": chosen, "tiles": exc.tiles, "why": first_line(exc.cause)}
+                warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=2)
+                meta = group.attrs[store.ATTR]
+                store.update_meta(group, mode=chosen, mode_reason=reason, fallbacks=[*meta.get("fallbacks", []), fell])
+                costs = executor.start(
+                    source,
+                    fingerprint=fingerprint,
+                    fingerprint_args=fp_args,
+                    mode=chosen,
+                    dtype=store_dtype,
+                    budgets=budgets,
+                    check_blocks=check_blocks,
+                    measure="full",
+                )
+                grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
+                the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})
+                pending = ledger.pending()
     done = not ledger.pending()  # the driver's copy: it wrote every record
     if done and colouring is not None:
         record.decompress(group, out, the_plan)

@@ -3,6 +3,7 @@
     RaijacError                      base; the CLI prints its message alone and exits 1
     ├── ProblemError(ValueError)     the spec, f, x or its outputs are unusable
     ├── ModeError(ValueError)        an unknown mode, or one that cannot run this problem
+    │   └── BlockCheckError          a block differed from plain autograd: not written
     ├── BudgetError(ValueError)      a memory budget too small for one seed
     ├── StoreError(OSError)          --out exists, is not a raijac store, or does not match
     ├── ReadError(IndexError)        an index outside a stored Jacobian, or a vector of the wrong shape
@@ -32,6 +33,11 @@ class ModeError(RaijacError, ValueError):
     """An unknown mode, or a mode that cannot run this problem."""
 
 
+class BlockCheckError(ModeError):
+    """A block differed from plain autograd (NOTE: [block check] in raijac.kernels): its
+    mode gives wrong numbers for this f; the block was not written."""
+
+
 class BudgetError(RaijacError, ValueError):
     """A memory budget is too small for one seed."""
 
@@ -49,6 +55,7 @@ class WorkerError(RaijacError, RuntimeError):
 
 
 __all__ = [
+    "BlockCheckError",
     "BudgetError",
     "ModeError",
     "ProblemError",

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from raijac.errors import RaijacError, WorkerError, first_line
+from raijac.errors import BlockCheckError, RaijacError, WorkerError, first_line
 from raijac.planner import Plan, WorkerCost
 from raijac.problem import Problem
 from raijac.scheduler import IN_FLIGHT, MAX_TILE_FAILURES, Call, Died, Scheduler
@@ -463,17 +463,24 @@ class RayExecutor:
             if bar is not None:
                 bar.close()
         done_count = len(schedule.done)
+        stats = self._stats(records, done_count, schedule.requeued)
         if schedule.failure is not None:  # after the drain, so the count of kept tiles includes them all
             call, cause = schedule.failure
-            raise self._tile_error(plan, list(call.tiles), call.worker, cause, done_count)
+            error = self._tile_error(plan, list(call.tiles), call.worker, cause, done_count)
+            if isinstance(cause, BlockCheckError):
+                raise WrongBlocks(str(error), cause=cause, tiles=list(call.tiles), stats=stats) from None
+            raise error
         if schedule.waiting:
             raise WorkerError(
                 f"every worker process went away and Ray did not restart them; {done_count} finished tiles are kept "
                 "(check the nodes' logs), and rerun with --resume."
             )
+        return stats
+
+    def _stats(self, records: list[dict], done_count: int, requeued: int) -> dict[str, Any]:
         return {
             "tiles_computed": done_count,
-            "tiles_requeued": schedule.requeued,
+            "tiles_requeued": requeued,
             "blocks": len(records),
             "compute_s": sum(r["compute_s"] for r in records),
             "write_s": sum(r["write_s"] for r in records),
@@ -495,10 +502,39 @@ class RayExecutor:
         label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
         hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
         what = str(cause) if isinstance(cause, Died) else f"{type(cause).__name__}: {first_line(cause)}"
+        if isinstance(cause, BlockCheckError):  # the caller goes on in another mode or says what to do
+            return WorkerError(
+                f"{label} ({span}) failed on worker {self.names[w]}: {first_line(cause)}; {done} finished tiles are kept"
+            )
         return WorkerError(
             f"{label} ({span}) failed on worker {self.names[w]}: {what}. "
             f"{done} finished tiles are kept; fix the cause and rerun with --resume{hint}."
         )
+
+
+class WrongBlocks(WorkerError):
+    """A block failed its check (BlockCheckError): the run may go on in another mode
+    (api.compute); `stats` says what was done before, `tiles` which tiles failed."""
+
+    def __init__(self, message: str, *, cause: BlockCheckError, tiles: list[int], stats: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.cause, self.tiles, self.stats = cause, tiles, stats
+
+
+def merge_stats(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two runs' executor stats as one (a run that changed mode part way: api.compute)."""
+    if a is None:
+        return b
+    out = dict(b)
+    for key in ("tiles_computed", "tiles_requeued", "blocks", "compute_s", "write_s", "bytes", "oom_splits", "check_unchecked"):
+        out[key] = a[key] + b[key]
+    out["nodes"] = sorted(set(a["nodes"]) | set(b["nodes"]))
+    out["by_worker"] = {n: a["by_worker"].get(n, 0) + b["by_worker"].get(n, 0) for n in {*a["by_worker"], *b["by_worker"]}}
+    out["finite"] = a["finite"] and b["finite"]
+    for key in ("rss_growth", "check_max_rel_err"):
+        seen = [v for v in (a[key], b[key]) if v is not None]
+        out[key] = max(seen) if seen else None
+    return out
 
 
 def _went_away_errors() -> tuple[type[BaseException], ...]:

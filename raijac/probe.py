@@ -136,6 +136,24 @@ def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: in
     return ""
 
 
+def next_mode(problem: Problem, tried: list[str]) -> tuple[str, list[ModeReport]] | None:
+    """The mode a run falls back to after `tried[-1]` wrote a block that failed its check:
+    the next of auto's candidates with the same seed axis (so the finished tiles and the
+    store's layout stay valid) that passes the triage, off vmap's slow path first; None
+    when none is left. Returns (mode, the triage's reports)."""
+    axis = seed_axis(tried[-1])
+    order = [m for m in candidate_modes(problem, "auto") if seed_axis(m) == axis and m not in tried]
+    target = make_target(problem, "cpu")
+    reference = Reference(target, keep=3)
+    reports: list[ModeReport] = []
+    for m in order:
+        reports.append(try_mode(target, m, reference))
+        if reports[-1].ok and not reports[-1].slow:
+            break
+    good = [r for r in reports if r.ok and not r.slow] or [r for r in reports if r.ok]
+    return (good[0].mode, reports) if good else None
+
+
 def resolve_mode(
     problem: Problem,
     requested: str,

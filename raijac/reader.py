@@ -190,6 +190,7 @@ class Jacobian:
                     "mode",
                     "requested_mode",
                     "mode_reason",
+                    "fallbacks",
                     "batched",
                     "input_shape",
                     "output_shape",

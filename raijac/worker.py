@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from raijac import store
-from raijac.errors import ModeError, ProblemError
+from raijac.errors import BlockCheckError, ProblemError
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
@@ -225,10 +225,9 @@ class Worker:
             axis = "rows" if rows else "columns"
             what = ("colours of " + axis) if kernel.colours is not None else axis
             samples = f"samples {b0}:{b1}, " if self.problem is not None and self.problem.batched else ""
-            raise ModeError(
+            raise BlockCheckError(
                 f"the block ({samples}{what} {s0}:{s1}) differs from plain autograd by a relative error of {err:.3g} "
-                f"(tolerance {rtol:g}), so mode {self.mode} gives wrong numbers for this f and the block was not "
-                "written; rerun with --overwrite and --mode loop (or another mode)."
+                f"(tolerance {rtol:g}), so mode {self.mode} gives wrong numbers for this f; the block was not written"
             )
 
 
@@ -304,6 +303,7 @@ class WorkerHost:
         warm_up("cpu")  # while the driver triages (see NOTE: [boot] in executor)
         self.worker: Worker | None = None
         self.run_id: str | None = None
+        self.kwargs: dict[str, Any] | None = None
         self.preloaded: tuple[str, tuple | None, Exception | None] | None = None  # (run_id, loaded, error)
         self._swap = threading.Lock()  # two calls run at once (see NOTE: [pipeline])
 
@@ -348,6 +348,12 @@ class WorkerHost:
                 self.preloaded = (run_id, None, exc)
 
     def _build(self, run_id: str, boxed: list, kwargs: dict[str, Any]) -> Worker:
+        if self.worker is not None and self.run_id == run_id and self.kwargs != kwargs:
+            # The same run in another mode (after a failed block check: api.compute): the
+            # loaded problem stays, the kernel is new.
+            loaded = self.worker.loaded
+            self.worker = Worker(loaded[0] if loaded else self.worker.source, loaded=loaded, **kwargs)
+            self.kwargs = kwargs
         if self.worker is None or self.run_id != run_id:
             pre = self.preloaded if self.preloaded is not None and self.preloaded[0] == run_id else None
             self._drop()
@@ -355,7 +361,7 @@ class WorkerHost:
                 raise pre[2]
             loaded = pre[1] if pre is not None else None
             source = loaded[0] if loaded is not None else self._source(boxed)
-            self.worker, self.run_id = Worker(source, loaded=loaded, **kwargs), run_id
+            self.worker, self.run_id, self.kwargs = Worker(source, loaded=loaded, **kwargs), run_id, kwargs
         return self.worker
 
     def ready(self) -> bool:

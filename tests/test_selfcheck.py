@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import raijac
-from raijac.errors import ModeError, WorkerError
+from raijac.errors import BlockCheckError, WorkerError
 from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, seed_axis
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
@@ -187,7 +187,7 @@ def test_worker_refuses_a_wrong_block_and_writes_nothing():
     kernel = worker._ready()
     assert worker._compute(kernel, 0, 3, 0, 24).shape == (3, 128, 24)  # right columns pass
     with pytest.raises(
-        ModeError, match=r"columns 16:32\) differs from plain autograd by a relative error of 0\.\d+.*--mode loop"
+        BlockCheckError, match=r"columns 16:32\) differs from plain autograd by a relative error of 0\.\d+.*not written"
     ):
         worker._compute(kernel, 0, 3, 16, 32)
     unchecked = _worker(problem, "fwd-repeat", check_blocks=False)
@@ -200,7 +200,7 @@ def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_pa
     fwd-repeat's zeros and the store: that tile fails, the finished ones stay written."""
     x = torch.randn(2, 64, dtype=torch.float64)
     problem = raijac.Problem(numpy_middle, x, batched=True, batch_aware=True)
-    with pytest.raises(WorkerError, match=r"relative error of .*--mode loop.*finished tiles are kept"):
+    with pytest.raises(WorkerError, match=r"relative error of .*finished tiles are kept.*requested.*--mode loop"):
         raijac.compute(problem, store_path, mode="fwd-repeat", block_size=8, workers=1, progress=False)
     jac = raijac.open(store_path, allow_partial=True)
     assert jac.meta["block_check"]["enabled"] is True
@@ -210,6 +210,69 @@ def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_pa
     assert 0 < jac.tiles_done < jac.n_tiles and written.sum() >= 8 * 128  # at least one tile of 8 columns
     ref = _autograd_jacobian(numpy_middle, x).numpy()
     np.testing.assert_allclose(stored[written], ref[written], rtol=1e-12, atol=1e-12)
+
+
+class WrongUnderVmap(torch.autograd.Function):
+    """Identity, whose backward is right in plain autograd but, when vmap batches its
+    cotangents (rev), adds half the cotangent on outputs 70:80 to every input:
+    wrong rows 70:80 only, which the triage's trial rows (0:2, 51:53, 98:100) miss."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h):
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch._C._functorch.is_batchedtensor(grad):
+            return grad + 0.5 * grad[70:80].sum()
+        return grad
+
+
+def test_auto_falls_back_to_the_next_mode_when_a_block_fails_its_check(ray_session, tmp_path):
+    """NOTE: [fallback]: rev's tile of rows 70:80 fails its check and is not written; auto
+    goes on in the next row mode (rev-batched: one plain forward, the backward batched by
+    autograd itself, which this backward gets right). The store holds the right J, says
+    which mode failed where, and the tiles rev finished stay."""
+    torch.manual_seed(3)
+    w = torch.randn(100, 40, dtype=torch.float64)
+
+    def f(v):
+        return WrongUnderVmap.apply(torch.tanh(w @ v))
+
+    x = torch.randn(40, dtype=torch.float64)
+    expected = ((1 - torch.tanh(w @ x) ** 2)[:, None] * w).numpy()
+    assert resolve_mode(raijac.Problem(f, x), "auto")[0] == "rev"  # the triage alone is fooled
+    with pytest.warns(UserWarning, match="going on in mode"):
+        jac = raijac.compute(raijac.Problem(f, x), str(tmp_path / "j.zarr"), workers=2, block_size=10, progress=False)
+    np.testing.assert_allclose(jac.numpy(), expected, rtol=1e-12, atol=1e-14)
+    fell = jac.meta["fallbacks"]
+    assert [(f["from"], f["to"]) for f in fell] == [("rev", "rev-batched")]
+    assert jac.complete and jac.mode == "rev-batched"
+    assert fell[0]["tiles"] == [7] and "relative error" in fell[0]["why"]
+    assert "after a block of rev failed its check" in jac.meta["mode_reason"]
+    assert jac.summary["tiles_computed"] == jac.summary["tiles_total"] == 10
+    # An explicit mode does not fall back: the tile is named and nothing wrong is stored.
+    with pytest.raises(WorkerError, match=r"rows 70:80.*mode rev was requested.*--mode loop"):
+        raijac.compute(raijac.Problem(f, x), str(tmp_path / "r.zarr"), mode="rev", workers=2, block_size=10, progress=False)
+    stored = raijac.open(str(tmp_path / "r.zarr"), allow_partial=True).array[...]
+    assert np.isnan(stored[70:80]).all()
+    done = ~np.isnan(stored)
+    np.testing.assert_allclose(stored[done], expected[done], rtol=1e-12, atol=1e-14)
+
+
+def test_auto_without_a_mode_along_the_same_seeds_fails_naming_the_tile(ray_session, store_path):
+    """fwd-repeat's wrong columns 24:32 under auto: no other column mode can run f (its numpy
+    backward has no forward-mode rule), so the run stops naming the tile, keeping the rest."""
+    problem = raijac.Problem(numpy_middle, torch.randn(2, 64, dtype=torch.float64), batched=True, batch_aware=True)
+    with pytest.raises(WorkerError, match=r"columns 24:32.*no other mode along the same seeds.*--mode loop"):
+        raijac.compute(problem, store_path, block_size=8, workers=1, progress=False)
+    assert 0 < raijac.open(store_path, allow_partial=True).tiles_done
 
 
 def test_compute_records_the_check(ray_session, tmp_path):
