@@ -554,10 +554,10 @@ class Reference:
             while len(self._graphs) >= self.keep:
                 self._graphs.pop(next(iter(self._graphs)))
             _, cb = self.target.block(b0, b1)
-            p = self.target.z[b0].detach().clone().requires_grad_(True)
+            p = self.target.z[b0].detach().requires_grad_(True)  # a leaf on the parameters, no copy
             try:
-                with torch.enable_grad():
-                    y = self.target.shared_fn(p.clone(), cb).reshape(b1 - b0, self.target.n_out)
+                with torch.enable_grad():  # (the parameters are read, not written: no clone)
+                    y = self.target.shared_fn(p, cb).reshape(b1 - b0, self.target.n_out)
             except (RuntimeError, NotImplementedError) as exc:
                 raise NoReference(first_line(exc)) from exc
             self._graphs[key] = (p, y)
@@ -668,14 +668,17 @@ def _shared_rows_error(
         dt, dev = y.dtype, y.device
         u = u_all[g0:g1].to(dt).to(dev)
         proj = torch.bmm(u[:, None, :], block[g0:g1].to(dt))[:, 0]  # (ng, n_in): u_b^T B_b
-        norms = torch.linalg.vector_norm(proj, dim=1, dtype=torch.float64)
-        if not bool(torch.isfinite(norms).all()):
-            norms = torch.linalg.vector_norm(torch.where(torch.isfinite(proj), proj, 0), dim=1, dtype=torch.float64)
-        top = float(norms.max())
-        # In [1, 1/floor], so w u_b^T J_b stays near the largest term's size and finite.
-        floor = 1e-20 if dt == torch.float64 else 1e-10
-        w = (top / norms.clamp_min(top * floor)).to(dt) if top > 0 else torch.ones_like(norms, dtype=dt)
-        got = (w[:, None] * proj).sum(0)
+        if g1 - g0 == 1:  # one sample: nothing to balance
+            w, got = torch.ones(1, dtype=dt, device=dev), proj[0]
+        else:
+            norms = torch.linalg.vector_norm(proj, dim=1).double()
+            if not bool(torch.isfinite(norms).all()):
+                norms = torch.linalg.vector_norm(torch.where(torch.isfinite(proj), proj, 0).double(), dim=1)
+            top = float(norms.max())
+            # In [1, 1/floor], so w u_b^T J_b stays near the largest term's size and finite.
+            floor = 1e-20 if dt == torch.float64 else 1e-10
+            w = (top / norms.clamp_min(top * floor)).to(dt) if top > 0 else torch.ones_like(norms, dtype=dt)
+            got = (w[:, None] * proj).sum(0)
         uw = w[:, None] * u
         if colours is None:
             cotangent = torch.zeros(g1 - g0, target.n_out, dtype=dt, device=dev)
@@ -691,11 +694,13 @@ def _shared_rows_error(
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max over samples (dim 0) of |got - ref| / |ref| (2-norms, finite entries only; 0/0 is 0)."""
     got, ref = got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)
-    if got.dtype == ref.dtype and got.numel():  # the usual case, all finite: two norms, no copies
-        diff = torch.linalg.vector_norm(got - ref, dim=1, dtype=torch.float64)
-        scale = torch.linalg.vector_norm(ref, dim=1, dtype=torch.float64)
+    if got.dtype == ref.dtype and got.dtype in (torch.float32, torch.float64) and got.numel():
+        # The usual case, all finite: two norms in the blocks' own dtype, no float64 copies
+        # (a float32 norm's roundoff, ~1e-7 relative, is far below the tolerances).
+        diff = torch.linalg.vector_norm(got - ref, dim=1)
+        scale = torch.linalg.vector_norm(ref, dim=1)
         if bool(torch.isfinite(diff).all() & torch.isfinite(scale).all() & (scale > 0).all()):
-            return float((diff / scale).max())
+            return float((diff.double() / scale.double()).max())
     got, ref = got.double(), ref.double()
     ok = torch.isfinite(got) & torch.isfinite(ref)
     diff = torch.where(ok, got - ref, 0).norm(dim=1)
