@@ -97,6 +97,7 @@ def ensure_ray() -> None:
 
 
 CHECK_BLOCKS = True  # --no-block-check: time raijac without the per-block check (issue 12) too
+BUDGET: str | None = None  # --memory-budget: per worker, e.g. below J's size (out of core)
 
 
 def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], object], repeats: int) -> None:
@@ -106,10 +107,12 @@ def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], o
     times, mode, summary = [], "", {}
     if not CHECK_BLOCKS:
         what += " [no block check]"
+    if BUDGET:
+        what += f" [memory budget {BUDGET} per worker]"
     for _ in range(repeats):
         problem = make()
         start = time.perf_counter()
-        jac = raijac.compute(problem, out, workers=2, overwrite=True, check_blocks=CHECK_BLOCKS)
+        jac = raijac.compute(problem, out, workers=2, overwrite=True, check_blocks=CHECK_BLOCKS, memory_budget=BUDGET)
         times.append(time.perf_counter() - start)
         mode, summary = jac.mode, jac.summary
     t_ref = best(reference, repeats)
@@ -151,9 +154,10 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to run (all by default)")
     ap.add_argument("--vocab", type=int, default=200, help="GPT vocabulary (J per sample: vocab x parameters)")
     ap.add_argument("--no-block-check", action="store_true", help="raijac without its per-block check")
+    ap.add_argument("--memory-budget", default=None, help="per raijac worker (e.g. 1GiB: out of core for ResNet-18 B=8)")
     args = ap.parse_args()
-    global CHECK_BLOCKS
-    CHECK_BLOCKS = not args.no_block_check
+    global CHECK_BLOCKS, BUDGET
+    CHECK_BLOCKS, BUDGET = not args.no_block_check, args.memory_budget
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads in this process", flush=True)
     torch.manual_seed(0)
     resnet = ResNet18().eval()

@@ -48,8 +48,9 @@ class Scheduler:
     def __init__(self, plan: Plan, pending: Iterable[int], workers: int | None = None) -> None:
         self.plan = plan
         n = len(plan.blocks) if workers is None else workers
-        self.queue: deque[int] = deque(sorted(pending))
+        self.queue: list[int] = sorted(pending)
         self.total = len(self.queue)
+        self.last: list[int | None] = [None] * n  # the last tile each worker took (NOTE: [affinity])
         self.load = [0] * n  # calls in flight per worker
         self.alone = [False] * n  # running a suspect tile with nothing beside it
         self.down = [False] * n  # died: nothing is sent to it until `revived`
@@ -91,10 +92,44 @@ class Scheduler:
 
     def _take(self, w: int) -> tuple[int, ...]:
         share = -(-len(self.queue) // (1 + self._idle(besides=w)))
-        tiles = [self.queue.popleft()]
-        while self.queue and len(tiles) < min(self.plan.blocks[w], share) and self.plan.mergeable(tiles[-1], self.queue[0]):
-            tiles.append(self.queue.popleft())
+        at = self._start(w)
+        tiles = [self.queue.pop(at)]
+        while (
+            at < len(self.queue)
+            and self.queue[at] == tiles[-1] + 1
+            and len(tiles) < min(self.plan.blocks[w], share)
+            and self.plan.mergeable(tiles[-1], self.queue[at])
+        ):
+            tiles.append(self.queue.pop(at))
+        self.last[w] = tiles[-1]
         return tuple(tiles)
+
+    def _start(self, w: int) -> int:
+        """Where in the queue worker w's next call starts.
+
+        NOTE: [affinity] A worker goes on with the tile after its last one, so the tiles of one
+        sample (its rows, cut into several tiles by a small budget) stay on one worker, which
+        keeps that sample's forward pass and reference between them (Kernel._kept, Reference)
+        instead of every worker recomputing it. Otherwise it starts the longest run of queued
+        tiles no other worker is heading into, or the back half of the longest one that is
+        (work stealing): at the start, each worker takes its own stretch of samples.
+        """
+        heading = {t + 1 for v, t in enumerate(self.last) if v != w and t is not None and not self.down[v]}
+        mine = self.last[w]
+        best, best_len = 0, -1
+        i = 0
+        while i < len(self.queue):
+            j = i
+            while j + 1 < len(self.queue) and self.queue[j + 1] == self.queue[j] + 1:
+                j += 1
+            if mine is not None and self.queue[i] <= mine + 1 <= self.queue[j]:
+                return i + (mine + 1 - self.queue[i])
+            length = j - i + 1
+            start, free = (i, length) if self.queue[i] not in heading else (i + length // 2, length - length // 2)
+            if free > best_len and not (start != i and length < 2):
+                best, best_len = start, free
+            i = j + 1
+        return best
 
     def _send(self, w: int, tiles: tuple[int, ...], alone: bool) -> Call:
         self.load[w] += 1

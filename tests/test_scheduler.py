@@ -202,4 +202,23 @@ def test_a_busy_worker_merges_up_to_its_block_when_no_one_is_idle():
     plan = make(None, 20, 1, 1, blocks=(8, 2))
     schedule = Scheduler(plan, range(20))
     calls = schedule.dispatch()
-    assert [(c.worker, len(c.tiles)) for c in calls] == [(0, 8), (1, 2), (0, 8), (1, 2)]
+    # Worker 1 starts halfway along (NOTE: [affinity]), so worker 0's second block ends there.
+    assert [(c.worker, c.tiles[0], len(c.tiles)) for c in calls] == [(0, 0, 8), (1, 14, 2), (0, 8, 6), (1, 16, 2)]
+
+
+def test_each_worker_keeps_to_its_own_stretch_of_tiles():
+    """NOTE: [affinity]: 3 tiles per sample, 8 samples, 2 workers finishing calls in turn: each
+    worker goes on from its last tile, so no sample's tiles are split between workers until
+    the end, when the last stretch is shared (work stealing)."""
+    plan = make(None, 24, 1, 1, blocks=(1, 1))
+    schedule = Scheduler(plan, range(24))
+    by_worker: dict[int, list[int]] = {0: [], 1: []}
+    calls = schedule.dispatch()
+    while calls:
+        call = calls.pop(0)
+        by_worker[call.worker] += call.tiles
+        schedule.finished(call)
+        calls += schedule.dispatch()
+    assert sorted(by_worker[0] + by_worker[1]) == list(range(24))
+    samples = [{t // 3 for t in tiles} for tiles in by_worker.values()]
+    assert len(samples[0] & samples[1]) <= 1, by_worker
