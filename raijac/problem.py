@@ -459,6 +459,10 @@ class Problem:
                 f"f returned an empty tensor (shape {tuple(y.shape)}), so J has no rows and there is nothing to compute; "
                 "return at least one output."
             )
+        shipped = self.__dict__.get("_checked_by_driver")
+        if shipped is not None:  # NOTE: [shipped checks]
+            self.__dict__["_random"] = shipped["random"]
+            return y.detach()
         with torch.no_grad(), replaying(self.x.device):
             again = self._evaluate()
         if not outputs_agree(y, again):
@@ -553,11 +557,31 @@ class Problem:
         state.pop("y", None)  # recomputed where it is used; never shipped
         state.pop("_random", None)  # found again with y
         state.pop("_frozen", None)  # set again by __setstate__
+        state.pop("_checked_by_driver", None)
         return state
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickled (shipped to workers) with the verdict of y's checks, if they ran here.
+
+        NOTE: [shipped checks] A worker evaluates y again (f's structure, the device), but a
+        pickled copy of a problem the driver checked need not repeat the checks that call f
+        again: determinism and sample independence (0.6 s per worker for ResNet-18 on 8
+        images). `replace` starts from __getstate__, so a changed problem is checked afresh.
+        """
+        state = self.__getstate__()
+        if "y" in self.__dict__:
+            state["_checked_by_driver"] = {"random": bool(self.__dict__.get("_random", False))}
+        return (_unpickle_problem, (type(self), state))
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__["_frozen"] = True
+
+
+def _unpickle_problem(cls: type, state: dict) -> Problem:
+    problem = object.__new__(cls)
+    problem.__setstate__(state)
+    return problem
 
 
 def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
