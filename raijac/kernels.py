@@ -132,13 +132,36 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
             return torch.func.vmap(per_sample)(z, c)
 
         def looped(z: torch.Tensor, c: Context) -> torch.Tensor:
-            return torch.stack([per_sample(z[i], tuple(t[i] for t in c)) for i in range(z.shape[0])])
+            # unbind, not z[i]: each z[i]'s backward would fill a zero gradient the size of all of z
+            return torch.stack([per_sample(zi, tuple(t[i] for t in c)) for i, zi in enumerate(z.unbind(0))])
+
+        can_vmap = [True]
+
+        def samples(z: torch.Tensor, c: Context) -> torch.Tensor:
+            """vmap over the samples, but not over one sample, and a loop where f cannot be
+            vmapped over its per-sample inputs.
+
+            NOTE: [per-sample loop] A Hugging Face model given an attention mask branches on
+            the mask's values (masking_utils), which vmap cannot batch: `vmap(jacrev(...))`
+            fails there too, and users loop `jacrev` over samples. The modes' own vmap over
+            seeds (rows, columns) still batches everything else.
+            """
+            if z.shape[0] == 1:  # a view (z[0]'s backward would fill a zero (1, P) per row)
+                return per_sample(z.reshape(z.shape[1:]), tuple(t[0] for t in c))[None]
+            if can_vmap[0]:
+                try:
+                    return vmapped(z, c)
+                except RuntimeError as exc:
+                    if "vmap" not in str(exc) or "data-dependent" not in str(exc):
+                        raise
+                    can_vmap[0] = False
+            return looped(z, c)
 
         def shared(p1: torch.Tensor, c: Context) -> torch.Tensor:
             return problem.call(None, p1, c)
 
         z = p.expand(x.shape[0], p.numel())
-        return Target(z, ctx, vmapped, vmapped, looped, in_shape, out_shape, shared_fn=shared)
+        return Target(z, ctx, samples, samples, looped, in_shape, out_shape, shared_fn=shared)
 
     f = problem.call  # f itself, or f replaying its one generator state (NOTE: [replay])
     if problem.batched:

@@ -69,8 +69,8 @@ def stackable(problem: Problem) -> bool:
 
 
 def trial_blocks(target: Target, mode: str, k: int = 2, seed: int = 0) -> list[tuple[int, int, int, int]]:
-    """The triage's blocks `(b0, b1, s0, s1)`: the first seeds of the first sample, the last
-    seeds of the last sample, and random middle seeds of a random sample (duplicates dropped).
+    """The triage's blocks `(b0, b1, s0, s1)`: the first seeds of the first two samples, the
+    last seeds of the last sample, and random middle seeds of a random sample (duplicates dropped).
 
     NOTE: [triage spread] A mode can be right on some seeds and wrong on others (a custom
     autograd.Function reached only by later inputs, say), so the first seeds of sample 0
@@ -81,8 +81,10 @@ def trial_blocks(target: Target, mode: str, k: int = 2, seed: int = 0) -> list[t
     n_b, k = target.n_samples, max(1, min(k, n_seed))
     rng = random.Random(seed)
     middle = rng.randrange(k, n_seed - 2 * k + 1) if n_seed >= 3 * k else rng.randrange(n_seed - k + 1)
-    spots = [(0, 0), (n_b - 1, n_seed - k), (rng.randrange(n_b), middle)]
-    return list(dict.fromkeys((b, b + 1, s, s + k) for b, s in spots))
+    # The first block spans two samples where there are two: runs vmap f over several
+    # samples at once, which one sample alone does not (kernels: NOTE: [per-sample loop]).
+    spots = [(0, min(2, n_b), 0), (n_b - 1, n_b, n_seed - k), (b := rng.randrange(n_b), b + 1, middle)]
+    return list(dict.fromkeys((b0, b1, s, s + k) for b0, b1, s in spots))
 
 
 def try_mode(target: Target, mode: str, reference: Reference | None = None) -> ModeReport:

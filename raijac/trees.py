@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from raijac.errors import ProblemError
 
-Select = str | int | Sequence[str | int] | None
+Select = str | int | Sequence[str | int] | Callable[[Any], Any] | None
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,12 @@ def flatten(tree: Any, prefix: str) -> tuple[list[Any], list[str], pytree.TreeSp
 
 
 def select(out: Any, outputs: Select) -> Any:
-    """The outputs picked by key or index (`outputs="logits"`, `outputs=0`, or a list of them)."""
+    """The outputs picked by key or index (`outputs="logits"`, `outputs=0`, or a list of them),
+    or by a function of the output (`outputs=lambda out: out.logits[:, -1]`)."""
     if outputs is None:
         return out
+    if callable(outputs):
+        return outputs(out)
     if isinstance(outputs, str | int):
         return _pick(out, outputs)
     return tuple(_pick(out, key) for key in outputs)

@@ -220,3 +220,82 @@ def test_zoo_matches_torch_func(name, wrt, mode, store_path):
     else:
         want = param_jacobian(model, x) if wrt == "params" else input_jacobian(model, x)
     assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-5)
+
+
+# ---------------------------------------------------------------------- Hugging Face
+def _hf_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: the mask's values steer transformers' masking code
+    return model, ids, mask
+
+
+def _hf_reference(model, ids, mask) -> torch.Tensor:
+    """jacrev per sample (vmap over samples fails: transformers branches on the mask's values)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def last_logits(p, i, m):
+        return torch.func.functional_call(model, p, (i[None],), {"attention_mask": m[None]}).logits[0, -1]
+
+    rows = []
+    for b in range(ids.shape[0]):
+        jac = torch.func.jacrev(last_logits)(params, ids[b], mask[b])
+        rows.append(torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1))
+    return torch.stack(rows)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_hugging_face_gpt2_with_an_attention_mask_as_a_user_writes_it(store_path):
+    """A transformers GPT-2 with token ids and a padding mask, no wrapper: the mask travels with
+    its samples (kwargs), outputs= picks the last token's logits from the ModelOutput, and a
+    vmapped mode runs although vmap cannot batch the mask (NOTE: [per-sample loop])."""
+    model, ids, mask = _hf_gpt2()
+    problem = Problem.from_module(
+        model, ids, kwargs={"attention_mask": mask}, outputs=lambda out: out.logits[:, -1], wrt="params", batched=True
+    )
+    jac = raijac.compute(problem, store_path, workers=2, progress=False)
+    assert jac.mode == "rev", jac.meta["mode_reason"]
+    assert jac.shape == (3, 50, sum(p.numel() for p in model.parameters()))
+    assert_rel_close(torch.from_numpy(jac.numpy()), _hf_reference(model, ids, mask), 1e-5)
+    # The mask matters: without it the first sample's Jacobian is another one.
+    plain = Problem.from_module(model, ids, outputs=lambda out: out.logits[:, -1], wrt="params", batched=True)
+    assert not torch.allclose(Kernel(make_target(plain), "rev")(0, 1, 0, 50), torch.from_numpy(jac.numpy()[:1]), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- a neural ODE
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("adjoint", [False, True], ids=["odeint", "adjoint"])
+def test_neural_ode_input_jacobian(adjoint, store_path):
+    """torchdiffeq's dopri5 solve (its autograd.Functions are old-style, so torch.func cannot
+    transform them): auto runs rev-batched, right against autograd one row at a time; the
+    adjoint's backward copies in place, which batched backwards cannot (vectorize=True in
+    torch.autograd.functional.jacobian fails there too), so it runs loop."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    torch.manual_seed(0)
+    field = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16)).double()
+    times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = field
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    vector_field = Field()
+
+    def flow(x0):
+        return solve(vector_field, x0, times, method="dopri5", rtol=1e-9, atol=1e-10)[-1]
+
+    x = torch.randn(16, dtype=torch.float64)
+    jac = raijac.compute(Problem(flow, x), store_path, workers=2, block_size=4, progress=False)
+    assert jac.mode == ("loop" if adjoint else "rev-batched"), jac.meta["mode_reason"]
+    want = torch.autograd.functional.jacobian(flow, x)  # one backward per row: no batching at all
+    assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-8)

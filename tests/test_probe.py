@@ -95,10 +95,10 @@ def test_measured_cost_scales_with_the_output_row(mode):
 
 # ---------------------------------------------------------------------- a triage that can fail
 def test_trial_blocks_spread_over_seeds_and_samples():
-    """First seeds of the first sample, last seeds of the last, and random middle ones."""
+    """First seeds of the first two samples, last seeds of the last, and random middle ones."""
     target = make_target(raijac.Problem(torch.tanh, torch.randn(9, 40), batched=True))
     spots = trial_blocks(target, "rev")
-    assert spots[0] == (0, 1, 0, 2) and spots[1] == (8, 9, 38, 40)
+    assert spots[0] == (0, 2, 0, 2) and spots[1] == (8, 9, 38, 40)
     b0, b1, s0, s1 = spots[2]
     assert b1 == b0 + 1 and 2 <= s0 and s1 <= 38
     seen = {trial_blocks(target, "rev", seed=s)[2][2] for s in range(20)}
