@@ -11,7 +11,9 @@
 - per-sample gradients of a ~51k-parameter CNN, B=256 (`loss=`, `targets=` labels), against
   `vmap(grad(...))`;
 - the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits
-  (torch.func on the math attention backend too, which its vmap batches).
+  (torch.func on the math attention backend too, which its vmap batches);
+- `hf`: a transformers GPT-2 with a padding mask, as a user writes it (no wrapper);
+- `ode`: torchdiffeq's odeint input Jacobian, against autograd.functional.jacobian(vectorize=True).
 
 Every ratio is raijac / torch.func, best of `--repeats` runs each (machines shared with other
 work give noisy seconds; the best of a few is the steadiest figure).
@@ -125,7 +127,7 @@ def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], o
     )
 
 
-PARTS = ["kernel", "params", "input", "gpt", "grads"]
+PARTS = ["kernel", "params", "input", "gpt", "grads", "hf", "ode"]
 
 
 def small_cnn() -> torch.nn.Module:
@@ -145,6 +147,70 @@ def func_per_sample_grads(model: torch.nn.Module, x: torch.Tensor, labels: torch
 
     grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, labels)
     return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def hugging_face(b: int, repeats: int) -> None:
+    """A transformers GPT-2 (2 layers, width 64, vocab 200) with a padding mask, as a user writes
+    it: per-sample parameter Jacobian of the last token's logits, against jacrev per sample
+    (vmap over samples fails on the mask) including the concatenation into flat rows."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=200, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 200, (b, 16))
+    mask = torch.ones(b, 16, dtype=torch.long)
+    mask[0, :3] = 0
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def last_logits(p: dict, i: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (i[None],), {"attention_mask": m[None]}).logits[0, -1]
+
+    def reference() -> torch.Tensor:
+        rows = []
+        for s in range(b):
+            jac = torch.func.jacrev(last_logits)(params, ids[s], mask[s])
+            rows.append(torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1))
+        return torch.stack(rows)
+
+    e2e(
+        f"Hugging Face GPT-2 (2 layers, width 64, vocab 200, 16 tokens, padding mask) last-token logits, B={b}",
+        lambda: raijac.Problem.from_module(
+            model, ids, kwargs={"attention_mask": mask}, outputs=lambda out: out.logits[:, -1], wrt="params", batched=True
+        ),
+        reference,
+        repeats,
+    )
+
+
+def neural_ode(repeats: int) -> None:
+    """torchdiffeq odeint (dopri5, state 256) input Jacobian against
+    torch.autograd.functional.jacobian(vectorize=True)."""
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256))
+
+    class Field(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.net(y) * 0.5
+
+    field, times, x = Field(), torch.tensor([0.0, 1.0]), torch.randn(256)
+
+    def flow(x0: torch.Tensor) -> torch.Tensor:
+        return odeint(field, x0, times, method="dopri5", rtol=1e-6, atol=1e-8)[-1]
+
+    e2e(
+        "torchdiffeq odeint (dopri5, state 256) input Jacobian [reference: autograd.functional.jacobian(vectorize=True)]",
+        lambda: raijac.Problem(flow, x),
+        lambda: torch.autograd.functional.jacobian(flow, x, vectorize=True),
+        repeats,
+    )
 
 
 def main() -> None:
@@ -191,6 +257,10 @@ def main() -> None:
             lambda: func_per_sample_grads(cnn, digits, labels),
             args.repeats,
         )
+    if "hf" in args.parts:
+        hugging_face(b, args.repeats)
+    if "ode" in args.parts:
+        neural_ode(args.repeats)
     if "gpt" not in args.parts:
         return
     gpt = GPT(vocab=args.vocab, dim=64, heads=4, layers=2, context=16).eval()
