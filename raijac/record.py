@@ -55,6 +55,7 @@ class RunSummary:
     block_check: dict[str, Any] | None
     block_check_max_rel_err: float | None
     sparse: dict[str, Any] | None = None
+    blocks: int = 0  # worker calls: tiles merged into one block count once (NOTE: [merged calls])
 
     @classmethod
     def of(cls, plan: Plan, stats: dict[str, Any], **fields: Any) -> RunSummary:
@@ -74,6 +75,7 @@ class RunSummary:
             peak_rss_growth=stats["rss_growth"],
             oom_splits=stats["oom_splits"],
             block_check_max_rel_err=stats.get("check_max_rel_err"),
+            blocks=stats.get("blocks", 0),
             **fields,
         )
 
