@@ -28,6 +28,8 @@ from raijac.probe import (
     ModeReport,
     default_budget,
     measure_cost,
+    memo_get,
+    memo_put,
     next_mode,
     resolve_mode,
     sample_block,
@@ -127,11 +129,22 @@ class Prepared:
     def fingerprint_args(self) -> dict[str, str]:
         return {"mode": self.mode, "dtype": self.dtype}
 
-    def choose(self, *, try_all: bool = False) -> tuple[str, str, list[ModeReport], Colouring | None]:
-        """The mode to run, why, the triage's reports and (sparse problems) the colouring."""
+    def choose(self, *, try_all: bool = False, memo: bool = False) -> tuple[str, str, list[ModeReport], Colouring | None]:
+        """The mode to run, why, the triage's reports and (sparse problems) the colouring;
+        `memo`: reuse an earlier run's triage of the same f (NOTE: [triage memo] in probe),
+        only for runs whose every block is checked."""
         if self.pattern is not None:
             return _sparse_mode(self.problem, self.mode, try_all=try_all)
-        return (*resolve_mode(self.problem, self.mode, try_all=try_all), None)
+        if memo and not try_all:
+            kept = memo_get(self.problem, self.mode)
+            if kept is not None and "choice" in kept:
+                mode, reason, reports = kept["choice"]
+                return mode, f"{reason} (the triage of an earlier run of this f)", list(reports), None
+        mode, reason, reports = resolve_mode(self.problem, self.mode, try_all=try_all)
+        if memo:
+            light = tuple(dataclasses.replace(r, samples=()) for r in reports)  # the memo keeps no tensors
+            memo_put(self.problem, self.mode, choice=(mode, reason, light))
+        return mode, reason, reports, None
 
 
 def prepare(
@@ -343,12 +356,18 @@ def compute(
             if modes.get(chosen).chain:  # workers trust the driver's check of a traced chain: made here too
                 Kernel(make_target(problem, "cpu"), chosen)
         else:
-            chosen, reason, reports, colouring = ready.choose()
+            chosen, reason, reports, colouring = ready.choose(memo=check_blocks)
         codec = {"choice": (compressor, "requested")}
 
         def sample_codec() -> None:  # runs while the workers build and probe (after the problem is shipped)
             if existing is None and compressor == "auto":
-                codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring, reports)
+                kept = memo_get(problem, mode) if check_blocks and colouring is None else None
+                if kept is not None and "codec" in kept:
+                    codec["choice"] = kept["codec"]
+                else:
+                    codec["choice"] = _auto_codec(problem, chosen, store_dtype, colouring, reports)
+                    if check_blocks and colouring is None:
+                        memo_put(problem, mode, codec=codec["choice"])
 
         costs = executor.start(
             source,
@@ -424,6 +443,9 @@ def compute(
                 warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=2)
                 meta = group.attrs[store.ATTR]
                 store.update_meta(group, mode=chosen, mode_reason=reason, fallbacks=[*meta.get("fallbacks", []), fell])
+                if check_blocks:  # the next run of this f starts where this one ended (NOTE: [triage memo])
+                    light = tuple(dataclasses.replace(r, samples=()) for r in reports)
+                    memo_put(problem, mode, choice=(chosen, reason, light))
                 costs = executor.start(
                     source,
                     fingerprint=fingerprint,

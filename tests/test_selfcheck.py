@@ -403,3 +403,36 @@ def test_a_block_without_a_reference_is_counted_unchecked_not_passed_off_as_chec
     assert jac.meta["block_check"]["enabled"] and jac.meta["block_check"]["unchecked"] >= 1
     shown = CliRunner().invoke(cli, ["inspect", out])
     assert "checked   every block but" in shown.output and "could not differentiate f" in shown.output
+
+
+def test_a_second_run_of_the_same_f_reuses_the_triage_and_its_fallback(ray_session, tmp_path, monkeypatch):
+    """NOTE: [triage memo]: the same function at a new x skips the trial blocks (every block is
+    still checked), starting from the mode the last run ended in; without the block check, or
+    for another function, the triage runs."""
+    import raijac.api
+    import raijac.probe
+
+    torch.manual_seed(4)
+    w = torch.randn(100, 40, dtype=torch.float64)
+
+    def f(v):
+        return WrongUnderVmap.apply(torch.tanh(w @ v))
+
+    def expected(v):
+        return ((1 - torch.tanh(w @ v) ** 2)[:, None] * w).numpy()
+
+    x1, x2 = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="going on in mode"):
+        first = raijac.compute(raijac.Problem(f, x1), str(tmp_path / "1.zarr"), workers=2, block_size=10, progress=False)
+    assert first.mode == "rev-batched"
+    triaged = []
+    real = raijac.probe.resolve_mode
+    monkeypatch.setattr(raijac.api, "resolve_mode", lambda *a, **k: triaged.append(1) or real(*a, **k))
+    second = raijac.compute(raijac.Problem(f, x2), str(tmp_path / "2.zarr"), workers=2, block_size=10, progress=False)
+    assert not triaged and second.mode == "rev-batched" and "earlier run of this f" in second.meta["mode_reason"]
+    assert "fallbacks" not in second.meta
+    np.testing.assert_allclose(second.numpy(), expected(x2), rtol=1e-12, atol=1e-14)
+    unchecked = raijac.compute(
+        raijac.Problem(f, x2), str(tmp_path / "3.zarr"), workers=2, block_size=10, progress=False, check_blocks=False
+    )
+    assert triaged and unchecked.mode == "rev"  # the triage alone is fooled, as the first run's was
