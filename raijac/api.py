@@ -170,14 +170,17 @@ def prepare(
     return Prepared(problem, mode, store_dtype, budgets, block_size, pattern)
 
 
-def _plan_for(problem: Problem, mode: str, reason: str, dtype: str, costs: list[WorkerCost], **kw: Any) -> Plan:
+def _plan_for(
+    problem: Problem, mode: str, reason: str, dtype: str, costs: list[WorkerCost], axis: str | None = None, **kw: Any
+) -> Plan:
+    """The plan for `mode`, its tiles along `axis` (default: the mode's own seed axis)."""
     return make_plan(
         mode=mode,
         reason=reason,
         batch_size=problem.batch_size,
         n_out=problem.n_out,
         n_in=problem.n_in,
-        seed_axis=seed_axis(mode),
+        seed_axis=axis or seed_axis(mode),
         dtype=dtype,
         itemsize=np.dtype(dtype).itemsize,
         workers=costs,
@@ -369,6 +372,8 @@ def compute(
                     if check_blocks and colouring is None:
                         memo_put(problem, mode, codec=codec["choice"])
 
+        # A store that a crossed fallback finished keeps its tiles' axis (NOTE: [crossed fallback]).
+        axis = existing.get("seed_axis") or seed_axis(chosen) if existing else seed_axis(chosen)
         costs = executor.start(
             source,
             fingerprint=fingerprint,
@@ -379,8 +384,10 @@ def compute(
             while_probing=sample_codec,
             check_blocks=check_blocks,
             measure="quick",
+            axis=axis,
         )
         plan_args = dict(
+            axis=axis,
             requested_mode=mode,
             block_size=block_size,
             grid=existing.get("layout") if existing else None,
@@ -429,17 +436,24 @@ def compute(
                 # finished in this mode were checked and stay. auto goes on with the next mode
                 # along the same seed axis (same tiles, same store layout) for what is left.
                 stats = merge_stats(stats, exc.stats)
-                found = next_mode(problem, tried) if mode == "auto" and colouring is None else None
+                found = next_mode(problem, tried, axis) if mode == "auto" and colouring is None else None
+                if found is None and mode == "auto" and colouring is None:
+                    # NOTE: [crossed fallback] No mode along the store's seeds is left: a mode
+                    # along the other axis fills the tiles left, each from blocks of all its
+                    # rows (columns) cut to the tile's columns (rows): more work per tile, but
+                    # the finished tiles, the layout and the ledger stay as they are.
+                    found = next_mode(problem, tried, "rows" if axis == "cols" else "cols")
                 if found is None:
-                    left = (
-                        "no other mode along the same seeds passes the triage" if mode == "auto" else f"mode {mode} was requested"
-                    )
+                    left = "no other mode passes the triage" if mode == "auto" else f"mode {mode} was requested"
                     raise WorkerError(f"{exc} ({left}; rerun with --overwrite and --mode loop, or another mode)") from None
                 chosen, more = found
                 reports += more
                 tried.append(chosen)
+                crossed = seed_axis(chosen) != axis
                 reason = f"{reason}; then {chosen}, after a block of {tried[-2]} failed its check"
-                fell = {"from": tried[-2], "to": chosen, "tiles": exc.tiles, "why": first_line(exc.cause)}
+                if crossed:
+                    reason += f" ({'row' if axis == 'rows' else 'column'} tiles from its blocks)"
+                fell = {"from": tried[-2], "to": chosen, "tiles": exc.tiles, "why": first_line(exc.cause), "crossed": crossed}
                 warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=2)
                 meta = group.attrs[store.ATTR]
                 store.update_meta(group, mode=chosen, mode_reason=reason, fallbacks=[*meta.get("fallbacks", []), fell])
@@ -455,6 +469,7 @@ def compute(
                     budgets=budgets,
                     check_blocks=check_blocks,
                     measure="full",
+                    axis=axis,
                 )
                 grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
                 the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})

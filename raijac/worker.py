@@ -53,6 +53,7 @@ class Worker:
         local_workers: int = 1,
         loaded: tuple[Problem, Target] | None = None,
         check_blocks: bool = True,
+        axis: str | None = None,
     ) -> None:
         self.source = source
         self.loaded = loaded  # (problem, target) when the host preloaded them
@@ -71,6 +72,9 @@ class Worker:
         self.max_seeds: int | None = None  # set after an out-of-memory split (NOTE: [OOM])
         self.oom_splits = 0
         self.check_blocks = check_blocks  # NOTE: [block check] in kernels
+        # The store's seed axis; a row mode may fill column tiles (NOTE: [crossed fallback] in api).
+        self.axis = axis or seed_axis(mode)
+        self.crossed = self.axis != seed_axis(mode)
         self._worst: float | None = None  # this call's worst relative error against the reference
         self._unchecked = 0  # this call's blocks whose reference could not be computed
         self._reference: Reference | None = None
@@ -120,7 +124,7 @@ class Worker:
         kernel.clear()
         # The block is also copied to the storage dtype and encoded: count those bytes per seed.
         t = kernel.target
-        other = t.n_in if seed_axis(self.mode) == "rows" else t.n_out
+        other = t.n_in if self.axis == "rows" else t.n_out
         per_seed = seed_bytes(cost.per_seed, other, self.dtype.itemsize)
         return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed, bound=measure == "quick")
 
@@ -148,7 +152,7 @@ class Worker:
             data = self._compute(kernel, b0, b1, s0, s1)
             computed = time.perf_counter()
         batched = self.problem.batched
-        region = store.block_region(seed_axis(self.mode), batched, b0, b1, s0, s1)
+        region = store.block_region(self.axis, batched, b0, b1, s0, s1)
         store.write_block(self._array, region, data if batched else data[0])
         return {
             "worker": self.name,
@@ -171,12 +175,12 @@ class Worker:
         on the GPU). Then the block is split along seeds (or samples) until the pieces fit,
         and later blocks are cut to the size that worked, so only this tile pays the retry.
         """
-        axis = 1 if seed_axis(self.mode) == "rows" else 2
+        axis = 1 if self.axis == "rows" else 2
         if self.max_seeds and s1 - s0 > self.max_seeds:
             cuts = range(s0, s1, self.max_seeds)
             return np.concatenate([self._compute(kernel, b0, b1, c, min(c + self.max_seeds, s1)) for c in cuts], axis)
         try:
-            block = kernel(b0, b1, s0, s1).detach()
+            block = self._crossed(kernel, b0, b1, s0, s1) if self.crossed else kernel(b0, b1, s0, s1).detach()
             if self.check_blocks:
                 self._check(kernel, block, b0, b1, s0, s1)
             return block.to(self.dtype).cpu().numpy()
@@ -197,20 +201,28 @@ class Worker:
                 return np.concatenate([self._compute(kernel, b0, mid, s0, s1), self._compute(kernel, mid, b1, s0, s1)], 0)
             raise
 
+    def _crossed(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
+        """Columns s0:s1 of samples b0:b1, (nb, M, k), from a row mode's blocks of all rows, in
+        chunks of rows about the size of the tile (NOTE: [crossed fallback] in api)."""
+        t = kernel.target
+        m, n = t.n_out, t.n_in
+        step = max(1, min(m, ((s1 - s0) * m) // max(n, 1)))
+        return torch.cat([kernel(b0, b1, r, min(r + step, m)).detach()[:, :, s0:s1] for r in range(0, m, step)], dim=1)
+
     def _first_check(self, kernel: Kernel) -> None:
         """One small block, and its check: a process's first autograd backward costs several
         times a later one, better paid here than in the first tile (once per process: a
         kept host has paid it in an earlier run)."""
         if self.device.type in _FIRST_CHECKED:
             return
-        block = kernel(0, 1, 0, 1).detach()
+        block = self._crossed(kernel, 0, 1, 0, 1) if self.crossed else kernel(0, 1, 0, 1).detach()
         if self.check_blocks:
             self._check(kernel, block, 0, 1, 0, 1)
         _FIRST_CHECKED.add(self.device.type)
 
     def _check(self, kernel: Kernel, block: torch.Tensor, b0: int, b1: int, s0: int, s1: int) -> None:
         """Refuse a block that disagrees with a plain autograd VJP (NOTE: [block check] in kernels)."""
-        rows = seed_axis(self.mode) == "rows"
+        rows = self.axis == "rows"
         if self._reference is None or self._reference.target is not kernel.target:
             self._reference = Reference(kernel.target)
         try:

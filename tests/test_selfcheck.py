@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import zarr
 from click.testing import CliRunner
 
 import raijac
+from raijac import modes, store
 from raijac.errors import BlockCheckError, WorkerError
 from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, seed_axis
 from raijac.probe import resolve_mode
@@ -266,13 +268,29 @@ def test_auto_falls_back_to_the_next_mode_when_a_block_fails_its_check(ray_sessi
     np.testing.assert_allclose(stored[done], expected[done], rtol=1e-12, atol=1e-14)
 
 
-def test_auto_without_a_mode_along_the_same_seeds_fails_naming_the_tile(ray_session, store_path):
-    """fwd-repeat's wrong columns 24:32 under auto: no other column mode can run f (its numpy
-    backward has no forward-mode rule), so the run stops naming the tile, keeping the rest."""
-    problem = raijac.Problem(numpy_middle, torch.randn(2, 64, dtype=torch.float64), batched=True, batch_aware=True)
-    with pytest.raises(WorkerError, match=r"columns 24:32.*no other mode along the same seeds.*--mode loop"):
-        raijac.compute(problem, store_path, block_size=8, workers=1, progress=False)
-    assert 0 < raijac.open(store_path, allow_partial=True).tiles_done
+def test_auto_crosses_to_a_row_mode_when_no_column_mode_is_left(ray_session, store_path):
+    """NOTE: [crossed fallback]: fwd-repeat's columns 24:32 are wrong (a numpy backward has no
+    forward rule) and no other column mode runs f, so a row mode fills the column tiles left,
+    each from blocks of all rows cut to its columns; the tiles fwd-repeat finished stay, the
+    store keeps its column layout, and J is autograd's."""
+    x = torch.randn(2, 64, dtype=torch.float64)
+    problem = raijac.Problem(numpy_middle, x, batched=True, batch_aware=True)
+    with pytest.warns(UserWarning, match="going on in mode"):
+        jac = raijac.compute(problem, store_path, block_size=8, workers=2, progress=False)
+    assert jac.complete and jac.meta["seed_axis"] == "cols"
+    (fell,) = jac.meta["fallbacks"]
+    assert fell["from"] == "fwd-repeat" and fell["crossed"] and modes.get(fell["to"]).axis == "rows"
+    assert "column tiles from its blocks" in jac.meta["mode_reason"]
+    np.testing.assert_allclose(jac.numpy(), _autograd_jacobian(numpy_middle, x).numpy(), rtol=1e-12, atol=1e-12)
+    # A resumed run keeps the column tiles and fills them with the row mode it ended in.
+    group = zarr.open_group(store_path, mode="r+")
+    assert jac.meta["layout"]["tile_samples"] == 1  # tiles 1 and 2: sample 0, columns 8:24
+    group["tiles"][1:3] = 0
+    group["jacobian"][0, :, 8:24] = np.nan
+    store.update_meta(group, complete=False)
+    again = raijac.compute(problem, store_path, block_size=8, workers=2, progress=False, resume=True)
+    assert again.complete and again.summary["tiles_computed"] == 2 and again.mode == fell["to"]
+    np.testing.assert_allclose(again.numpy(), _autograd_jacobian(numpy_middle, x).numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_compute_records_the_check(ray_session, tmp_path):
