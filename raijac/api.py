@@ -374,18 +374,23 @@ def compute(
 
         # A store that a crossed fallback finished keeps its tiles' axis (NOTE: [crossed fallback]).
         axis = existing.get("seed_axis") or seed_axis(chosen) if existing else seed_axis(chosen)
-        costs = executor.start(
-            source,
-            fingerprint=fingerprint,
-            fingerprint_args=fp_args,
-            mode=chosen,
-            dtype=store_dtype,
-            budgets=budgets,
-            while_probing=sample_codec,
-            check_blocks=check_blocks,
-            measure="quick",
-            axis=axis,
-        )
+
+        def start(run_mode: str, measure: str, while_probing: Any = None) -> list[WorkerCost]:
+            """The workers in `run_mode`, with their memory costs (NOTE: [quick probe])."""
+            return executor.start(
+                source,
+                fingerprint=fingerprint,
+                fingerprint_args=fp_args,
+                mode=run_mode,
+                dtype=store_dtype,
+                budgets=budgets,
+                while_probing=while_probing,
+                check_blocks=check_blocks,
+                measure=measure,
+                axis=axis,
+            )
+
+        costs = start(chosen, "quick", sample_codec)
         plan_args = dict(
             axis=axis,
             requested_mode=mode,
@@ -460,17 +465,7 @@ def compute(
                 if check_blocks:  # the next run of this f starts where this one ended (NOTE: [triage memo])
                     light = tuple(dataclasses.replace(r, samples=()) for r in reports)
                     memo_put(problem, mode, choice=(chosen, reason, light))
-                costs = executor.start(
-                    source,
-                    fingerprint=fingerprint,
-                    fingerprint_args=fp_args,
-                    mode=chosen,
-                    dtype=store_dtype,
-                    budgets=budgets,
-                    check_blocks=check_blocks,
-                    measure="full",
-                    axis=axis,
-                )
+                costs = start(chosen, "full")
                 grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
                 the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})
                 pending = ledger.pending()

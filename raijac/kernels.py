@@ -560,14 +560,7 @@ class Reference:
     def vjp(self, b0: int, b1: int, cotangent: torch.Tensor) -> torch.Tensor:
         """cotangent (nb, n_out) -> per-sample u^T J as (nb, n_in)."""
         z, y = self._graph(b0, b1)
-        g = None
-        if y.requires_grad:
-            try:
-                (g,) = torch.autograd.grad(y, z, cotangent, retain_graph=True, allow_unused=True)
-            except (RuntimeError, NotImplementedError) as exc:
-                raise NoReference(first_line(exc)) from exc
-        shape = (b1 - b0, self.target.n_in)
-        return torch.zeros(shape, dtype=y.dtype, device=y.device) if g is None else g.reshape(shape)
+        return _grad(y, z, cotangent, (b1 - b0, self.target.n_in))
 
     def _shared_graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, f(p) on samples b0:b1 as (nb, n_out)) at one shared parameter vector p, with
@@ -592,13 +585,19 @@ class Reference:
     def shared_vjp(self, b0: int, b1: int, cotangent: torch.Tensor) -> torch.Tensor:
         """cotangent (nb, n_out) -> the sum over samples b0:b1 of their u_b^T J_b, as (n_in,)."""
         p, y = self._shared_graph(b0, b1)
-        g = None
-        if y.requires_grad:
-            try:
-                (g,) = torch.autograd.grad(y, p, cotangent, retain_graph=True, allow_unused=True)
-            except (RuntimeError, NotImplementedError) as exc:
-                raise NoReference(first_line(exc)) from exc
-        return torch.zeros(self.target.n_in, dtype=y.dtype, device=y.device) if g is None else g.reshape(-1)
+        return _grad(y, p, cotangent, (self.target.n_in,))
+
+
+def _grad(y: torch.Tensor, leaf: torch.Tensor, cotangent: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The plain autograd VJP of y w.r.t. leaf, reshaped (zeros where y does not reach leaf);
+    raises NoReference where autograd cannot differentiate f."""
+    g = None
+    if y.requires_grad:
+        try:
+            (g,) = torch.autograd.grad(y, leaf, cotangent, retain_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise NoReference(first_line(exc)) from exc
+    return torch.zeros(shape, dtype=y.dtype, device=y.device) if g is None else g.reshape(shape)
 
 
 def block_error(
