@@ -441,7 +441,8 @@ def compute(
                 # finished in this mode were checked and stay. auto goes on with the next mode
                 # along the same seed axis (same tiles, same store layout) for what is left.
                 stats = merge_stats(stats, exc.stats)
-                found = next_mode(problem, tried, axis) if mode == "auto" and colouring is None else None
+                # A sparse problem's colouring is its seed axis's: it falls back along that axis only.
+                found = next_mode(problem, tried, axis, sparse=colouring is not None) if mode == "auto" else None
                 if found is None and mode == "auto" and colouring is None:
                     # NOTE: [crossed fallback] No mode along the store's seeds is left: a mode
                     # along the other axis fills the tiles left, each from blocks of all its

@@ -139,13 +139,19 @@ def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: in
     return ""
 
 
-def next_mode(problem: Problem, tried: list[str], axis: str | None = None) -> tuple[str, list[ModeReport]] | None:
+def next_mode(
+    problem: Problem, tried: list[str], axis: str | None = None, sparse: bool = False
+) -> tuple[str, list[ModeReport]] | None:
     """The mode a run falls back to after `tried[-1]` wrote a block that failed its check:
-    the next of auto's candidates with seeds along `axis` (default: tried[-1]'s) that passes
-    the triage, off vmap's slow path first; None when none is left. Returns (mode, the
-    triage's reports)."""
+    the next of auto's candidates with seeds along `axis` (default: tried[-1]'s; with a
+    compressed form if `sparse`) that passes the triage, off vmap's slow path first; None
+    when none is left. Returns (mode, the triage's reports)."""
     axis = axis or seed_axis(tried[-1])
-    order = [m for m in candidate_modes(problem, "auto") if seed_axis(m) == axis and m not in tried]
+    order = [
+        m
+        for m in candidate_modes(problem, "auto")
+        if seed_axis(m) == axis and m not in tried and (modes.get(m).sparse or not sparse)
+    ]
     target = make_target(problem, "cpu")
     reference = Reference(target, keep=3)
     reports: list[ModeReport] = []

@@ -454,3 +454,47 @@ def test_a_second_run_of_the_same_f_reuses_the_triage_and_its_fallback(ray_sessi
         raijac.Problem(f, x2), str(tmp_path / "3.zarr"), workers=2, block_size=10, progress=False, check_blocks=False
     )
     assert triaged and unchecked.mode == "rev"  # the triage alone is fooled, as the first run's was
+
+
+class WrongRow75UnderVmap(torch.autograd.Function):
+    """Identity; under vmap its backward adds half the cotangent on output 75 to every input."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h):
+        return h.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch._C._functorch.is_batchedtensor(grad):
+            return grad + 0.5 * grad[75]
+        return grad
+
+
+def test_a_sparse_run_falls_back_along_its_colouring_axis(ray_session, store_path):
+    """A banded J (half-width 10, 21 row colours): rev passes the triage (its trial rows miss
+    row 75), the compressed tile holding row 75's colour fails its check, and auto goes on in
+    rev-batched with the same row colouring; the stored non-zeros are autograd's."""
+    torch.manual_seed(5)
+    n = 100
+    band = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() <= 10
+    a = torch.randn(n, n, dtype=torch.float64) * band
+
+    def f(v):
+        return WrongRow75UnderVmap.apply(a @ torch.tanh(v))
+
+    x = torch.randn(n, dtype=torch.float64)
+    pattern = sp.csr_array(band.numpy())
+    problem = raijac.Problem(f, x, sparsity=pattern)
+    with pytest.warns(UserWarning, match="going on in mode rev-batched"):
+        jac = raijac.compute(problem, store_path, workers=2, block_size=3, progress=False)
+    (fell,) = jac.meta["fallbacks"]
+    assert (fell["from"], fell["to"], fell["crossed"]) == ("rev", "rev-batched", False)
+    assert jac.meta["mode"] == "rev-batched" and jac.meta["seed_axis"] == "rows"
+    expected = (a * (1 - torch.tanh(x) ** 2)[None, :]).numpy()
+    np.testing.assert_allclose(jac.to_scipy().toarray(), expected, rtol=1e-12, atol=1e-14)
