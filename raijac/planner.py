@@ -251,8 +251,9 @@ class Plan:
                 )
         if self.triage:
             lines.append("triage")
+            width = max(11, *(len(mode) + 1 for mode, _, _ in self.triage))
             for mode, status, note in self.triage:
-                lines.append(f"  {mode:<11}{status:<10}{note}")
+                lines.append(f"  {mode:<{width}}{status:<10}{note}")
         for note in self.notes:
             lines.append(f"note        {note}")
         return "\n".join(lines)
