@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import raijac
 from raijac import modes, store
 from raijac.errors import BlockCheckError, WorkerError
-from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, seed_axis
+from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, relative_error, seed_axis
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
 from raijac.worker import Worker
@@ -171,6 +171,17 @@ def test_batched_parameter_blocks_are_checked_per_sample():
     part = Kernel(target, "rev")(7, 18, 1, 3).detach()
     assert block_error(target, part, 7, 18, 1, 3, True) < 1e-12
     assert block_error(target, _corrupt(part, 0.01), 7, 18, 1, 3, True) > 1e-3
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-12, 1e-22, 1e-30])
+def test_relative_error_is_scale_free_in_float32(scale):
+    """A sample 5% off is 5% off however small J is: float32 squares of 1e-22 flush to zero,
+    which must not read as no error at all."""
+    ref = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * scale
+    got = ref.clone()
+    got[1] *= 1.05
+    assert relative_error(got, ref) == pytest.approx(0.05, rel=1e-3)
+    assert relative_error(ref, ref) == 0.0
 
 
 # ---------------------------------------------------------------------- the worker's check
