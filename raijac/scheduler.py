@@ -9,6 +9,7 @@ worker's tiles alone, counts the deaths of a tile run alone, and stops sending a
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -114,16 +115,18 @@ class Scheduler:
         tiles no other worker is heading into, or the back half of the longest one that is
         (work stealing): at the start, each worker takes its own stretch of samples.
         """
-        heading = {t + 1 for v, t in enumerate(self.last) if v != w and t is not None and not self.down[v]}
         mine = self.last[w]
+        if mine is not None:  # the usual case: one lookup, not a walk over the queue
+            at = bisect.bisect_left(self.queue, mine + 1)
+            if at < len(self.queue) and self.queue[at] == mine + 1:
+                return at
+        heading = {t + 1 for v, t in enumerate(self.last) if v != w and t is not None and not self.down[v]}
         best, best_len = 0, -1
         i = 0
         while i < len(self.queue):
             j = i
             while j + 1 < len(self.queue) and self.queue[j + 1] == self.queue[j] + 1:
                 j += 1
-            if mine is not None and self.queue[i] <= mine + 1 <= self.queue[j]:
-                return i + (mine + 1 - self.queue[i])
             length = j - i + 1
             start, free = (i, length) if self.queue[i] not in heading else (i + length // 2, length - length // 2)
             if free > best_len and not (start != i and length < 2):
