@@ -23,7 +23,7 @@ from raijac.executor import RayExecutor, WrongBlocks, default_workers, merge_sta
 from raijac.guard import keep_caller_state
 from raijac.kernels import Kernel, make_target
 from raijac.modes import check_mode, seed_axis
-from raijac.planner import Plan, WorkerCost, format_size, make_plan, parse_budgets
+from raijac.planner import BOUND_NOTE, Plan, WorkerCost, format_size, make_plan, parse_budgets
 from raijac.probe import (
     ModeReport,
     default_budget,
@@ -198,7 +198,7 @@ def _budget_binds(bounded: Plan, free: Plan) -> bool:
     from the one memory would not limit: then the exact costs are worth measuring."""
 
     def layout(p: Plan) -> tuple:
-        return (p.chunks, p.tile_samples, p.tile_seeds, p.blocks, [n for n in p.notes if "upper bound" not in n])
+        return (p.chunks, p.tile_samples, p.tile_seeds, p.blocks, [n for n in p.notes if n != BOUND_NOTE])
 
     return any(c.bound for c in bounded.workers) and layout(bounded) != layout(free)
 

@@ -30,6 +30,7 @@ MIN_TILE_BYTES = 2**20
 # pays one forward pass and one block check, which on an MLP-8192 streams 512 MiB of
 # weights, 4.5% of a 1024-row block's time and 2.2% of a 2048-row one's.
 CALLS_PER_WORKER = 2
+BOUND_NOTE = "memory per block: an upper bound from one probe block (the budget holds these tiles even at it)"
 _SIZE_UNITS = {"": 1, "B": 1}
 for _i, _p in enumerate("KMGT", start=1):
     _SIZE_UNITS |= {_p: 2 ** (10 * _i), _p + "IB": 2 ** (10 * _i), _p + "B": 10 ** (3 * _i)}
@@ -341,7 +342,7 @@ def make_plan(
         seed_other = (per_chunk, other_chunk) if seed_axis == "rows" else (other_chunk, per_chunk)
         chunks = ((chunk_samples,) if batch_size else ()) + seed_other
     if any(w.bound for w in workers):
-        notes.append("memory per block: an upper bound from one probe block (the budget holds these tiles even at it)")
+        notes.append(BOUND_NOTE)
     plan = Plan(
         mode=mode,
         requested_mode=requested_mode,

@@ -225,26 +225,32 @@ def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_pa
     np.testing.assert_allclose(stored[written], ref[written], rtol=1e-12, atol=1e-12)
 
 
-class WrongUnderVmap(torch.autograd.Function):
+def wrong_under_vmap(rows: slice) -> type[torch.autograd.Function]:
     """Identity, whose backward is right in plain autograd but, when vmap batches its
-    cotangents (rev), adds half the cotangent on outputs 70:80 to every input:
-    wrong rows 70:80 only, which the triage's trial rows (0:2, 51:53, 98:100) miss."""
+    cotangents (rev), adds half the cotangent on outputs `rows` to every input: wrong there
+    only, which the triage's trial rows (0:2, 51:53, 98:100 of 100) miss."""
 
-    generate_vmap_rule = True
+    class WrongUnderVmap(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(h):
-        return h.clone()
+        @staticmethod
+        def forward(h):
+            return h.clone()
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
 
-    @staticmethod
-    def backward(ctx, grad):
-        if torch._C._functorch.is_batchedtensor(grad):
-            return grad + 0.5 * grad[70:80].sum()
-        return grad
+        @staticmethod
+        def backward(ctx, grad):
+            if torch._C._functorch.is_batchedtensor(grad):
+                return grad + 0.5 * grad[rows].sum()
+            return grad
+
+    return WrongUnderVmap
+
+
+WrongUnderVmap = wrong_under_vmap(slice(70, 80))
 
 
 def test_auto_falls_back_to_the_next_mode_when_a_block_fails_its_check(ray_session, tmp_path):
@@ -467,26 +473,6 @@ def test_a_second_run_of_the_same_f_reuses_the_triage_and_its_fallback(ray_sessi
     assert triaged and unchecked.mode == "rev"  # the triage alone is fooled, as the first run's was
 
 
-class WrongRow75UnderVmap(torch.autograd.Function):
-    """Identity; under vmap its backward adds half the cotangent on output 75 to every input."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(h):
-        return h.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch._C._functorch.is_batchedtensor(grad):
-            return grad + 0.5 * grad[75]
-        return grad
-
-
 def test_a_sparse_run_falls_back_along_its_colouring_axis(ray_session, store_path):
     """A banded J (half-width 10, 21 row colours): rev passes the triage (its trial rows miss
     row 75), the compressed tile holding row 75's colour fails its check, and auto goes on in
@@ -497,7 +483,7 @@ def test_a_sparse_run_falls_back_along_its_colouring_axis(ray_session, store_pat
     a = torch.randn(n, n, dtype=torch.float64) * band
 
     def f(v):
-        return WrongRow75UnderVmap.apply(a @ torch.tanh(v))
+        return wrong_under_vmap(slice(75, 76)).apply(a @ torch.tanh(v))
 
     x = torch.randn(n, dtype=torch.float64)
     pattern = sp.csr_array(band.numpy())
