@@ -139,12 +139,21 @@ class Prepared:
             kept = memo_get(self.problem, self.mode)
             if kept is not None and "choice" in kept:
                 mode, reason, reports = kept["choice"]
-                return mode, f"{reason} (the triage of an earlier run of this f)", list(reports), None
+                return mode, reason + REMEMBERED, list(reports), None
         mode, reason, reports = resolve_mode(self.problem, self.mode, try_all=try_all)
         if memo:
-            light = tuple(dataclasses.replace(r, samples=()) for r in reports)  # the memo keeps no tensors
-            memo_put(self.problem, self.mode, choice=(mode, reason, light))
+            _remember(self.problem, self.mode, mode, reason, reports)
         return mode, reason, reports, None
+
+
+REMEMBERED = " (the triage of an earlier run of this f)"
+
+
+def _remember(problem: Problem, requested: str, mode: str, reason: str, reports: list[ModeReport]) -> None:
+    """Keep a triage's answer for the next run of the same f (NOTE: [triage memo]), without
+    the trial blocks' tensors."""
+    light = tuple(dataclasses.replace(r, samples=()) for r in reports)
+    memo_put(problem, requested, choice=(mode, reason.replace(REMEMBERED, ""), light))
 
 
 def prepare(
@@ -463,9 +472,8 @@ def compute(
                 warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=2)
                 meta = group.attrs[store.ATTR]
                 store.update_meta(group, mode=chosen, mode_reason=reason, fallbacks=[*meta.get("fallbacks", []), fell])
-                if check_blocks:  # the next run of this f starts where this one ended (NOTE: [triage memo])
-                    light = tuple(dataclasses.replace(r, samples=()) for r in reports)
-                    memo_put(problem, mode, choice=(chosen, reason, light))
+                if check_blocks:  # the next run of this f starts where this one ended
+                    _remember(problem, mode, chosen, reason, reports)
                 costs = start(chosen, "full")
                 grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
                 the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})
