@@ -81,6 +81,7 @@ class Worker:
         self.problem: Problem | None = None
         self._out: str | None = None
         self._array = None
+        self.heap_budget: int | None = None  # a CPU worker's, for its heap (NOTE: [heap])
 
     @property
     def node(self) -> str:
@@ -102,6 +103,9 @@ class Worker:
                 )
             self.problem, target = self.loaded
             self.kernel = Kernel(target, self.mode)
+            if self.device.type == "cpu":  # the host's heap holds the blocks (NOTE: [heap])
+                self.heap_budget = self.budget or default_budget(self.device, self.local_workers)
+                bound_heap(heap_threshold(self.heap_budget))
         return self.kernel
 
     def probe(self, measure: str = "full") -> WorkerCost:
@@ -154,7 +158,7 @@ class Worker:
         batched = self.problem.batched
         region = store.block_region(self.axis, batched, b0, b1, s0, s1)
         store.write_block(self._array, region, data if batched else data[0])
-        return {
+        result = {
             "worker": self.name,
             "node": self.node,
             "pid": os.getpid(),
@@ -167,6 +171,17 @@ class Worker:
             "check_max_rel_err": self._worst,  # None: not checked (--no-block-check, or no reference)
             "check_unchecked": self._unchecked,
         }
+        del data
+        self._trim_over_budget()
+        return result
+
+    def _trim_over_budget(self) -> None:
+        """Hand the free heap back where this block left RSS more than the budget above idle
+        (NOTE: [heap]); CPU workers only."""
+        idle = getattr(self, "idle_rss", None)
+        rss = _proc_status("VmRSS") if self.heap_budget is not None and idle is not None else None
+        if rss is not None and rss - idle > self.heap_budget:
+            trim_heap()
 
     def _compute(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> np.ndarray:
         """The block in the storage dtype; on out-of-memory, in halves (and smaller from then on).
@@ -278,18 +293,41 @@ def _node_id() -> str:
     return socket.gethostname()
 
 
-def bound_heap(threshold: int = 1 << 20) -> bool:
-    """Make glibc return big freed blocks to the OS at once (Linux; a no-op elsewhere).
+HEAP_THRESHOLD_MIN, HEAP_THRESHOLD_MAX = 1 << 20, 32 << 20
+
+
+def heap_threshold(budget: int) -> int:
+    """The malloc threshold for a worker with this memory budget (NOTE: [heap])."""
+    return int(min(max(budget // 8, HEAP_THRESHOLD_MIN), HEAP_THRESHOLD_MAX))
+
+
+def bound_heap(threshold: int = HEAP_THRESHOLD_MIN) -> bool:
+    """Fix glibc's mmap and trim thresholds at `threshold` (Linux; a no-op elsewhere).
 
     NOTE: [heap] By default glibc raises its mmap threshold after large frees, so later
     blocks come from a heap that never shrinks: a worker's RSS then ratchets to several
-    times its budget. A fixed 1 MiB threshold maps
-    every large tensor on its own and unmaps it when freed, so RSS follows live memory
-    and the planner's measured cost; the price is a page fault per page of new blocks.
+    times its budget. A fixed threshold maps every tensor above it on its own and unmaps
+    it when freed, so RSS follows live memory and the planner's measured cost; the price
+    is a page fault per page of every such tensor, each time it is made. At 1 MiB that
+    price was 60% of a ResNet-18 input block (0.81 s against 0.50 s: its convolutions'
+    backward makes ~10 MB buffers hundreds of times per block) and 2x of a per-sample
+    gradient block, so the threshold grows with the budget (an eighth of it, 1-32 MiB:
+    glibc's own ceiling is 32 MiB), and a worker whose RSS ends a block more than its
+    budget above idle hands its free heap back (`malloc_trim`), which bounds what the
+    larger threshold lets fragment.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))  # M_MMAP_ / M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def trim_heap() -> bool:
+    """Return the heap's free pages to the OS (glibc `malloc_trim`; NOTE: [heap])."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

@@ -367,3 +367,14 @@ def test_out_of_memory_splits_only_that_block(store_path):
     assert jac.complete and jac.summary["oom_splits"] >= 2
     want = torch.func.jacrev(lambda x: torch.tanh(x @ w.T))(problem.x).numpy()
     assert_close(jac.numpy(), want)
+
+
+def test_the_heap_threshold_grows_with_the_budget():
+    """NOTE: [heap]: a small budget keeps a 1 MiB threshold (RSS follows live memory, as the
+    budget test above measures); a large one gets glibc's 32 MiB ceiling, so the ~10 MB
+    buffers a convolution's backward makes are reused instead of mapped and faulted in anew."""
+    from raijac.worker import HEAP_THRESHOLD_MAX, HEAP_THRESHOLD_MIN, heap_threshold
+
+    assert heap_threshold(8_000_000) == HEAP_THRESHOLD_MIN == 1 << 20
+    assert heap_threshold(64 << 20) == 8 << 20
+    assert heap_threshold(16 << 30) == HEAP_THRESHOLD_MAX == 32 << 20
