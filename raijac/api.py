@@ -156,6 +156,33 @@ def _remember(problem: Problem, requested: str, mode: str, reason: str, reports:
     memo_put(problem, requested, choice=(mode, reason.replace(REMEMBERED, ""), light))
 
 
+# NOTE: [kept costs] A run of the same f at the same shapes (the triage memo's key: NOTE:
+# [triage memo] in raijac.probe) needs the same memory per block: the cost the last run's
+# workers measured, per mode, seed axis, storage dtype and device kind, is used again and
+# the workers skip their probe block (0.1-0.2 s of a warm ResNet-18 run). Only the cost is
+# kept: each worker's budget is its own, a bound that binds is measured exactly again, and
+# a block that still runs out of memory is split (NOTE: [OOM] in raijac.worker).
+@dataclasses.dataclass(frozen=True)
+class _Cost:
+    base: int
+    per_seed: int
+    bound: bool
+
+    def on(self, worker: WorkerCost) -> WorkerCost:
+        return dataclasses.replace(worker, base=self.base, per_seed=self.per_seed, bound=self.bound)
+
+
+def _kept_cost(problem: Problem, requested: str, key: tuple) -> _Cost | None:
+    kept = memo_get(problem, requested)
+    return None if kept is None else kept.get("costs", {}).get(key)
+
+
+def _keep_cost(problem: Problem, requested: str, key: tuple, cost: WorkerCost) -> None:
+    if cost.per_seed > 0:
+        costs = (memo_get(problem, requested) or {}).get("costs", {})
+        memo_put(problem, requested, costs={**costs, key: _Cost(cost.base, cost.per_seed, cost.bound)})
+
+
 def prepare(
     problem: Problem,
     *,
@@ -385,8 +412,10 @@ def compute(
         axis = existing.get("seed_axis") or seed_axis(chosen) if existing else seed_axis(chosen)
 
         def start(run_mode: str, measure: str, while_probing: Any = None) -> list[WorkerCost]:
-            """The workers in `run_mode`, with their memory costs (NOTE: [quick probe])."""
-            return executor.start(
+            """The workers in `run_mode`, with their memory costs (NOTE: [quick probe]), or
+            those an earlier run of this f measured (NOTE: [kept costs])."""
+            kept = _kept_cost(problem, mode, (run_mode, axis, store_dtype, executor.device, colouring is None))
+            costs = executor.start(
                 source,
                 fingerprint=fingerprint,
                 fingerprint_args=fp_args,
@@ -395,9 +424,10 @@ def compute(
                 budgets=budgets,
                 while_probing=while_probing,
                 check_blocks=check_blocks,
-                measure=measure,
+                measure="none" if kept else measure,
                 axis=axis,
             )
+            return costs if kept is None else [kept.on(c) for c in costs]
 
         costs = start(chosen, "quick", sample_codec)
         plan_args = dict(
@@ -417,7 +447,9 @@ def compute(
             if not binds:
                 raise
         if binds:
-            the_plan = _plan_for(problem, chosen, reason, store_dtype, executor.measure(), **plan_args)
+            costs = executor.measure()
+            the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **plan_args)
+        _keep_cost(problem, mode, (chosen, axis, store_dtype, executor.device, colouring is None), costs[0])
         if existing is not None:
             store.clean_partial(out)
             group = store.open_group(out, "r+")

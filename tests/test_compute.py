@@ -208,6 +208,35 @@ def test_choose_compressor_threshold():
     assert store.choose_compressor(np.eye(256, dtype=np.float32))[0] == "zstd"
 
 
+def test_a_second_run_of_the_same_f_reuses_the_workers_memory_cost(tmp_path, monkeypatch):
+    """NOTE: [kept costs]: the same f at a new x plans with the cost its last run's workers
+    measured (no probe block); another function, or another storage dtype, is probed."""
+    import raijac.executor
+
+    torch.manual_seed(2)
+    w = torch.randn(60, 300) / 60
+
+    def f(v):
+        return torch.tanh(w @ v)
+
+    x1, x2 = torch.randn(300), torch.randn(300)
+    first = raijac.compute(raijac.Problem(f, x1), str(tmp_path / "1.zarr"), workers=2)
+    measures = []
+    real = raijac.executor.RayExecutor.start
+    monkeypatch.setattr(
+        raijac.executor.RayExecutor, "start", lambda self, *a, **k: measures.append(k["measure"]) or real(self, *a, **k)
+    )
+    second = raijac.compute(raijac.Problem(f, x2), str(tmp_path / "2.zarr"), workers=2)
+    assert measures == ["none"]
+    costs = [(c["base"], c["per_seed"], c["bound"]) for c in second.meta["workers"]]
+    assert costs == [(c["base"], c["per_seed"], c["bound"]) for c in first.meta["workers"]]
+    assert all(per_seed > 0 for _, per_seed, _ in costs)
+    np.testing.assert_allclose(second.numpy(), torch.func.jacrev(f)(x2).numpy(), rtol=1e-5, atol=1e-6)
+    raijac.compute(raijac.Problem(f, x2), str(tmp_path / "3.zarr"), workers=2, dtype="float64")
+    raijac.compute(raijac.Problem(lambda v: f(v) * 2, x2), str(tmp_path / "4.zarr"), workers=2)
+    assert measures == ["none", "quick", "quick"]
+
+
 def test_one_probe_block_bounds_the_memory_cost_unless_the_budget_binds(tmp_path):
     """NOTE: [quick probe]: a run whose tiles the budget does not limit keeps the upper bound
     from one probe block; under a tight budget the exact cost is measured and obeyed."""
