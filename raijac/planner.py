@@ -383,7 +383,7 @@ def _tiles_per_block(plan: Plan, w: WorkerCost) -> int:
 # NOTE: [budget advice] The budget a refusal advises must be one the next run accepts, but
 # that run measures again, on fresh workers: the same problem measured 27 KiB per seed in
 # `raijac plan`'s warm process and 71-85 KiB on fresh workers, whose resident set counts
-# whole heap extensions (up to the 1 MiB mmap threshold workers set). So the advice is
+# whole heap extensions (up to the mmap threshold workers set: NOTE: [heap] in worker). So the advice is
 # half again the need, plus that 1 MiB.
 ADVICE_FACTOR, ADVICE_SLACK = 1.5, 1 << 20
 

@@ -205,6 +205,34 @@ def test_pickling_drops_the_cached_output():
     np.testing.assert_array_equal(clone.y.numpy(), p.y.numpy())
 
 
+_CALLS: list[int] = []
+_W = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+
+
+def _counted(v: torch.Tensor) -> torch.Tensor:
+    """Pickled by reference (a module-level function), so a clone's calls count here too."""
+    _CALLS.append(1)
+    return torch.tanh(v @ _W.T)
+
+
+def test_a_shipped_problem_carries_its_checked_output(monkeypatch):
+    """NOTE: [shipped checks]: a worker's copy of a checked problem takes y from the driver
+    instead of calling f again; a y above SHIPPED_Y_BYTES is evaluated again there (and so
+    is an unchecked problem's)."""
+    import raijac.problem
+
+    problem = raijac.Problem(_counted, torch.randn(4, 3), batched=True)
+    y = problem.y
+    made = len(_CALLS)
+    clone = cloudpickle.loads(cloudpickle.dumps(problem))
+    assert torch.equal(clone.y, y) and not clone.random and len(_CALLS) == made
+    unchecked = cloudpickle.loads(cloudpickle.dumps(raijac.Problem(_counted, torch.randn(4, 3), batched=True)))
+    assert unchecked.y.shape == (4, 5) and len(_CALLS) > made
+    monkeypatch.setattr(raijac.problem, "SHIPPED_Y_BYTES", 0)
+    made = len(_CALLS)
+    assert torch.equal(cloudpickle.loads(cloudpickle.dumps(problem)).y, y) and len(_CALLS) == made + 1
+
+
 def test_problem_chain_is_its_stages_composed():
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 6)
