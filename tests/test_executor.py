@@ -378,3 +378,35 @@ def test_the_heap_threshold_grows_with_the_budget():
     assert heap_threshold(8_000_000) == HEAP_THRESHOLD_MIN == 1 << 20
     assert heap_threshold(64 << 20) == 8 << 20
     assert heap_threshold(16 << 30) == HEAP_THRESHOLD_MAX == 32 << 20
+
+
+SPEC_ODD_ON_A_WORKERS_FIRST_BUILD = '''
+import os
+
+import torch
+
+import raijac
+
+
+def problem():
+    """Another x on a worker process's first build than on the driver's (pids are logged)."""
+    path = os.path.join(os.path.dirname(__file__), "pids")
+    pids = open(path).read().split() if os.path.exists(path) else []
+    with open(path, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    seed = 1 if pids and str(os.getpid()) not in pids else 0
+    return raijac.Problem(torch.sin, torch.randn(5, generator=torch.Generator().manual_seed(seed)))
+'''
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_worker_builds_a_spec_again_once_when_it_differs(tmp_path):
+    """NOTE: [built again]: a worker whose first build of the spec differs from the driver's
+    builds it once more and uses the second, which matches; the stored J is the driver's."""
+    spec = tmp_path / "odd_spec.py"
+    spec.write_text(SPEC_ODD_ON_A_WORKERS_FIRST_BUILD)
+    jac = raijac.compute(f"{spec}:problem", str(tmp_path / "j.zarr"), workers=2)
+    x = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(jac.numpy(), torch.diag(torch.cos(x)).numpy(), rtol=1e-6, atol=1e-7)
+    pids = (tmp_path / "pids").read_text().split()
+    assert len(pids) > len(set(pids))  # some worker built it twice
