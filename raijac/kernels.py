@@ -521,7 +521,7 @@ class Reference:
     def __init__(self, target: Target, keep: int = 1) -> None:
         self.target = target
         self.keep = keep
-        self._graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._projections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
@@ -539,20 +539,28 @@ class Reference:
             self._projections[(b0, b1)] = (u, self.vjp(b0, b1, u))
         return self._projections[(b0, b1)]
 
-    def _graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, f(z) as (nb, n_out)) at samples b0:b1, with its autograd graph."""
-        if (b0, b1) not in self._graphs:
+    def _kept(self, key: tuple, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`build()`'s (leaf, output) with its autograd graph, kept for the last `keep` keys
+        (the oldest dropped first); NoReference where plain autograd cannot run f."""
+        if key not in self._graphs:
             while len(self._graphs) >= self.keep:
-                self._graphs.pop(next(iter(self._graphs)))  # the oldest first
-            zb, cb = self.target.block(b0, b1)
-            z = zb.detach().clone().requires_grad_(True)
+                self._graphs.pop(next(iter(self._graphs)))
             try:
                 with torch.enable_grad():
-                    y = self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+                    self._graphs[key] = build()
             except (RuntimeError, NotImplementedError) as exc:
                 raise NoReference(first_line(exc)) from exc
-            self._graphs[(b0, b1)] = (z, y)
-        return self._graphs[(b0, b1)]
+        return self._graphs[key]
+
+    def _graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, f(z) as (nb, n_out)) at samples b0:b1, with its autograd graph."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            zb, cb = self.target.block(b0, b1)
+            z = zb.detach().clone().requires_grad_(True)
+            return z, self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+
+        return self._kept((b0, b1), build)
 
     def output(self, b0: int, b1: int) -> torch.Tensor:
         return self._graph(b0, b1)[1]
@@ -565,19 +573,13 @@ class Reference:
     def _shared_graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(p, f(p) on samples b0:b1 as (nb, n_out)) at one shared parameter vector p, with
         its autograd graph (NOTE: [shared reference])."""
-        key = ("shared", b0, b1)
-        if key not in self._graphs:
-            while len(self._graphs) >= self.keep:
-                self._graphs.pop(next(iter(self._graphs)))
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             _, cb = self.target.block(b0, b1)
             p = self.target.z[b0].detach().requires_grad_(True)  # a leaf on the parameters, no copy
-            try:
-                with torch.enable_grad():  # (the parameters are read, not written: no clone)
-                    y = self.target.shared_fn(p, cb).reshape(b1 - b0, self.target.n_out)
-            except (RuntimeError, NotImplementedError) as exc:
-                raise NoReference(first_line(exc)) from exc
-            self._graphs[key] = (p, y)
-        return self._graphs[key]
+            return p, self.target.shared_fn(p, cb).reshape(b1 - b0, self.target.n_out)  # (read, not written: no clone)
+
+        return self._kept(("shared", b0, b1), build)
 
     def shared_output(self, b0: int, b1: int) -> torch.Tensor:
         return self._shared_graph(b0, b1)[1]

@@ -152,15 +152,21 @@ def next_mode(
         for m in candidate_modes(problem, "auto")
         if seed_axis(m) == axis and m not in tried and (modes.get(m).sparse or not sparse)
     ]
-    target = make_target(problem, "cpu")
-    reference = Reference(target, keep=3)
-    reports: list[ModeReport] = []
-    for m in order:
-        reports.append(try_mode(target, m, reference))
-        if reports[-1].ok and not reports[-1].slow:
-            break
-    good = [r for r in reports if r.ok and not r.slow] or [r for r in reports if r.ok]
+    reports, good = _triage(problem, order)
     return (good[0].mode, reports) if good else None
+
+
+def _triage(problem: Problem, candidates: list[str], try_all: bool = False) -> tuple[list[ModeReport], list[ModeReport]]:
+    """Trial blocks of each candidate in turn, until one passes off vmap's slow path (or of
+    every one, `try_all`): (the reports, those that passed, the ones off the slow path first)."""
+    target = make_target(problem, "cpu")
+    reference = Reference(target, keep=3)  # the trial samples' forward graphs, for every mode
+    reports: list[ModeReport] = []
+    for mode in candidates:
+        reports.append(try_mode(target, mode, reference))
+        if not try_all and reports[-1].ok and not reports[-1].slow:
+            break
+    return reports, [r for r in reports if r.ok and not r.slow] + [r for r in reports if r.ok and r.slow]
 
 
 # NOTE: [triage memo] A training loop or a Newton solver computes the same f at a new x (or
@@ -244,16 +250,10 @@ def resolve_mode(
     candidate (what `raijac plan` shows). `order` and `why` replace auto's candidates and
     the reason for its first choice (sparse problems order them by colour counts).
     """
-    target = make_target(problem, "cpu")
     candidates = list(order) if order is not None else candidate_modes(problem, "auto" if try_all else requested)
     if requested != "auto" and requested not in candidates:
         candidates.insert(0, requested)
-    reports: list[ModeReport] = []
-    reference = Reference(target, keep=3)  # the trial samples' forward graphs, for every mode
-    for mode in candidates:
-        reports.append(try_mode(target, mode, reference))
-        if not try_all and reports[-1].ok and not reports[-1].slow:
-            break
+    reports, good = _triage(problem, candidates, try_all)
     if requested != "auto":
         rep = next(r for r in reports if r.mode == requested)
         if not rep.ok:
@@ -262,7 +262,6 @@ def resolve_mode(
                 "use --mode auto to let raijac fall back."
             )
         return requested, "requested", reports
-    good = [r for r in reports if r.ok and not r.slow] or [r for r in reports if r.ok]
     if not good:
         detail = "; ".join(f"{r.mode}: {r.note}" for r in reports)
         raise ProblemError(
