@@ -409,12 +409,14 @@ def compute(
                         memo_put(problem, mode, codec=codec["choice"])
 
         # A store that a crossed fallback finished keeps its tiles' axis (NOTE: [crossed fallback]).
-        axis = existing.get("seed_axis") or seed_axis(chosen) if existing else seed_axis(chosen)
+        axis = (existing or {}).get("seed_axis") or seed_axis(chosen)
 
         def start(run_mode: str, measure: str, while_probing: Any = None) -> list[WorkerCost]:
             """The workers in `run_mode`, with their memory costs (NOTE: [quick probe]), or
             those an earlier run of this f measured (NOTE: [kept costs])."""
             kept = _kept_cost(problem, mode, (run_mode, axis, store_dtype, executor.device, colouring is None))
+            if kept is not None and kept.bound and measure == "full":
+                kept = None  # an upper bound does not stand in for the exact cost asked for
             costs = executor.start(
                 source,
                 fingerprint=fingerprint,
@@ -482,18 +484,7 @@ def compute(
                 # finished in this mode were checked and stay. auto goes on with the next mode
                 # along the same seed axis (same tiles, same store layout) for what is left.
                 stats = merge_stats(stats, exc.stats)
-                # A sparse problem's colouring is its seed axis's: it falls back along that axis only.
-                found = next_mode(problem, tried, axis, sparse=colouring is not None) if mode == "auto" else None
-                if found is None and mode == "auto" and colouring is None:
-                    # NOTE: [crossed fallback] No mode along the store's seeds is left: a mode
-                    # along the other axis fills the tiles left, each from blocks of all its
-                    # rows (columns) cut to the tile's columns (rows): more work per tile, but
-                    # the finished tiles, the layout and the ledger stay as they are.
-                    found = next_mode(problem, tried, "rows" if axis == "cols" else "cols")
-                if found is None:
-                    left = "no other mode passes the triage" if mode == "auto" else f"mode {mode} was requested"
-                    raise WorkerError(f"{exc} ({left}; rerun with --overwrite and --mode loop, or another mode)") from None
-                chosen, more = found
+                chosen, more = _fallback_mode(problem, mode, tried, axis, colouring is not None, exc)
                 reports += more
                 tried.append(chosen)
                 crossed = seed_axis(chosen) != axis
@@ -553,6 +544,26 @@ def compute(
     result = open_store(out, allow_partial=not done)
     result.summary = summary.to_dict()
     return result
+
+
+def _fallback_mode(
+    problem: Problem, requested: str, tried: list[str], axis: str, sparse: bool, failed: WrongBlocks
+) -> tuple[str, list[ModeReport]]:
+    """The mode auto goes on in after a block of `tried[-1]` failed its check, with the
+    triage's reports (NOTE: [fallback]); raises the failure, saying what to do, when there
+    is none (or a mode was requested)."""
+    # A sparse problem's colouring is its seed axis's: it falls back along that axis only.
+    found = next_mode(problem, tried, axis, sparse=sparse) if requested == "auto" else None
+    if found is None and requested == "auto" and not sparse:
+        # NOTE: [crossed fallback] No mode along the store's seeds is left: a mode along the
+        # other axis fills the tiles left, each from blocks of all its rows (columns) cut to
+        # the tile's columns (rows): more work per tile, but the finished tiles, the layout
+        # and the ledger stay as they are.
+        found = next_mode(problem, tried, "rows" if axis == "cols" else "cols")
+    if found is None:
+        left = "no other mode passes the triage" if requested == "auto" else f"mode {requested} was requested"
+        raise WorkerError(f"{failed} ({left}; rerun with --overwrite and --mode loop, or another mode)") from None
+    return found
 
 
 def _auto_codec(
