@@ -463,8 +463,7 @@ class Problem:
                 f"f returned an empty tensor (shape {tuple(y.shape)}), so J has no rows and there is nothing to compute; "
                 "return at least one output."
             )
-        shipped = self.__dict__.get("_checked_by_driver")
-        if shipped is not None:  # NOTE: [shipped checks]
+        if shipped is not None:  # NOTE: [shipped checks] (a y too big to travel with the verdict)
             self.__dict__["_random"] = shipped["random"]
             return y.detach()
         with torch.no_grad(), replaying(self.x.device):
@@ -558,7 +557,7 @@ class Problem:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.pop("y", None)  # recomputed where it is used; never shipped
+        state.pop("y", None)  # evaluated where it is used (a worker gets the driver's with its verdict: __reduce_ex__)
         state.pop("_random", None)  # found again with y
         state.pop("_frozen", None)  # set again by __setstate__
         state.pop("_checked_by_driver", None)

@@ -81,7 +81,8 @@ class Worker:
         self.problem: Problem | None = None
         self._out: str | None = None
         self._array = None
-        self.heap_budget: int | None = None  # a CPU worker's, for its heap (NOTE: [heap])
+        self.limit: int | None = None  # the budget, or the default one: found with the kernel
+        self.idle_rss: int | None = None  # RSS holding the problem and the open store
 
     @property
     def node(self) -> str:
@@ -103,9 +104,9 @@ class Worker:
                 )
             self.problem, target = self.loaded
             self.kernel = Kernel(target, self.mode)
+            self.limit = self.budget or default_budget(self.device, self.local_workers)
             if self.device.type == "cpu":  # the host's heap holds the blocks (NOTE: [heap])
-                self.heap_budget = self.budget or default_budget(self.device, self.local_workers)
-                bound_heap(heap_threshold(self.heap_budget))
+                bound_heap(heap_threshold(self.limit))
         return self.kernel
 
     def probe(self, measure: str = "full") -> WorkerCost:
@@ -118,11 +119,10 @@ class Worker:
 
     def _probe(self, measure: str = "full") -> WorkerCost:
         kernel = self._ready()
-        budget = self.budget or default_budget(self.device, self.local_workers)
         if measure == "none":  # still pay a first block's one-off costs now, not in the run
             self._first_check(kernel)
             kernel.clear()
-            return WorkerCost(self.name, self.device.type, int(budget), 0, 0)
+            return WorkerCost(self.name, self.device.type, int(self.limit), 0, 0)
         cost = quick_cost(kernel, self.device) if measure == "quick" else measure_cost(kernel, self.device)
         self._first_check(kernel)
         kernel.clear()
@@ -130,7 +130,7 @@ class Worker:
         t = kernel.target
         other = t.n_in if self.axis == "rows" else t.n_out
         per_seed = seed_bytes(cost.per_seed, other, self.dtype.itemsize)
-        return WorkerCost(self.name, self.device.type, int(budget), cost.base, per_seed, bound=measure == "quick")
+        return WorkerCost(self.name, self.device.type, int(self.limit), cost.base, per_seed, bound=measure == "quick")
 
     def run(self, out: str, b0: int, b1: int, s0: int, s1: int) -> dict[str, Any]:
         """Compute the block (samples b0:b1, seeds s0:s1), write it to `out`, report timings.
@@ -166,7 +166,7 @@ class Worker:
             "write_s": time.perf_counter() - computed,
             "bytes": int(data.nbytes),
             "finite": bool(np.isfinite(data).all()),
-            "rss_growth": _peak_rss_growth(getattr(self, "idle_rss", None)),
+            "rss_growth": _peak_rss_growth(self.idle_rss),
             "oom_splits": self.oom_splits,
             "check_max_rel_err": self._worst,  # None: not checked (--no-block-check, or no reference)
             "check_unchecked": self._unchecked,
@@ -178,9 +178,10 @@ class Worker:
     def _trim_over_budget(self) -> None:
         """Hand the free heap back where this block left RSS more than the budget above idle
         (NOTE: [heap]); CPU workers only."""
-        idle = getattr(self, "idle_rss", None)
-        rss = _proc_status("VmRSS") if self.heap_budget is not None and idle is not None else None
-        if rss is not None and rss - idle > self.heap_budget:
+        if self.device.type != "cpu" or self.idle_rss is None:
+            return
+        rss = _proc_status("VmRSS")
+        if rss is not None and rss - self.idle_rss > self.limit:
             trim_heap()
 
     def _compute(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> np.ndarray:

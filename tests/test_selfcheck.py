@@ -17,7 +17,7 @@ from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_ta
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
 from raijac.worker import Worker
-from tests.problems import CASES, NumpyDouble
+from tests.problems import CASES, LyingJvp, NumpyDouble
 
 
 def numpy_middle(x: torch.Tensor) -> torch.Tensor:
@@ -403,18 +403,8 @@ def test_compute_chain_inplace(ray_session, store_path):
     np.testing.assert_allclose(jac.numpy(), torch.func.jacrev(net)(x).detach().numpy(), rtol=1e-4, atol=1e-6)
 
 
-class _JvpOnly(torch.autograd.Function):
+class _JvpOnly(LyingJvp):
     """2x with a forward-mode formula and no backward: fwd can compute it, nothing can check it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x * 2
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
