@@ -18,7 +18,8 @@ import hashlib
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Literal
 
@@ -652,6 +653,35 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name.isidentifier():
         raise ProblemError(f"spec {spec!r} must look like path/to/file.py:NAME or package.module:NAME.")
+    with one_thread():
+        obj = _build(spec, target, name, device)
+    if not isinstance(obj, Problem):
+        raise ProblemError(
+            f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives {type(obj).__name__} {_short_repr(obj)}."
+        )
+    return obj.replace(spec=normalize_spec(spec))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body with one intra-op torch thread, then give the thread count back.
+
+    NOTE: [one-thread build] The driver (every core) and each worker (its share of them)
+    build a spec's tensors, and the fingerprint needs them bit for bit the same: a parallel
+    reduction rounds by how many threads split it (a float32 sum of 10^6 draws differs in its
+    7th digit between 1 and 2 threads), and torch 2.13's first parallel float64 `sin` in a
+    process came out up to 7e-9 off on its second thread in 1 run of 20 here. Built on one
+    thread everywhere, the tensors agree; f itself still runs on the process's threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(spec: str, target: str, name: str, device: torch.device | str | None) -> object:
     module = import_spec_module(target, spec)
     if not hasattr(module, name):
         names = sorted(n for n in vars(module) if not n.startswith("_"))
@@ -670,8 +700,4 @@ def load_problem(spec: str, *, device: torch.device | str | None = None) -> Prob
             raise  # already says what is wrong with the problem it tried to build
         except Exception as exc:
             raise ProblemError(f"calling {name}() from {target} raised {type(exc).__name__}: {first_line(exc)}.") from exc
-    if not isinstance(obj, Problem):
-        raise ProblemError(
-            f"{spec} must name a raijac.Problem or a zero-argument function returning one, but it gives {type(obj).__name__} {_short_repr(obj)}."
-        )
-    return obj.replace(spec=normalize_spec(spec))
+    return obj

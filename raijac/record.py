@@ -225,7 +225,8 @@ _PART_NAMES = {
 }
 
 
-def _differences(stored: dict, now: dict) -> list[str]:
+def differences(stored: dict, now: dict) -> list[str]:
+    """What two fingerprints' parts name differently (a store's and this run's, a driver's and a worker's)."""
     out = []
     for key, name in _PART_NAMES.items():
         a, b = stored.get(key), now.get(key)
@@ -245,7 +246,7 @@ def spec_meta(problem: Problem) -> dict[str, str | None]:
 def check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, problem: Problem) -> None:
     if meta.get("fingerprint") != fingerprint:
         stored = meta.get("fingerprint_parts")
-        differs = _differences(stored, parts) if isinstance(stored, dict) else []
+        differs = differences(stored, parts) if isinstance(stored, dict) else []
         if differs:
             raise StoreError(
                 f"resume=True (--resume) refused: {out} was computed with another {'; another '.join(differs)}; "

@@ -28,6 +28,8 @@ from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, 
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
+from raijac.record import differences
+from raijac.record import fingerprint_parts as fingerprint_parts_of
 from raijac.shipping import Packed
 
 _FIRST_CHECKED: set[str] = set()  # devices whose first block and check this process has run
@@ -45,6 +47,7 @@ class Worker:
         name: str,
         fingerprint: str,
         fingerprint_args: dict[str, Any],
+        fingerprint_parts: dict[str, str | None] | None = None,
         mode: str,
         dtype: str,
         device: str = "cpu",
@@ -60,6 +63,7 @@ class Worker:
         self.name = name
         self.fingerprint = fingerprint
         self.fingerprint_args = fingerprint_args
+        self.fingerprint_parts = fingerprint_parts
         self.mode = mode
         self.dtype = TORCH_DTYPES[dtype]
         self.device = torch.device("cuda:0" if device == "cuda" else device)
@@ -99,6 +103,7 @@ class Worker:
                     name=self.name,
                     fingerprint=self.fingerprint,
                     fingerprint_args=self.fingerprint_args,
+                    fingerprint_parts=self.fingerprint_parts,
                     device=self.device,
                     threads=self.threads,
                 )
@@ -265,6 +270,7 @@ def load(
     name: str,
     fingerprint: str,
     fingerprint_args: dict[str, Any],
+    fingerprint_parts: dict[str, str | None] | None = None,
     device: torch.device | str,
     threads: int | None,
 ) -> tuple[Problem, Target]:
@@ -274,20 +280,13 @@ def load(
         torch.set_num_threads(threads)
     problem = load_problem(source, device=device) if isinstance(source, str) else source
     got = problem.fingerprint(**fingerprint_args)
-    if got != fingerprint and isinstance(source, str):
-        # NOTE: [built again] A spec built on a loaded host once came out different on one
-        # worker of a full test run and never alone (its random flag, read from the torch
-        # generator around f, is the likeliest part to see another thread's draw): a second
-        # build that matches the driver's is the driver's problem, so it is used; one that
-        # differs again is refused, naming what the worker saw.
-        problem = load_problem(source, device=device)
-        got = problem.fingerprint(**fingerprint_args)
-    if got != fingerprint:
-        seen = f"x {tuple(problem.x.shape)} {problem.x.dtype}, y {tuple(problem.output_shape)} {problem.dtype}"
+    if got != fingerprint:  # NOTE: [one-thread build] in raijac.problem says how a build stays the same
+        differs = differences(fingerprint_parts, fingerprint_parts_of(problem, **fingerprint_args)) if fingerprint_parts else []
+        what = f"in its {' and its '.join(differs)}" if differs else f"(fingerprint {got} != {fingerprint})"
         raise ProblemError(
-            f"the problem built on worker {name} differs from the driver's (fingerprint {got} != {fingerprint}; the "
-            f"worker sees {seen}, {'random' if problem.random else 'deterministic'} f); building it must be "
-            "deterministic: seed every RNG in the spec."
+            f"the problem built on worker {name} differs from the driver's {what}; building the spec must give the "
+            "same tensors in every process: seed every generator it draws from, and read only files every node "
+            "has the same copy of."
         )
     return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 
