@@ -373,7 +373,7 @@ def compute(
     fp_args = ready.fingerprint_args
     fingerprint = problem.fingerprint(**fp_args)
     parts = record.fingerprint_parts(problem, **fp_args)
-    ids = dict(fingerprint=fingerprint, fingerprint_args=fp_args, fingerprint_parts=parts)  # what workers check
+    worker_ids = dict(fingerprint=fingerprint, fingerprint_args=fp_args, fingerprint_parts=parts)  # what workers check
     named = record.spec_meta(problem)  # before Ray is joined (record.spec_meta)
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")
@@ -390,7 +390,7 @@ def compute(
     with RayExecutor(address=address, workers=workers, spec=problem.spec, keep_ray=keep_ray) as executor:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
         chain = _may_chain(problem, existing["mode"] if existing else mode)
-        executor.preload(source, budgets=budgets, chain=chain, **ids)
+        executor.preload(source, budgets=budgets, chain=chain, **worker_ids)
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
             if modes.get(chosen).chain:  # workers trust the driver's check of a traced chain: made here too
@@ -420,7 +420,7 @@ def compute(
                 kept = None  # an upper bound does not stand in for the exact cost asked for
             costs = executor.start(
                 source,
-                **ids,
+                **worker_ids,
                 mode=run_mode,
                 dtype=store_dtype,
                 budgets=budgets,

@@ -284,9 +284,9 @@ def load(
         differs = differences(fingerprint_parts, fingerprint_parts_of(problem, **fingerprint_args)) if fingerprint_parts else []
         what = f"in its {' and its '.join(differs)}" if differs else f"(fingerprint {got} != {fingerprint})"
         raise ProblemError(
-            f"the problem built on worker {name} differs from the driver's {what}; building the spec must give the "
-            "same tensors in every process: seed every generator it draws from, and read only files every node "
-            "has the same copy of."
+            f"the problem built on worker {name} differs from the driver's {what}; building the spec must be "
+            "deterministic, the same tensors in every process: seed every generator it draws from, and read only "
+            "files every node has the same copy of."
         )
     return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 
