@@ -173,8 +173,15 @@ def _coupled_without_gradient(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:1], x[1:] * torch.sign(x[:-1]).detach()])
 
 
-@pytest.mark.parametrize("f", [_coupled_after_zero, _coupled_in_the_middle], ids=["after-zero", "middle"])
-@pytest.mark.parametrize("b", [2, 3, 7])
+def _pairs_the_halves(x: torch.Tensor) -> torch.Tensor:
+    """y_b = x_b * x_{b + B/2 mod B}: each sample meets the one half a batch away."""
+    return x * x.roll(x.shape[0] // 2, 0)
+
+
+@pytest.mark.parametrize(
+    "f", [_coupled_after_zero, _coupled_in_the_middle, _pairs_the_halves], ids=["after-zero", "middle", "halves"]
+)
+@pytest.mark.parametrize("b", [2, 3, 7, 64, 255])  # past SUB_BATCH the gradient check runs a sub-batch
 def test_batch_coupling_beyond_sample_zero_is_refused(f, b):
     x = torch.randn(b, 3)
     want = torch.func.jacrev(f)(x)  # (B, 3, B, 3): a sample's rows reach another sample's columns
@@ -190,12 +197,37 @@ def test_batch_coupling_beyond_sample_zero_is_refused(f, b):
         _ = raijac.Problem(f, x, batched=True).y
 
 
-@pytest.mark.parametrize("b", [2, 5])
+@pytest.mark.parametrize("b", [2, 5, 64])
 def test_batch_coupling_without_gradient_is_refused(b):
     x = torch.randn(b, 3)
     assert torch.func.jacrev(_coupled_without_gradient)(x)[1, :, 0, :].abs().max() == 0  # no gradient shows it
     with pytest.raises(ProblemError, match="treat samples independently.*alone by"):
         _ = raijac.Problem(_coupled_without_gradient, x, batched=True).y
+
+
+def test_the_gradient_check_runs_a_sub_batch_of_a_large_batch():
+    """NOTE: [sub-batch]: the check's forward and backwards see at most SUB_BATCH samples,
+    the first, the middle pick and the last ones, whatever B."""
+    from raijac.guard import SUB_BATCH
+
+    seen = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        if z.requires_grad:
+            seen.append(z.shape[0])
+        return torch.tanh(z) * z.sum(-1, keepdim=True)
+
+    problem = raijac.Problem(f, torch.randn(256, 4), batched=True)
+    _ = problem.y
+    assert seen and max(seen) <= SUB_BATCH
+
+
+def test_batch_norm_in_training_mode_is_refused_on_a_large_batch():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2)).train()
+    with pytest.raises(ProblemError, match="treat samples independently.*depends on other input samples"):
+        _ = raijac.Problem.from_module(model, torch.randn(300, 4), wrt="input", batched=True).y
+    with pytest.raises(ProblemError, match="treat samples independently"):
+        _ = raijac.Problem.from_module(model, torch.randn(300, 4), wrt="params", batched=True).y
 
 
 def test_independent_batches_pass():
