@@ -90,12 +90,16 @@ def kernel_vs_rows(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> Non
     )
 
 
+# Every store goes under one folder removed at exit: ResNet-18's B=8 parameter J is 3.6 GB a run.
+SCRATCH = tempfile.TemporaryDirectory(prefix="raijac-models-")
+
+
 def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), tempfile.mkdtemp() + "/w.zarr", workers=2)
+        raijac.compute(raijac.Problem(torch.sin, torch.randn(4)), SCRATCH.name + "/w.zarr", workers=2)
 
 
 CHECK_BLOCKS = True  # --no-block-check: time raijac without the per-block check (issue 12) too
@@ -105,7 +109,7 @@ BUDGET: str | None = None  # --memory-budget: per worker, e.g. below J's size (o
 def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], object], repeats: int) -> None:
     """raijac.compute (auto, fresh Problem each run) against the torch.func reference, best of each."""
     ensure_ray()
-    out = tempfile.mkdtemp() + "/models.zarr"
+    out = SCRATCH.name + "/models.zarr"
     times, mode, summary = [], "", {}
     if not CHECK_BLOCKS:
         what += " [no block check]"
