@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import socket
@@ -326,20 +327,27 @@ def bound_heap(threshold: int = HEAP_THRESHOLD_MIN) -> bool:
     budget above idle hands its free heap back (`malloc_trim`), which bounds what the
     larger threshold lets fragment.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))  # M_MMAP_ / M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
+    return (
+        libc is not None and bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))
+    )  # M_MMAP_ / M_TRIM_THRESHOLD
 
 
 def trim_heap() -> bool:
     """Return the heap's free pages to the OS (glibc `malloc_trim`; NOTE: [heap])."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc, found once per process (`find_library` runs ldconfig); None where there is no
+    glibc with the malloc tuning calls (macOS, musl)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _peak_rss_growth(idle: int | None) -> int | None:
