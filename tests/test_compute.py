@@ -258,3 +258,25 @@ def test_one_probe_block_bounds_the_memory_cost_unless_the_budget_binds(tmp_path
     worker = tight.meta["workers"][0]
     assert tight.meta["layout"]["tile_seeds"] * worker["per_seed"] + worker["base"] <= 8 * 2**20
     np.testing.assert_allclose(tight.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("n_other", "differs", "measures"),
+    [
+        (11_000_000, {"blocks": (1, 1)}, False),  # 440 MB tiles: one per call costs nothing
+        (1_000, {"blocks": (1, 1)}, True),  # 40 KB tiles: merging them saves calls
+        (11_000_000, {"tile_seeds": 5}, True),  # smaller tiles change the store's layout
+    ],
+)
+def test_the_exact_cost_is_measured_only_where_the_bound_changes_a_plan_worth_changing(n_other, differs, measures):
+    """NOTE: [merge worth]: a full measurement runs a probe block on every worker, so fewer
+    tiles per call at the upper bound is worth it only where tiles are small."""
+    from dataclasses import replace
+
+    from raijac.api import _budget_binds
+    from raijac.planner import Plan, WorkerCost
+
+    bound = WorkerCost("cpu0", "cpu", 2**30, 0, 1, bound=True)
+    free = Plan("rev", "auto", "", 8, 10, n_other, "rows", "float32", 4, (1, 1, n_other), 1, 10, (bound,), (2, 2))
+    assert _budget_binds(replace(free, **differs), free) is measures
+    assert _budget_binds(free, free) is False
