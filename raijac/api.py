@@ -131,7 +131,7 @@ class Prepared:
 
     def choose(self, *, try_all: bool = False, memo: bool = False) -> tuple[str, str, list[ModeReport], Colouring | None]:
         """The mode to run, why, the triage's reports and (sparse problems) the colouring;
-        `memo`: reuse an earlier run's triage of the same f (NOTE: [triage memo] in probe),
+        `memo`: reuse an earlier run's triage of the same f (NOTE: [triage memo] in memo),
         only for runs whose every block is checked."""
         if self.pattern is not None:
             return _sparse_mode(self.problem, self.mode, try_all=try_all)
@@ -157,7 +157,7 @@ def _remember(problem: Problem, requested: str, mode: str, reason: str, reports:
 
 
 # NOTE: [kept costs] A run of the same f at the same shapes (the triage memo's key: NOTE:
-# [triage memo] in raijac.probe) needs the same memory per block: the cost the last run's
+# [triage memo] in raijac.memo) needs the same memory per block: the cost the last run's
 # workers measured, per mode, seed axis, storage dtype and device kind, is used again and
 # the workers skip their probe block (0.1-0.2 s of a warm ResNet-18 run). Only the cost is
 # kept: each worker's budget is its own, a bound that binds is measured exactly again, and
@@ -373,6 +373,8 @@ def compute(
     problem = _problem(problem_or_spec)
     store.compressor_codec("zstd" if compressor == "auto" else compressor, compression_level)  # bad names/levels fail now
     resumed = store.read_meta(out) if resume else None
+    if check_blocks:
+        problem.reuse_checks()  # NOTE: [checked before] in raijac.problem
     ready = prepare(problem, mode=mode, memory_budget=memory_budget, block_size=block_size, dtype=dtype, resumed=resumed)
     mode, budgets, store_dtype, pattern = ready.mode, ready.budgets, ready.dtype, ready.pattern
     if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster's nodes are not this machine

@@ -80,7 +80,7 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
     the parameters (moved to a GPU by a probe), buffers (batch norm's running statistics in
     training mode), `.grad` and training flags of the modules f uses, and the torch generators
     (the generators alone when `problem` is None)."""
-    modules = [] if problem is None else _modules_of(problem)
+    modules = [] if problem is None else modules_of(problem)
     flags = [(m, m.training) for root in modules for m in root.modules()]
     params, buffers = [], []
     for owner, _ in flags:
@@ -131,7 +131,7 @@ def keeping_caller_state(run: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-def _modules_of(problem: Problem) -> list[torch.nn.Module]:
+def modules_of(problem: Problem) -> list[torch.nn.Module]:
     """The modules f uses that raijac can see: the problem's module, f itself, a chain's
     stages, and modules held by f's closure or partial arguments (two levels deep)."""
     found: dict[int, torch.nn.Module] = {}

@@ -20,17 +20,17 @@ import random
 import re
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raijac import modes, trees
+from raijac import modes
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError, first_line
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target
+from raijac.memo import memo_get, memo_key, memo_put  # noqa: F401 - the names api imports from here
 from raijac.modes import check_mode, seed_axis
 from raijac.problem import Problem
 
@@ -167,72 +167,6 @@ def _triage(problem: Problem, candidates: list[str], try_all: bool = False) -> t
         if not try_all and reports[-1].ok and not reports[-1].slow:
             break
     return reports, [r for r in reports if r.ok and not r.slow] + [r for r in reports if r.ok and r.slow]
-
-
-# NOTE: [triage memo] A training loop or a Newton solver computes the same f at a new x (or
-# new weights) call after call; its triage (trial blocks of every candidate mode, and their
-# checks) gave the same answer last time. When every block is checked on its worker (and a
-# wrong one makes auto fall back: NOTE: [fallback] in api), the run reuses that answer for
-# the same function (module object, or function code and captures), shapes, dtypes and
-# flags. The memo hangs off the function object, so it goes when the function does.
-_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _Builtins:
-    """Where the memo of functions that take no weak reference (builtins) hangs: they live as
-    long as the process."""
-
-
-_BUILTINS = _Builtins()
-
-
-def _code_key(fn: object) -> tuple:
-    """What makes a function the same function: its code and what its closure holds (by
-    identity), so a lambda made again from the same line with the same captures matches."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ("object", id(fn))
-    cells = []
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            cells.append(id(cell.cell_contents))
-        except ValueError:  # an empty cell
-            cells.append(None)
-    return (code, tuple(cells))
-
-
-def memo_key(problem: Problem, requested: str) -> tuple[object, tuple]:
-    """(the object the memo hangs off, the key of this problem's triage)."""
-    f = problem.f
-    parts: list[object] = [requested, type(f).__name__, problem.kind, problem.wrt, problem.batched, problem.batch_aware]
-    if isinstance(f, trees.Flat):
-        for extra in (f.outputs, f.loss):
-            parts.append(_code_key(extra) if callable(extra) else repr(extra))
-        parts += [f.has_aux, f.batched, f.of_params]
-        f = f.fn
-    anchor = problem.module if problem.module is not None else f
-    if not isinstance(anchor, torch.nn.Module):
-        parts.append(_code_key(anchor))
-    try:
-        weakref.ref(anchor)
-    except TypeError:
-        anchor = _BUILTINS
-    tensors = (problem.x, problem.params, *(problem.ctx or ()))
-    parts.append(tuple(None if t is None else (tuple(t.shape), str(t.dtype), str(t.device)) for t in tensors))
-    parts += [tuple(problem.output_shape), str(problem.dtype), problem.random, problem.spec]
-    if problem.module is not None:
-        parts.append(tuple(m.training for m in problem.module.modules()))
-    return anchor, tuple(parts)
-
-
-def memo_get(problem: Problem, requested: str) -> dict | None:
-    anchor, key = memo_key(problem, requested)
-    return _MEMO.get(anchor, {}).get(key)
-
-
-def memo_put(problem: Problem, requested: str, **items: object) -> None:
-    anchor, key = memo_key(problem, requested)
-    _MEMO.setdefault(anchor, {}).setdefault(key, {}).update(items)
 
 
 def resolve_mode(

@@ -595,3 +595,74 @@ def test_rounding_level_differences_between_calls_are_not_randomness():
     assert problem.y.shape == (64,) and not problem.random
     with pytest.raises(ProblemError, match="different outputs on two calls"):
         _ = raijac.Problem(wobbly(1e-2), torch.randn(64)).y
+
+
+def _count_checks(monkeypatch) -> list[int]:
+    """Spies on f's own checks (NOTE: [checked before]): one entry per batch checked."""
+    import raijac.problem
+
+    calls: list[int] = []
+    real = raijac.problem.check_independent_samples
+    monkeypatch.setattr(raijac.problem, "check_independent_samples", lambda p, y: calls.append(int(y.shape[0])) or real(p, y))
+    return calls
+
+
+def test_a_loop_over_new_points_checks_f_once(ray_session, tmp_path, monkeypatch):
+    """NOTE: [checked before]: the same module at the same shapes, at a new x and with new
+    weights, skips the second f(x) and the independence checks when every block is checked;
+    J stays right against torch.func at every point."""
+    calls = _count_checks(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    evaluations = []
+    model.register_forward_hook(lambda *_: evaluations.append(1))
+    for step in range(3):
+        x = torch.randn(6, 5)
+        with torch.no_grad():
+            model[0].weight.add_(0.1)  # a training step between the runs
+        evaluations.clear()
+        jac = raijac.compute(
+            raijac.Problem.from_module(model, x, wrt="input", batched=True), str(tmp_path / f"{step}.zarr"), workers=2
+        )
+        expected = torch.func.vmap(torch.func.jacrev(lambda xb: model(xb[None])[0]))(x)
+        np.testing.assert_allclose(jac.numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+        if step == 0:
+            full = len(evaluations)
+    assert calls == [6]  # the first run only
+    assert len(evaluations) < full  # no second f(x), no one-sample passes on the driver
+
+
+def test_checks_run_again_where_the_function_or_its_flags_changed(ray_session, tmp_path, monkeypatch):
+    """A module switched to training mode, other shapes, or a run without block checks, is
+    checked again: batch norm in training mode is still refused after its eval-mode twin passed."""
+    calls = _count_checks(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2)).eval()
+
+    def run(x: torch.Tensor, name: str, **options) -> None:
+        raijac.compute(
+            raijac.Problem.from_module(model, x, wrt="input", batched=True), str(tmp_path / name), workers=2, **options
+        )
+
+    run(torch.randn(8, 4), "a.zarr")
+    run(torch.randn(8, 4), "b.zarr", check_blocks=False)  # unchecked blocks: f's own checks stand alone
+    run(torch.randn(9, 4), "c.zarr")  # another batch size
+    assert calls == [8, 8, 9]
+    model.train()
+    with pytest.raises(ProblemError, match="treat samples independently"):
+        run(torch.randn(8, 4), "d.zarr")
+    assert calls == [8, 8, 9, 8]
+
+
+def test_a_refused_function_is_refused_every_time(ray_session, tmp_path):
+    """Only passes are kept (NOTE: [checked before]): a function refused once is checked,
+    and refused, again on the next run."""
+    state = {"calls": 0}
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        state["calls"] += 1
+        return torch.sin(z) * (1 + state["calls"] * 1e-3)  # state kept between calls
+
+    for name in ("a.zarr", "b.zarr"):
+        with pytest.raises(ProblemError, match="different outputs on two calls"):
+            raijac.compute(raijac.Problem(f, torch.randn(4)), str(tmp_path / name), workers=2)
