@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -89,6 +89,11 @@ class Target:
         return self.z[b0:b1], None if self.ctx is None else tuple(c[b0:b1] for c in self.ctx)
 
 
+# vmap's words for a value it cannot batch (a branch on a tensor's value, `.item()`): a loop
+# over samples runs such an f (NOTE: [per-sample loop]).
+VALUE_DEPENDENT = ("data-dependent", ".item()")
+
+
 def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted: bool = False) -> Target:
     """Put `problem` in stacked form on `device` (modules and tensors are moved there).
 
@@ -142,9 +147,10 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
             vmapped over its per-sample inputs.
 
             NOTE: [per-sample loop] A Hugging Face model given an attention mask branches on
-            the mask's values (masking_utils), which vmap cannot batch: `vmap(jacrev(...))`
-            fails there too, and users loop `jacrev` over samples. The modes' own vmap over
-            seeds (rows, columns) still batches everything else.
+            the mask's values (masking_utils), and a BERT given none calls `.item()` on the
+            mask it makes; vmap can batch neither: `vmap(jacrev(...))` fails there too, and
+            users loop `jacrev` over samples. The modes' own vmap over seeds (rows,
+            columns) still batches everything else.
             """
             if z.shape[0] == 1:  # a view (z[0]'s backward would fill a zero (1, P) per row)
                 return per_sample(z.reshape(z.shape[1:]), tuple(t[0] for t in c))[None]
@@ -152,7 +158,7 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
                 try:
                     return vmapped(z, c)
                 except RuntimeError as exc:
-                    if "vmap" not in str(exc) or "data-dependent" not in str(exc):
+                    if "vmap" not in str(exc) or not any(why in str(exc) for why in VALUE_DEPENDENT):
                         raise
                     can_vmap[0] = False
             return looped(z, c)
@@ -304,12 +310,8 @@ class Kernel:
         with self._attention():
             return getattr(self, self._run)(b0, b1, s0, s1)
 
-    # NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash
-    # attention) that vmap has no batching rule for: it falls back to a per-seed loop (and
-    # auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math backend is plain
-    # matmuls and softmax, which vmap batches; every mode but loop uses it.
     def _attention(self) -> contextlib.AbstractContextManager:
-        return sdpa_kernel(SDPBackend.MATH) if modes.get(self.mode).vmaps else contextlib.nullcontext()
+        return plain_attention() if modes.get(self.mode).vmaps else contextlib.nullcontext()
 
     def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
         if self._key != key:
@@ -588,6 +590,28 @@ class Reference:
         """cotangent (nb, n_out) -> the sum over samples b0:b1 of their u_b^T J_b, as (n_in,)."""
         p, y = self._shared_graph(b0, b1)
         return _grad(y, p, cotangent, (self.target.n_in,))
+
+
+# NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash attention)
+# that vmap has no batching rule for and forward-mode AD no derivative: vmap falls back to a
+# per-seed loop (and auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math
+# backend is plain matmuls and softmax, which vmap batches and jvp differentiates. And
+# nn.MultiheadAttention / nn.TransformerEncoderLayer in eval mode take an inference fast path
+# (one fused op without a derivative) when no parameter requires grad, which is what they
+# see inside vmap over per-sample parameters or under forward-mode AD: `rev` of a ViT's
+# parameters failed there and auto fell back to `rev-batched`, 2.4-3.7x slower than
+# torch.func. Every mode but loop, and verify's fresh derivatives, run inside this.
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """Attention on its differentiable path: SDPA's math backend, nn.MultiheadAttention's
+    and the transformer layers' fast path off (the caller's setting given back after)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _grad(y: torch.Tensor, leaf: torch.Tensor, cotangent: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from raijac.errors import ProblemError, StoreError
 from raijac.guard import keeping_caller_state
+from raijac.kernels import plain_attention
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
 from raijac.spec import is_path, portable_spec, spec_digest  # noqa: F401 - portable_spec, spec_digest: re-exported
@@ -281,7 +282,10 @@ class _Fresh:
         return torch.as_tensor(a.reshape(like.shape), dtype=like.dtype, device=like.device)
 
     def jvp(self, v: np.ndarray) -> np.ndarray:
-        tangent = self._tensor(v, self.z)
+        with plain_attention():  # NOTE: [attention] in kernels: fused attention has no forward derivative
+            return self._jvp(self._tensor(v, self.z))
+
+    def _jvp(self, tangent: torch.Tensor) -> np.ndarray:
         if self.reference == "torch.func":
             try:
                 _, out = torch.func.jvp(self.fn, (self.z,), (tangent,))
@@ -301,7 +305,10 @@ class _Fresh:
         return self._out(torch.zeros_like(y) if out is None else out, lead=True)
 
     def vjp(self, u: np.ndarray) -> np.ndarray:
-        cotangent = self._tensor(u, self.y)
+        with plain_attention():
+            return self._vjp(self._tensor(u, self.y))
+
+    def _vjp(self, cotangent: torch.Tensor) -> np.ndarray:
         if self.reference == "torch.func":
             try:
                 _, vjp_fn = torch.func.vjp(self.fn, self.z)

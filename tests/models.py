@@ -111,3 +111,19 @@ class LSTMHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq, _ = self.lstm(x)
         return self.fc(seq[:, -1])
+
+
+class TinyViT(nn.Module):
+    """Image patches -> torch's own nn.TransformerEncoderLayer -> mean over tokens -> a linear
+    head. In eval mode torch runs the layer as one fused op without a derivative unless a
+    parameter requires grad (NOTE: [attention] in raijac.kernels)."""
+
+    def __init__(self, channels: int = 1, dim: int = 16, heads: int = 2, patch: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.layer(tokens).mean(1))

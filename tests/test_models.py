@@ -7,14 +7,15 @@ import dataclasses
 
 import pytest
 import torch
+import zarr
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import raijac
 from raijac import Problem, modes
-from raijac.kernels import Kernel, make_target
+from raijac.kernels import Kernel, make_target, plain_attention
 from raijac.probe import resolve_mode, try_mode
-from tests.models import GPT, LSTMHead, ResNet18, conv_bn
+from tests.models import GPT, LSTMHead, ResNet18, TinyViT, conv_bn
 
 
 class _Written(TorchDispatchMode):
@@ -187,6 +188,8 @@ def _zoo(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
         return conv_bn().eval(), torch.randn(2, 1, 8, 8)
     if name == "gpt":
         return GPT().eval(), torch.randint(0, 50, (2, 8))
+    if name == "vit":
+        return TinyViT().eval(), torch.randn(3, 1, 4, 4)
     return LSTMHead(), torch.randn(2, 5, 3)
 
 
@@ -200,6 +203,8 @@ ZOO = [
     ("conv-bn", "params", "rev"),
     ("conv-bn", "input", "chain"),
     ("gpt", "params", "rev"),
+    ("vit", "params", "rev"),  # torch's fused encoder layer: its fast path off (NOTE: [attention])
+    ("vit", "input", "rev"),
     ("lstm", "params", "rev-batched"),
     ("lstm", "input", "rev"),
 ]
@@ -218,8 +223,27 @@ def test_zoo_matches_torch_func(name, wrt, mode, store_path):
     if not batched:
         want = whole_param_jacobian(model, x)
     else:
-        want = param_jacobian(model, x) if wrt == "params" else input_jacobian(model, x)
+        with plain_attention():  # torch.func's own vmap cannot batch the fused attention either
+            want = param_jacobian(model, x) if wrt == "params" else input_jacobian(model, x)
     assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting, given back
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("wrt", ["params", "input"])
+def test_verify_differentiates_fused_attention(wrt, store_path):
+    """raijac verify's fresh JVPs and VJPs of a model with torch's attention kernels: the fused
+    CPU kernel has no forward derivative, and the encoder layer's fast path none at all."""
+    from raijac.verify import verify
+
+    model, x = _zoo("vit")
+    raijac.compute(Problem.from_module(model, x, wrt=wrt, batched=True), store_path, workers=2)
+    report = verify(store_path, problem=Problem.from_module(model, x, wrt=wrt, batched=True), probes=3)
+    assert report.ok, report
+    assert max(report.jvp_errors + report.vjp_errors) < 1e-5
+    array = zarr.open_group(store_path, mode="r+")["jacobian"]
+    array[1, 2, 5] = array[1, 2, 5] + 1.0  # one wrong entry is still caught
+    assert not verify(store_path, problem=Problem.from_module(model, x, wrt=wrt, batched=True), probes=3).ok
 
 
 # ---------------------------------------------------------------------- Hugging Face
@@ -265,6 +289,30 @@ def test_hugging_face_gpt2_with_an_attention_mask_as_a_user_writes_it(store_path
     # The mask matters: without it the first sample's Jacobian is another one.
     plain = Problem.from_module(model, ids, outputs=lambda out: out.logits[:, -1], wrt="params", batched=True)
     assert not torch.allclose(Kernel(make_target(plain), "rev")(0, 1, 0, 50), torch.from_numpy(jac.numpy()[:1]), rtol=1e-3)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_hugging_face_bert_without_a_mask_keeps_a_vmapped_mode(store_path):
+    """A transformers BERT given no attention mask calls `.item()` on the mask it makes, which
+    vmap over samples cannot batch: the samples are looped, the rows still vmapped (NOTE:
+    [per-sample loop]), where auto fell back to rev-batched."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 60, (3, 6))
+    problem = Problem.from_module(model, ids, outputs="pooler_output", wrt="params", batched=True)
+    jac = raijac.compute(problem, store_path, workers=2)
+    assert jac.mode == "rev", jac.meta["mode_reason"]
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    rows = []
+    for b in range(3):
+        one = torch.func.jacrev(lambda p, i: torch.func.functional_call(model, p, (i[None],)).pooler_output[0])(params, ids[b])
+        rows.append(torch.cat([one[n].reshape(one[n].shape[0], -1) for n in names], dim=1))
+    assert_rel_close(torch.from_numpy(jac.numpy()), torch.stack(rows), 1e-5)
 
 
 # ---------------------------------------------------------------------- a neural ODE
