@@ -18,7 +18,16 @@ import torch
 
 from raijac import blas, modes, record, store
 from raijac.chain import may_chain
-from raijac.errors import BudgetError, ModeError, ProblemError, RaijacError, WorkerError, first_line
+from raijac.errors import (
+    BlockCheckError,
+    BudgetError,
+    KernelError,
+    ModeError,
+    ProblemError,
+    RaijacError,
+    WorkerError,
+    first_line,
+)
 from raijac.executor import RayExecutor, WrongBlocks, default_workers, merge_stats
 from raijac.guard import keep_caller_state
 from raijac.kernels import Kernel, make_target
@@ -442,7 +451,23 @@ def compute(
             )
             return costs if kept is None else [kept.on(c) for c in costs]
 
-        costs = start(chosen, "quick", sample_codec)
+        tried, fell_early = [chosen], []
+        while True:
+            try:
+                costs = start(chosen, "quick", sample_codec)
+                break
+            except KernelError as exc:  # NOTE: [worker-only failure] in executor
+                chosen, more = _fallback_mode(problem, mode, tried, axis, colouring is not None, exc)
+                reports += more
+                tried.append(chosen)
+                reason = f"{reason}; then {chosen}, after {tried[-2]} raised on a worker"
+                crossed = seed_axis(chosen) != axis
+                if existing is None:  # no tiles yet: the store takes the new mode's axis
+                    axis, crossed = seed_axis(chosen), False
+                fell_early.append({"from": tried[-2], "to": chosen, "tiles": [], "why": first_line(exc), "crossed": crossed})
+                warnings.warn(f"raijac: {first_line(exc)}; going on in mode {chosen}", UserWarning, stacklevel=2)
+                if check_blocks:  # the next run of this f starts here
+                    _remember(problem, mode, chosen, reason, reports)
         plan_args = dict(
             axis=axis,
             requested_mode=mode,
@@ -479,13 +504,14 @@ def compute(
             codec_args = (codec_name, codec_reason, compression_level)
             checks = record.block_check_meta(check_blocks, problem)
             group = record.create(out, problem, the_plan, ids, codec_args, started, checks)
+            if fell_early:
+                store.update_meta(group, fallbacks=fell_early)
             if colouring is not None:
                 record.create_sparse(group, problem, the_plan, colouring, dense, codec_name, compression_level)
         ledger = store.Ledger(group)
         pending = ledger.pending()
         skipped = the_plan.n_tiles - len(pending)
         stats: dict[str, Any] | None = None
-        tried = [chosen]
         while True:
             try:
                 stats = merge_stats(stats, executor.run(the_plan, out, pending, ledger.mark, progress=bool(progress)))
@@ -499,7 +525,8 @@ def compute(
                 reports += more
                 tried.append(chosen)
                 crossed = seed_axis(chosen) != axis
-                reason = f"{reason}; then {chosen}, after a block of {tried[-2]} failed its check"
+                how = "failed its check" if isinstance(exc.cause, BlockCheckError) else "raised on a worker"
+                reason = f"{reason}; then {chosen}, after a block of {tried[-2]} {how}"
                 if crossed:
                     reason += f" ({'row' if axis == 'rows' else 'column'} tiles from its blocks)"
                 fell = {"from": tried[-2], "to": chosen, "tiles": exc.tiles, "why": first_line(exc.cause), "crossed": crossed}
@@ -558,9 +585,9 @@ def compute(
 
 
 def _fallback_mode(
-    problem: Problem, requested: str, tried: list[str], axis: str, sparse: bool, failed: WrongBlocks
+    problem: Problem, requested: str, tried: list[str], axis: str, sparse: bool, failed: Exception
 ) -> tuple[str, list[ModeReport]]:
-    """The mode auto goes on in after a block of `tried[-1]` failed its check, with the
+    """The mode auto goes on in after a block of `tried[-1]` failed its check or raised, with the
     triage's reports (NOTE: [fallback]); raises the failure, saying what to do, when there
     is none (or a mode was requested)."""
     # A sparse problem's colouring is its seed axis's: it falls back along that axis only.

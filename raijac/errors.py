@@ -38,6 +38,11 @@ class BlockCheckError(ModeError):
     mode gives wrong numbers for this f; the block was not written."""
 
 
+class KernelError(ModeError):
+    """A mode's kernel raised on a worker, although it passed the driver's triage there (a
+    worker's device or settings differ): under auto the run goes on in the next mode."""
+
+
 class BudgetError(RaijacError, ValueError):
     """A memory budget is too small for one seed."""
 
@@ -57,6 +62,7 @@ class WorkerError(RaijacError, RuntimeError):
 __all__ = [
     "BlockCheckError",
     "BudgetError",
+    "KernelError",
     "ModeError",
     "ProblemError",
     "RaijacError",

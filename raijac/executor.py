@@ -19,7 +19,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from raijac.errors import BlockCheckError, RaijacError, WorkerError, first_line
+from raijac.errors import (
+    BlockCheckError,
+    BudgetError,
+    KernelError,
+    ModeError,
+    ProblemError,
+    RaijacError,
+    StoreError,
+    WorkerError,
+    first_line,
+)
 from raijac.planner import Plan, WorkerCost
 from raijac.problem import Problem
 from raijac.scheduler import IN_FLIGHT, MAX_TILE_FAILURES, Call, Died, Scheduler
@@ -121,6 +131,10 @@ def default_workers(cpus: int) -> int:
     return max(1, min(int(cpus), 8))
 
 
+# The driver's own refusals (NOTE: [keep after refusal]).
+DRIVER_REFUSALS = (ProblemError, ModeError, BudgetError, StoreError)
+
+
 class RayExecutor:
     """A Ray session plus a set of worker actors; use as a context manager.
 
@@ -154,6 +168,7 @@ class RayExecutor:
         self.source: str | Any = None  # this run's problem as the actors get it (see _ship)
         self.run_id: str | None = None
         self._shipping: _Background | None = None  # a preload's shipping thread
+        self.dispatched = False  # whether blocks went out (NOTE: [keep after refusal])
 
     # ------------------------------------------------------------------ Ray session
     def __enter__(self) -> RayExecutor:
@@ -212,7 +227,12 @@ class RayExecutor:
             except Exception:
                 if exc_type is None:
                     raise
-        if exc_type is not None:
+        # NOTE: [keep after refusal] A refusal the driver makes before any block is sent (a
+        # mode that cannot run, a budget too small, a store in the way) leaves the actors as
+        # they were: the next call keeps them warm instead of paying 3-5 s of process start.
+        # Anything else, or any error once blocks went out, leaves them in an unknown state.
+        refused = isinstance(exc_type, type) and issubclass(exc_type, DRIVER_REFUSALS) and not self.dispatched
+        if exc_type is not None and not refused:
             self.discard()
         if self.owns_ray:
             _POOLS.pop(_session_key(), None)
@@ -318,6 +338,8 @@ class RayExecutor:
             # memory cost for all (alone, so the probe has the memory bandwidth to itself), the
             # others only build the problem. Every GPU measures its own.
             return self._measured(measure, while_probing)
+        except KernelError:  # the actors are sound; the caller may go on in another mode
+            raise
         except BaseException:
             self.discard()
             raise
@@ -403,6 +425,7 @@ class RayExecutor:
         import ray
 
         went_away = _went_away_errors()
+        self.dispatched = True
         schedule = Scheduler(plan, pending, workers=len(self.actors))
         calls: dict[Any, Call] = {}
         revivals: dict[Any, int] = {}  # ready pings to restarting workers (NOTE: [revive])
@@ -467,7 +490,7 @@ class RayExecutor:
         if schedule.failure is not None:  # after the drain, so the count of kept tiles includes them all
             call, cause = schedule.failure
             error = self._tile_error(plan, list(call.tiles), call.worker, cause, done_count)
-            if isinstance(cause, BlockCheckError):
+            if isinstance(cause, BlockCheckError | KernelError):  # NOTE: [worker-only failure]
                 raise WrongBlocks(str(error), cause=cause, tiles=list(call.tiles), stats=stats) from None
             raise error
         if schedule.waiting:
@@ -502,7 +525,7 @@ class RayExecutor:
         label = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}-{tiles[-1]}"
         hint = " (and a smaller --memory-budget or --block-size)" if "memory" in str(cause).lower() else ""
         what = str(cause) if isinstance(cause, Died) else f"{type(cause).__name__}: {first_line(cause)}"
-        if isinstance(cause, BlockCheckError):  # the caller goes on in another mode or says what to do
+        if isinstance(cause, BlockCheckError | KernelError):  # the caller goes on in another mode or says what to do
             return WorkerError(
                 f"{label} ({span}) failed on worker {self.names[w]}: {first_line(cause)}; {done} finished tiles are kept"
             )
@@ -512,11 +535,19 @@ class RayExecutor:
         )
 
 
+# NOTE: [worker-only failure] The driver's triage runs each mode on its own CPU, so a mode can
+# pass there and raise on a worker: a GPU worker (an op with a CPU batching rule and no CUDA
+# one), or a setting made only in the driver's process. Such a kernel error fails its tile
+# like a wrong block (BlockCheckError), and auto goes on in the next mode for the tiles
+# left (NOTE: [fallback] in api), where it used to stop the run. Where a plain forward pass
+# of f on the same samples raises too, the error is f's own: it fails the run as before,
+# naming the cause and --resume, since every mode would fail alike.
 class WrongBlocks(WorkerError):
-    """A block failed its check (BlockCheckError): the run may go on in another mode
-    (api.compute); `stats` says what was done before, `tiles` which tiles failed."""
+    """A block failed its check (BlockCheckError) or its mode raised on a worker
+    (KernelError): the run may go on in another mode (api.compute); `stats` says what was
+    done before, `tiles` which tiles failed."""
 
-    def __init__(self, message: str, *, cause: BlockCheckError, tiles: list[int], stats: dict[str, Any]) -> None:
+    def __init__(self, message: str, *, cause: BlockCheckError | KernelError, tiles: list[int], stats: dict[str, Any]) -> None:
         super().__init__(message)
         self.cause, self.tiles, self.stats = cause, tiles, stats
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raijac import store
-from raijac.errors import BlockCheckError, ProblemError
+from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, first_line
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
@@ -125,6 +125,34 @@ class Worker:
 
     def _probe(self, measure: str = "full") -> WorkerCost:
         kernel = self._ready()
+        try:
+            return self._cost(kernel, measure)
+        except (RaijacError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # NOTE: [worker-only failure] in executor
+            if self._f_fails_too(kernel, 0, 1):
+                raise
+            raise self._kernel_error(exc) from exc
+
+    def _kernel_error(self, exc: Exception) -> KernelError:
+        return KernelError(f"mode {self.mode} raised {type(exc).__name__} on worker {self.name}: {first_line(exc)}")
+
+    def _f_fails_too(self, kernel: Kernel, b0: int, b1: int) -> bool:
+        """Whether a plain forward pass of f on samples b0:b1 raises as well: then the error is
+        f's own (another mode would fail alike), not the mode's (NOTE: [worker-only failure])."""
+        reference = Reference(kernel.target)
+        try:
+            if kernel.target.shared_fn is not None:
+                reference.shared_output(b0, b1)
+            else:
+                reference.output(b0, b1)
+        except Exception:
+            return True
+        return False
+
+    def _cost(self, kernel: Kernel, measure: str) -> WorkerCost:
+        """The memory the kernel takes (NOTE: [quick probe] in probe), having paid its first
+        block's one-off costs."""
         if measure == "none":  # still pay a first block's one-off costs now, not in the run
             self._first_check(kernel)
             kernel.clear()
@@ -222,6 +250,12 @@ class Worker:
                 mid = b0 + (b1 - b0) // 2
                 return np.concatenate([self._compute(kernel, b0, mid, s0, s1), self._compute(kernel, mid, b1, s0, s1)], 0)
             raise
+        except RaijacError:
+            raise
+        except Exception as exc:  # NOTE: [worker-only failure] in executor
+            if self._f_fails_too(kernel, b0, b1):
+                raise
+            raise self._kernel_error(exc) from exc
 
     def _crossed(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         """Columns s0:s1 of samples b0:b1, (nb, M, k), from a row mode's blocks of all rows, in

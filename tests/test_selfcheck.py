@@ -485,3 +485,77 @@ def test_a_sparse_run_falls_back_along_its_colouring_axis(ray_session, store_pat
     assert jac.meta["mode"] == "rev-batched" and jac.meta["seed_axis"] == "rows"
     expected = (a * (1 - torch.tanh(x) ** 2)[None, :]).numpy()
     np.testing.assert_allclose(jac.to_scipy().toarray(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_mode_that_raises_only_on_the_workers_falls_back(ray_session, tmp_path):
+    """NOTE: [worker-only failure]: rev passes the driver's triage but raises on every worker
+    (as an op without a CUDA batching rule would on GPU workers); auto goes on in rev-batched,
+    which runs f outside torch.func, and says so. A requested mode names the failure instead."""
+    import os
+
+    driver = os.getpid()
+    torch.manual_seed(4)
+    w = torch.randn(12, 30, dtype=torch.float64)  # M < N: auto's first choice is rev
+
+    def f(v):
+        if os.getpid() != driver and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError("no batching rule for aten::made_up on this device")
+        return torch.tanh(w @ v)
+
+    x = torch.randn(30, dtype=torch.float64)
+    expected = ((1 - torch.tanh(w @ x) ** 2)[:, None] * w).numpy()
+    assert resolve_mode(raijac.Problem(f, x), "auto")[0] == "rev"  # the driver's triage passes it
+    with pytest.warns(UserWarning, match="mode rev raised RuntimeError on worker cpu.*going on in mode rev-batched"):
+        jac = raijac.compute(raijac.Problem(f, x), str(tmp_path / "j.zarr"), workers=2, block_size=4, progress=False)
+    np.testing.assert_allclose(jac.numpy(), expected, rtol=1e-12, atol=1e-14)
+    assert jac.complete and jac.mode == "rev-batched"
+    assert [(fell["from"], fell["to"]) for fell in jac.meta["fallbacks"]] == [("rev", "rev-batched")]
+    assert "after rev raised on a worker" in jac.meta["mode_reason"]
+    with pytest.raises(WorkerError, match="made_up on this device.*mode rev was requested"):
+        raijac.compute(raijac.Problem(f, x), str(tmp_path / "r.zarr"), mode="rev", workers=2, progress=False)
+
+
+def test_a_refusal_before_any_block_keeps_the_workers_warm(ray_session, tmp_path):
+    """NOTE: [keep after refusal]: a mode refused by the driver's triage leaves the actors
+    running for the next call; a failure once blocks went out replaces them."""
+    from raijac import executor
+    from raijac.errors import ModeError
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).train()
+    x = torch.randn(6)
+    raijac.compute(raijac.Problem.from_module(model, x, wrt="input"), str(tmp_path / "a.zarr"), workers=2)
+    hosts = list(next(iter(executor._POOLS.values()))[1])
+    with pytest.raises(ModeError, match="fwd"):  # forward mode would draw the dropout mask again
+        raijac.compute(raijac.Problem.from_module(model, x, wrt="input"), str(tmp_path / "b.zarr"), workers=2, mode="fwd")
+    assert list(next(iter(executor._POOLS.values()))[1])[:2] == hosts[:2]
+    jac = raijac.compute(raijac.Problem.from_module(model, x, wrt="input"), str(tmp_path / "c.zarr"), workers=2)
+    assert list(next(iter(executor._POOLS.values()))[1])[:2] == hosts[:2]
+    assert jac.complete
+
+
+def test_a_mode_that_raises_on_a_worker_part_way_falls_back_for_the_tiles_left(ray_session, tmp_path):
+    """NOTE: [worker-only failure] during the run: rev passes the triage and the workers'
+    probes (sample 0) and raises on a worker's tile of the marked last sample; the tiles rev
+    finished stay, and rev-batched fills the rest."""
+    import os
+
+    driver = os.getpid()
+    torch.manual_seed(5)
+    w = torch.randn(6, 3, dtype=torch.float64)
+
+    def f(z):
+        marked = bool((z.detach()[..., 0] > 50).any())
+        if marked and os.getpid() != driver and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError("no batching rule for aten::made_up on this device")
+        return torch.tanh(z @ w)
+
+    x = torch.randn(6, 6, dtype=torch.float64)
+    x[5, 0] = 100.0
+    expected = torch.func.vmap(torch.func.jacrev(lambda v: torch.tanh(v @ w)))(x).numpy()
+    with pytest.warns(UserWarning, match="mode rev raised RuntimeError on worker cpu.*going on in mode rev-batched"):
+        jac = raijac.compute(raijac.Problem(f, x, batched=True), str(tmp_path / "j.zarr"), workers=2, progress=False)
+    np.testing.assert_allclose(jac.numpy(), expected, rtol=1e-12, atol=1e-14)
+    assert jac.complete and jac.mode == "rev-batched"
+    assert [(fell["from"], fell["to"]) for fell in jac.meta["fallbacks"]] == [("rev", "rev-batched")]
+    assert jac.meta["fallbacks"][0]["tiles"]  # a tile of the run, not a probe
+    assert "after a block of rev raised on a worker" in jac.meta["mode_reason"]
