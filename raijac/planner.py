@@ -328,6 +328,10 @@ def make_plan(
         if block_size and block_size > fit:
             notes.append(f"--block-size {block_size} exceeds the {fit} seeds the smallest budget holds")
         per_chunk = max(1, min(seeds, chunk_bytes // max(row_bytes, 1)))
+        # Chunks of equal size along the seeds: zarr stores an edge chunk whole, so 256 rows
+        # in chunks of 93 stored 279 (9% more on disk); in three of 86 they store 258
+        if not block_size:  # (a forced block size keeps its chunks)
+            per_chunk = math.ceil(n_seed / math.ceil(n_seed / per_chunk))
         tile_seeds = seeds if seeds == n_seed else (seeds // per_chunk) * per_chunk
         other_chunk = n_other if per_chunk > 1 or row_bytes <= chunk_bytes else max(1, chunk_bytes // itemsize)
         chunk_samples, tile_samples = 1, 1
