@@ -406,6 +406,7 @@ def compute(
     if progress is None:
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
+    removing = None  # the overwritten store's deletion (NOTE: [removed aside] in store)
 
     with RayExecutor(address=address, workers=workers, spec=problem.spec, keep_ray=keep_ray) as executor:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
@@ -498,7 +499,7 @@ def compute(
             if store.is_empty_dir(out):
                 store.remove_empty_dir(out)  # an empty folder made for the output
             elif store.exists(out):  # --overwrite of a recognised raijac store, now that all checks passed
-                store.remove(out)
+                removing = store.remove(out, wait=False)  # NOTE: [removed aside] in store
             codec_name, codec_reason = codec["choice"]
             ids = {**named, "fingerprint": fingerprint, "fingerprint_parts": parts}
             codec_args = (codec_name, codec_reason, compression_level)
@@ -539,6 +540,8 @@ def compute(
                 grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
                 the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})
                 pending = ledger.pending()
+    if removing is not None:
+        removing.join()
     done = not ledger.pending()  # the driver's copy: it wrote every record
     if done and colouring is not None:
         record.decompress(group, out, the_plan)

@@ -21,8 +21,11 @@ Workers write only their own tiles' chunks of `jacobian`; the driver alone write
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -194,16 +197,39 @@ def clean_partial(path: str) -> int:
     return removed
 
 
-def remove(path: str) -> None:
-    """Delete a raijac store (only ever called on a path `read_meta` recognised)."""
+# NOTE: [removed aside] Deleting an overwritten store took 0.4-0.7 s of a 10 s run for a
+# 3.6 GB J (thousands of chunk files), all before the first block. A local store is instead
+# renamed aside in one atomic step and deleted by a thread while the workers compute; the
+# caller joins it before it returns. The thread is not a daemon, so an interpreter that
+# exits first still finishes it; a store left aside by a killed process is deleted at the
+# next overwrite of the same path.
+ASIDE = ".raijac-removing-"
+
+
+def remove(path: str, *, wait: bool = True) -> threading.Thread | None:
+    """Delete a raijac store (only ever called on a path `read_meta` recognised); with
+    `wait=False` a local one goes aside and a returned thread deletes it (NOTE: [removed aside])."""
     meta = read_meta(path)
     if meta is None or meta.get("format") != FORMAT:
         raise StoreError(f"refusing to delete {path}: it is not a raijac store.")
     if is_url(path):
         fs, root = _fs(path)
         fs.rm(root, recursive=True)
-    else:
+        return None
+    for stale in glob.glob(glob.escape(path) + ASIDE + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if wait:
         shutil.rmtree(path)
+        return None
+    aside = f"{path}{ASIDE}{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
+    except OSError:  # a mount point, say: delete it in place
+        shutil.rmtree(path)
+        return None
+    thread = threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}, name="raijac-remove")
+    thread.start()
+    return thread
 
 
 def remove_empty_dir(path: str) -> None:

@@ -280,3 +280,14 @@ def test_the_exact_cost_is_measured_only_where_the_bound_changes_a_plan_worth_ch
     free = Plan("rev", "auto", "", 8, 10, n_other, "rows", "float32", 4, (1, 1, n_other), 1, 10, (bound,), (2, 2))
     assert _budget_binds(replace(free, **differs), free) is measures
     assert _budget_binds(free, free) is False
+
+
+def test_overwrite_leaves_no_old_store_behind(tmp_path):
+    """NOTE: [removed aside]: the overwritten store is deleted while the new one is computed,
+    and gone when compute returns; the new J is right."""
+    out = tmp_path / "j.zarr"
+    x = torch.randn(50)
+    raijac.compute(raijac.Problem(torch.sin, x), str(out), workers=2)
+    jac = raijac.compute(raijac.Problem(torch.cos, x), str(out), workers=2, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["j.zarr"]
+    np.testing.assert_allclose(jac.numpy(), torch.diag(-torch.sin(x)).numpy(), rtol=1e-6, atol=1e-7)

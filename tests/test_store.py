@@ -414,3 +414,23 @@ def test_remove_deletes_only_a_raijac_store(tmp_path):
     assert snapshot(neighbour) == before
     with pytest.raises(StoreError, match="refusing to delete"):
         store.remove(str(path))  # gone: nothing recognisable to delete
+
+
+def test_remove_without_waiting_frees_the_path_at_once_and_deletes_aside(tmp_path):
+    """NOTE: [removed aside]: the path is free as soon as remove returns (a new store can be
+    made there), the old one goes in a thread, and one a killed process left aside is
+    deleted at the next removal of that path; neighbours are untouched."""
+    path = tmp_path / "j.zarr"
+    make_store(path)
+    neighbour = _plain_folder(tmp_path)
+    before = snapshot(neighbour)
+    stale = tmp_path / ("j.zarr" + store.ASIDE + "deadbeef")
+    stale.mkdir()
+    (stale / "chunk").write_bytes(b"x" * 100)
+    thread = store.remove(str(path), wait=False)
+    assert not path.exists() and not stale.exists()
+    make_store(path)  # the path is free while the old store is still being deleted
+    thread.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["j.zarr", neighbour.name])
+    assert snapshot(neighbour) == before
+    assert store.read_meta(str(path)) is not None
