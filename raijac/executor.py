@@ -437,7 +437,8 @@ class RayExecutor:
             for call in schedule.dispatch():
                 first, last = plan.tile(call.tiles[0]), plan.tile(call.tiles[-1])
                 actor = self.actors[call.worker]
-                calls[actor.run.remote(self.recipes[call.worker], out, first.b0, last.b1, first.s0, last.s1)] = call
+                box = (first.b0, last.b1, first.s0, last.s1)
+                calls[actor.run.remote(self.recipes[call.worker], out, *box, (plan.tile_samples, plan.tile_seeds))] = call
 
         try:
             send()

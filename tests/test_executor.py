@@ -447,3 +447,34 @@ def test_a_worker_whose_build_differs_names_what_differs(tmp_path, monkeypatch):
     ) as err:
         raijac.compute(f"{spec}:problem", str(out), workers=2)
     assert "\n" not in str(err.value)
+
+
+def test_a_block_of_several_tiles_is_computed_tile_by_tile(ray_session, store_path, monkeypatch):
+    """NOTE: [tile by tile]: a call holding four one-sample tiles runs the kernel on one sample
+    at a time (a vmap over all four can cost more), and writes each tile's J where it belongs."""
+    from raijac.kernels import Kernel
+    from raijac.worker import Worker
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).eval()
+    x = torch.randn(4, 5)
+    problem = raijac.Problem.from_module(net, x, wrt="params", batched=True)
+    raijac.compute(problem, store_path, workers=2)
+    zarr.open_group(store_path, mode="r+")["jacobian"][...] = np.nan  # what the worker writes shows
+    args = {"mode": "auto", "dtype": "float32"}
+    worker = Worker(
+        problem, name="w0", fingerprint=problem.fingerprint(**args), fingerprint_args=args, mode="rev", dtype="float32"
+    )
+    calls = []
+    real = Kernel.__call__
+    monkeypatch.setattr(Kernel, "__call__", lambda self, *box: calls.append(box) or real(self, *box))
+    result = worker.run(store_path, 0, 4, 0, 3, tile=(1, 3))
+    assert calls == [(0, 1, 0, 3), (1, 2, 0, 3), (2, 3, 0, 3), (3, 4, 0, 3)]
+    assert result["bytes"] == 4 * 3 * problem.n_in * 4 and result["finite"]
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    jac = torch.func.vmap(torch.func.jacrev(lambda p, xb: torch.func.functional_call(net, p, (xb[None],))[0]), in_dims=(None, 0))(
+        params, x
+    )
+    want = torch.cat([jac[n].reshape(4, 3, -1) for n in names], dim=2).numpy()
+    np.testing.assert_allclose(zarr.open_group(store_path)["jacobian"][...], want, rtol=1e-5, atol=1e-6)
