@@ -130,7 +130,7 @@ class Worker:
         except (RaijacError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # NOTE: [worker-only failure] in executor
-            if self._f_fails_too(kernel, 0, 1):
+            if _out_of_memory(exc) or self._f_fails_too(kernel, 0, 1):
                 raise
             raise self._kernel_error(exc) from exc
 
@@ -261,7 +261,7 @@ class Worker:
         except RaijacError:
             raise
         except Exception as exc:  # NOTE: [worker-only failure] in executor
-            if self._f_fails_too(kernel, b0, b1):
+            if _out_of_memory(exc) or self._f_fails_too(kernel, b0, b1):
                 raise
             raise self._kernel_error(exc) from exc
 
@@ -305,6 +305,12 @@ class Worker:
                 f"the block ({samples}{what} {s0}:{s1}) differs from plain autograd by a relative error of {err:.3g} "
                 f"(tolerance {rtol:g}), so mode {self.mode} gives wrong numbers for this f; the block was not written"
             )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CPU allocation that failed (torch raises a plain RuntimeError there): the budget's
+    matter, not the mode's (NOTE: [worker-only failure] in executor)."""
+    return "allocate memory" in str(exc) or "not enough memory" in str(exc)
 
 
 def _tiles_of(b0: int, b1: int, s0: int, s1: int, tile: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:

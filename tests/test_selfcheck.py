@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import raijac
 from raijac import modes, store
-from raijac.errors import BlockCheckError, WorkerError
+from raijac.errors import BlockCheckError, KernelError, WorkerError
 from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, relative_error, seed_axis
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
@@ -559,3 +559,28 @@ def test_a_mode_that_raises_on_a_worker_part_way_falls_back_for_the_tiles_left(r
     assert [(fell["from"], fell["to"]) for fell in jac.meta["fallbacks"]] == [("rev", "rev-batched")]
     assert jac.meta["fallbacks"][0]["tiles"]  # a tile of the run, not a probe
     assert "after a block of rev raised on a worker" in jac.meta["mode_reason"]
+
+
+@pytest.mark.parametrize(
+    ("fail", "raised"),
+    [
+        (lambda: torch.empty(2**50, dtype=torch.uint8), RuntimeError),  # a CPU allocation: the budget's matter
+        (lambda: torch.ops.aten.made_up_op, KernelError),  # the mode's: auto may go on in another
+    ],
+    ids=["allocation", "mode"],
+)
+def test_a_worker_tells_a_mode_failure_from_running_out_of_memory(fail, raised):
+    """NOTE: [worker-only failure]: only an error the mode makes (plain f runs, memory was
+    there) becomes a KernelError; a failed CPU allocation stays itself, so the run stops
+    advising a smaller budget instead of trying every mode."""
+    from raijac.errors import KernelError
+
+    def f(v):
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            fail()
+        return torch.sin(v)
+
+    worker = _worker(raijac.Problem(f, torch.randn(6, dtype=torch.float64)), "rev")
+    with pytest.raises(raised) as err:
+        worker._compute(worker._ready(), 0, 1, 0, 3)
+    assert (err.type is KernelError) is (raised is KernelError)
