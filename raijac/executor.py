@@ -666,8 +666,14 @@ def _session_key() -> tuple:
 # its allocations of 2 MiB and more where THP_MEM_ALLOC_ENABLE is set (read once, at the
 # first allocation, hence set for the worker processes before they start): 7k faults, and
 # the tile took 0.57 s. Linux only grants them where transparent huge pages are `always` or
-# `madvise` (the default); elsewhere the setting does nothing.
-WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+# `madvise` (the default); elsewhere the setting does nothing. A value the caller set in the
+# driver's environment (0 turns it off) goes to the workers instead.
+THP = "THP_MEM_ALLOC_ENABLE"
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables worker processes start with (NOTE: [huge pages])."""
+    return {THP: os.environ.get(THP, "1")}
 
 
 def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
@@ -679,7 +685,7 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
 
     from raijac.worker import WorkerHost
 
-    key = repr(sorted(options.items()))
+    key = repr((sorted(options.items()), sorted(worker_env().items())))  # hosts of another environment are replaced too
     old_key, hosts = _POOLS.get(_session_key(), (key, []))
     if old_key != key:
         for host in hosts:
@@ -687,7 +693,7 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         hosts = []
     # Two concurrent calls per host: one computes while the other writes (NOTE: [pipeline] in worker.py).
     remote = ray.remote(WorkerHost).options(
-        max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": WORKER_ENV}, **options
+        max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": worker_env()}, **options
     )
     while len(hosts) < n:
         hosts.append(remote.remote())

@@ -478,3 +478,22 @@ def test_a_block_of_several_tiles_is_computed_tile_by_tile(ray_session, store_pa
     )
     want = torch.cat([jac[n].reshape(4, 3, -1) for n in names], dim=2).numpy()
     np.testing.assert_allclose(zarr.open_group(store_path)["jacobian"][...], want, rtol=1e-5, atol=1e-6)
+
+
+def _scaled_by_thp(v: torch.Tensor) -> torch.Tensor:
+    """sin, times 1 + the THP_MEM_ALLOC_ENABLE its process started with: J tells which
+    environment the workers had."""
+    return torch.sin(v) * (1 + float(os.environ.get("THP_MEM_ALLOC_ENABLE", "0")))
+
+
+@pytest.mark.parametrize(("driver", "factor"), [(None, 2.0), ("0", 1.0)])
+def test_workers_start_with_huge_pages_unless_the_caller_said_otherwise(ray_session, tmp_path, monkeypatch, driver, factor):
+    """NOTE: [huge pages]: CPU workers get THP_MEM_ALLOC_ENABLE=1; a value set in the
+    driver's environment goes to them instead (its hosts replaced by new ones)."""
+    if driver is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", driver)
+    x = torch.randn(5, dtype=torch.float64)
+    jac = raijac.compute(raijac.Problem(_scaled_by_thp, x), str(tmp_path / "j.zarr"), workers=2, check_blocks=False)
+    np.testing.assert_allclose(jac.numpy(), factor * torch.diag(torch.cos(x)).numpy(), rtol=1e-12)
