@@ -458,17 +458,21 @@ def compute(
                 costs = start(chosen, "quick", sample_codec)
                 break
             except KernelError as exc:  # NOTE: [worker-only failure] in executor
-                chosen, more = _fallback_mode(problem, mode, tried, axis, colouring is not None, exc)
-                reports += more
-                tried.append(chosen)
-                reason = f"{reason}; then {chosen}, after {tried[-2]} raised on a worker"
-                crossed = seed_axis(chosen) != axis
-                if existing is None:  # no tiles yet: the store takes the new mode's axis
-                    axis, crossed = seed_axis(chosen), False
-                fell_early.append({"from": tried[-2], "to": chosen, "tiles": [], "why": first_line(exc), "crossed": crossed})
-                warnings.warn(f"raijac: {first_line(exc)}; going on in mode {chosen}", UserWarning, stacklevel=2)
-                if check_blocks:  # the next run of this f starts here
-                    _remember(problem, mode, chosen, reason, reports)
+                chosen, reason, fell = _fall_back(
+                    problem,
+                    mode,
+                    tried,
+                    reports,
+                    exc,
+                    reason=reason,
+                    axis=axis,
+                    crossing=existing is not None,
+                    sparse=colouring is not None,
+                    remember=check_blocks,
+                )
+                if existing is None:  # no tiles yet: the store this run makes takes the new mode's axis
+                    axis = seed_axis(chosen)
+                fell_early.append(fell)
         plan_args = dict(
             axis=axis,
             requested_mode=mode,
@@ -522,20 +526,20 @@ def compute(
                 # finished in this mode were checked and stay. auto goes on with the next mode
                 # along the same seed axis (same tiles, same store layout) for what is left.
                 stats = merge_stats(stats, exc.stats)
-                chosen, more = _fallback_mode(problem, mode, tried, axis, colouring is not None, exc)
-                reports += more
-                tried.append(chosen)
-                crossed = seed_axis(chosen) != axis
-                how = "failed its check" if isinstance(exc.cause, BlockCheckError) else "raised on a worker"
-                reason = f"{reason}; then {chosen}, after a block of {tried[-2]} {how}"
-                if crossed:
-                    reason += f" ({'row' if axis == 'rows' else 'column'} tiles from its blocks)"
-                fell = {"from": tried[-2], "to": chosen, "tiles": exc.tiles, "why": first_line(exc.cause), "crossed": crossed}
-                warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=2)
+                chosen, reason, fell = _fall_back(
+                    problem,
+                    mode,
+                    tried,
+                    reports,
+                    exc,
+                    reason=reason,
+                    axis=axis,
+                    crossing=True,
+                    sparse=colouring is not None,
+                    remember=check_blocks,
+                )
                 meta = group.attrs[store.ATTR]
                 store.update_meta(group, mode=chosen, mode_reason=reason, fallbacks=[*meta.get("fallbacks", []), fell])
-                if check_blocks:  # the next run of this f starts where this one ended
-                    _remember(problem, mode, chosen, reason, reports)
                 costs = start(chosen, "full")
                 grid = {"chunks": list(the_plan.chunks), "tile_samples": the_plan.tile_samples, "tile_seeds": the_plan.tile_seeds}
                 the_plan = _plan_for(problem, chosen, reason, store_dtype, costs, **{**plan_args, "grid": grid})
@@ -585,6 +589,40 @@ def compute(
     result = open_store(out, allow_partial=not done)
     result.summary = summary.to_dict()
     return result
+
+
+def _fall_back(
+    problem: Problem,
+    requested: str,
+    tried: list[str],
+    reports: list[ModeReport],
+    failed: Exception,
+    *,
+    reason: str,
+    axis: str,
+    crossing: bool,
+    sparse: bool,
+    remember: bool,
+) -> tuple[str, str, dict[str, Any]]:
+    """After a block of `tried[-1]` failed its check or raised on a worker (NOTE: [fallback],
+    [worker-only failure] in executor): the mode auto goes on in (appended to `tried`, its
+    triage to `reports`), the reason now, and the store's record of the step; warns, and
+    keeps the mode for the next run of this f where `remember`. `crossing`: tiles of the
+    seed axis `axis` exist, so a mode along the other axis fills them from its blocks."""
+    cause, tiles = (failed.cause, failed.tiles) if isinstance(failed, WrongBlocks) else (failed, [])
+    chosen, more = _fallback_mode(problem, requested, tried, axis, sparse, failed)
+    reports.extend(more)
+    tried.append(chosen)
+    crossed = crossing and seed_axis(chosen) != axis
+    how = "failed its check" if isinstance(cause, BlockCheckError) else "raised on a worker"
+    reason = f"{reason}; then {chosen}, after a block of {tried[-2]} {how}"
+    if crossed:
+        reason += f" ({'row' if axis == 'rows' else 'column'} tiles from its blocks)"
+    fell = {"from": tried[-2], "to": chosen, "tiles": tiles, "why": first_line(cause), "crossed": crossed}
+    warnings.warn(f"raijac: {fell['why']}; going on in mode {chosen} for the tiles left", UserWarning, stacklevel=4)
+    if remember:  # the next run of this f starts where this one ended
+        _remember(problem, requested, chosen, reason, reports)
+    return chosen, reason, fell
 
 
 def _fallback_mode(

@@ -231,8 +231,7 @@ class RayExecutor:
         # mode that cannot run, a budget too small, a store in the way) leaves the actors as
         # they were: the next call keeps them warm instead of paying 3-5 s of process start.
         # Anything else, or any error once blocks went out, leaves them in an unknown state.
-        refused = isinstance(exc_type, type) and issubclass(exc_type, DRIVER_REFUSALS) and not self.dispatched
-        if exc_type is not None and not refused:
+        if exc_type is not None and not (issubclass(exc_type, DRIVER_REFUSALS) and not self.dispatched):
             self.discard()
         if self.owns_ray:
             _POOLS.pop(_session_key(), None)
@@ -685,7 +684,8 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
 
     from raijac.worker import WorkerHost
 
-    key = repr((sorted(options.items()), sorted(worker_env().items())))  # hosts of another environment are replaced too
+    env = worker_env()
+    key = repr((sorted(options.items()), sorted(env.items())))  # hosts of another environment are replaced too
     old_key, hosts = _POOLS.get(_session_key(), (key, []))
     if old_key != key:
         for host in hosts:
@@ -693,7 +693,7 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         hosts = []
     # Two concurrent calls per host: one computes while the other writes (NOTE: [pipeline] in worker.py).
     remote = ray.remote(WorkerHost).options(
-        max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": worker_env()}, **options
+        max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": env}, **options
     )
     while len(hosts) < n:
         hosts.append(remote.remote())

@@ -9,6 +9,7 @@ restarts after a crash rebuilds itself on its next call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -18,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -125,17 +127,21 @@ class Worker:
 
     def _probe(self, measure: str = "full") -> WorkerCost:
         kernel = self._ready()
-        try:
+        with self._mode_failures(kernel, 0, 1):
             return self._cost(kernel, measure)
+
+    @contextlib.contextmanager
+    def _mode_failures(self, kernel: Kernel, b0: int, b1: int) -> Iterator[None]:
+        """An error of the kernel on samples b0:b1 raised as a KernelError, unless it is f's
+        own (plain f raises too) or the memory's (NOTE: [worker-only failure] in executor)."""
+        try:
+            yield
         except (RaijacError, torch.OutOfMemoryError):
             raise
-        except Exception as exc:  # NOTE: [worker-only failure] in executor
-            if _out_of_memory(exc) or self._f_fails_too(kernel, 0, 1):
+        except Exception as exc:
+            if _out_of_memory(exc) or self._f_fails_too(kernel, b0, b1):
                 raise
-            raise self._kernel_error(exc) from exc
-
-    def _kernel_error(self, exc: Exception) -> KernelError:
-        return KernelError(f"mode {self.mode} raised {type(exc).__name__} on worker {self.name}: {first_line(exc)}")
+            raise KernelError(f"mode {self.mode} raised {type(exc).__name__} on worker {self.name}: {first_line(exc)}") from exc
 
     def _f_fails_too(self, kernel: Kernel, b0: int, b1: int) -> bool:
         """Whether a plain forward pass of f on samples b0:b1 raises as well: then the error is
@@ -238,9 +244,10 @@ class Worker:
             cuts = range(s0, s1, self.max_seeds)
             return np.concatenate([self._compute(kernel, b0, b1, c, min(c + self.max_seeds, s1)) for c in cuts], axis)
         try:
-            block = self._crossed(kernel, b0, b1, s0, s1) if self.crossed else kernel(b0, b1, s0, s1).detach()
-            if self.check_blocks:
-                self._check(kernel, block, b0, b1, s0, s1)
+            with self._mode_failures(kernel, b0, b1):
+                block = self._crossed(kernel, b0, b1, s0, s1) if self.crossed else kernel(b0, b1, s0, s1).detach()
+                if self.check_blocks:
+                    self._check(kernel, block, b0, b1, s0, s1)
             return block.to(self.dtype).cpu().numpy()
         except torch.OutOfMemoryError:
             kernel.clear()
@@ -258,12 +265,6 @@ class Worker:
                 mid = b0 + (b1 - b0) // 2
                 return np.concatenate([self._compute(kernel, b0, mid, s0, s1), self._compute(kernel, mid, b1, s0, s1)], 0)
             raise
-        except RaijacError:
-            raise
-        except Exception as exc:  # NOTE: [worker-only failure] in executor
-            if _out_of_memory(exc) or self._f_fails_too(kernel, b0, b1):
-                raise
-            raise self._kernel_error(exc) from exc
 
     def _crossed(self, kernel: Kernel, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         """Columns s0:s1 of samples b0:b1, (nb, M, k), from a row mode's blocks of all rows, in

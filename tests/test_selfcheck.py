@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import raijac
 from raijac import modes, store
 from raijac.errors import BlockCheckError, KernelError, WorkerError
+from raijac.guard import REPLAY_SEED
 from raijac.kernels import Kernel, NoReference, block_error, check_rtol, make_target, relative_error, seed_axis
 from raijac.probe import resolve_mode
 from raijac.sparsity import choose, resolve_pattern
@@ -535,6 +536,8 @@ def test_a_refusal_before_any_block_keeps_the_workers_warm(ray_session, tmp_path
     jac = raijac.compute(raijac.Problem.from_module(model, x, wrt="input"), str(tmp_path / "c.zarr"), workers=2)
     assert pool() == hosts
     assert jac.complete
+    torch.manual_seed(REPLAY_SEED)  # J of the one replayed dropout draw (NOTE: [replay])
+    np.testing.assert_allclose(jac.numpy(), torch.func.jacrev(model)(x).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_mode_that_raises_on_a_worker_part_way_falls_back_for_the_tiles_left(ray_session, tmp_path):
