@@ -119,10 +119,15 @@ def e2e(what: str, make: Callable[[], raijac.Problem], reference: Callable[[], o
         what += f" [memory budget {BUDGET} per worker]"
     for _ in range(repeats):
         problem = make()
+        # NOTE: [clean page cache] The last run's writes may still be in the page cache waiting
+        # for the disk (GBs at ~350 MB/s here), and Linux then slows every new write down to
+        # the disk's pace: each run starts from a flushed cache, as one on a quiet machine does.
+        os.sync()
         start = time.perf_counter()
         jac = raijac.compute(problem, out, workers=2, overwrite=True, check_blocks=CHECK_BLOCKS, memory_budget=BUDGET)
         times.append(time.perf_counter() - start)
         mode, summary = jac.mode, jac.summary
+    os.sync()  # the disk's writeback of J, not torch.func, would take the CPU otherwise
     t_ref = best(reference, repeats)
     t = min(times)
     nbytes = int(np.prod(jac.shape)) * np.dtype(jac.dtype).itemsize
