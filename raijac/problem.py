@@ -119,6 +119,9 @@ class Problem:
         nums = _argnums(argnums, len(args))
         self.ctx: tuple[torch.Tensor, ...] | None = None
         self.in_leaves: tuple[trees.Leaf, ...] = ()
+        # As given (order kept; columns follow the inputs' order): the reader's jacrev structure.
+        n = len(args)
+        self.argnums: int | tuple[int, ...] = argnums % n if isinstance(argnums, int) else tuple(i % n for i in argnums)  # type: ignore[union-attr]
         plain = not (has_aux or outputs is not None or kwargs or loss is not None or targets is not None)
         if len(args) == 1 and nums == (0,) and isinstance(args[0], torch.Tensor) and plain:
             x = args[0]
@@ -255,6 +258,7 @@ class Problem:
             ctx=ctx,
             in_leaves=(),
             out_leaves=(),
+            argnums=None,  # the inputs are the parameters
             batched=bool(batched),
             batch_aware=bool(batched),
             wrt="params",

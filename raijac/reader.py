@@ -15,7 +15,7 @@ import numpy as np
 
 from raijac import store
 from raijac.errors import ReadError, StoreError  # ReadError: also raijac.reader.ReadError, as before
-from raijac.views import LeafBlock, SparseView, Unflattened, _leaves, _read, _select, _spans
+from raijac.views import LeafBlock, SparseView, Unflattened, _leaves, _read, _select, _spans, jacrev_structure
 
 Index = int | slice | Sequence[int] | np.ndarray | None
 BLOCK_BYTES = 64 << 20  # what one streamed block may hold: a few of them fit any laptop
@@ -273,12 +273,22 @@ class Jacobian:
             return torch.from_numpy(np.ascontiguousarray(out))
         return out
 
-    def unflatten(self) -> Unflattened:
-        """A lazy view shaped `(*output_shape, *input_shape)` (batched: `(B, ...)`).
+    def unflatten(self) -> Any:
+        """J in the structure `torch.func.jacrev` returns (batched: `vmap(jacrev)`), lazily.
 
-        Indexing it (`J.unflatten()[i, j, :, k]`: ints, slices, sequences of ints, `...`)
-        reads only the chunks holding the selected entries; `numpy()` reads everything.
+        For one tensor in and one out, and for parameter Jacobians (whose inputs are the
+        flat parameter vector), a view shaped `(B?, *output_shape, *input_shape)`: indexing
+        it (`J.unflatten()[i, j, :, k]`: ints, slices, sequences of ints, `...`) reads only
+        the chunks holding the selected entries, and `numpy()` reads everything. For pytrees
+        in or out (`argnums=(0, 1)`, a dict or tuple output): f's output structure, each
+        output leaf holding the differentiated inputs' structure (a tuple over `argnums`
+        where it is a tuple), each leaf a `LeafBlock` read when used; sequences come back as
+        tuples. `tree()` gives the same blocks by leaf name.
         """
+        if self.meta.get("wrt") != "params" and (
+            self.meta.get("inputs") or self.meta.get("outputs") or isinstance(self.meta.get("argnums"), list)
+        ):
+            return jacrev_structure(self)
         return Unflattened(self)
 
     def tree(self) -> dict[str, dict[str, LeafBlock]]:

@@ -197,6 +197,15 @@ class Flat(torch.nn.Module):
             )
         if len(parts) == 1:  # one differentiated tensor keeps its shape
             return parts[0].detach()
+        if self.batched:
+            names = [leaf.name for leaf in self.x_leaves]
+            for name, part in zip(names[1:], parts[1:], strict=True):
+                if part.shape[0] != parts[0].shape[0]:
+                    raise ProblemError(
+                        f"batched=True needs every differentiated input to hold the same samples along its first "
+                        f"dimension, but {names[0]} has {parts[0].shape[0]} and {name} has {part.shape[0]}; close over "
+                        "tensors shared by all samples inside f instead."
+                    )
         return concat([p.detach() for p in parts], lead=parts[0].shape[:1] if self.batched else ())
 
     def context(self) -> tuple[torch.Tensor, ...] | None:

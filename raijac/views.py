@@ -7,7 +7,9 @@ as if they were the dense array. Each turns an index into the few chunks it touc
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,6 +100,68 @@ class LeafBlock:
 
     def __repr__(self) -> str:
         return f"LeafBlock(d {self.out[0]} / d {self.inp[0]}, shape={self.shape})"
+
+
+# ---------------------------------------------------------------------- jacrev's structure
+# A pytree path as `pytree.keystr` writes it: `[0]` (a sequence), `['logits']` (a mapping),
+# `.logits` (an attribute).
+_KEY = re.compile(r"\[(-?\d+)\]|\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]|\.([A-Za-z_]\w*)")
+
+
+def _path(name: str, prefix: str) -> list[int | str]:
+    """The keys of a stored leaf's name after its prefix (`y`, `args[1]`): ints index a
+    sequence, strings a mapping or a dataclass's fields."""
+    rest, keys = name[len(prefix) :], []
+    while rest:
+        m = _KEY.match(rest)
+        if m is None:
+            raise ReadError(f"cannot read the leaf name {name!r} back into a structure; use Jacobian.tree() instead.")
+        index, quoted, attr = m.groups()
+        keys.append(int(index) if index is not None else ast.literal_eval(quoted) if quoted is not None else attr)
+        rest = rest[m.end() :]
+    return keys
+
+
+def _nest(items: list[tuple[list[int | str], Any]]) -> Any:
+    """The container these (path, value) pairs are the leaves of: tuples where the keys are
+    positions (a dropped `None` output stays `None` in its place), dicts otherwise."""
+    if len(items) == 1 and not items[0][0]:
+        return items[0][1]
+    groups: dict[int | str, list[tuple[list[int | str], Any]]] = {}
+    for keys, value in items:
+        groups.setdefault(keys[0], []).append((keys[1:], value))
+    if all(isinstance(k, int) for k in groups):
+        return tuple(_nest(groups[i]) if i in groups else None for i in range(max(groups) + 1))  # type: ignore[call-overload]
+    return {k: _nest(v) for k, v in groups.items()}
+
+
+def jacrev_structure(jac: Jacobian) -> Any:
+    """J as `torch.func.jacrev(f, argnums)` (batched: `vmap(jacrev(f))`) returns it: f's output
+    structure, each output leaf holding the structure of the differentiated inputs (a tuple
+    over `argnums` where it is a tuple), each leaf a lazy `LeafBlock`."""
+    outs = _leaves(jac.meta.get("outputs"), "y", jac.output_shape)
+    ins = _leaves(jac.meta.get("inputs"), "args[0]", jac.input_shape)
+    argnums = jac.meta.get("argnums")
+    if argnums is None:  # a store from before argnums was recorded: the inputs it holds, in order
+        found = sorted({k for k in (_arg_of(i[0]) for i in ins) if k is not None}) or [0]
+        argnums = found[0] if len(found) == 1 else found
+
+    def inputs(out: tuple[str, tuple[int, ...], int]) -> Any:
+        def arg(k: int) -> Any:
+            prefix = f"args[{k}]"
+            mine = [(_path(i[0], prefix), LeafBlock(jac, out, i)) for i in ins if _arg_of(i[0]) == k]
+            if not mine:
+                raise ReadError(f"the store records no differentiated input {prefix}; use Jacobian.tree() instead.")
+            return _nest(mine)
+
+        return tuple(arg(k) for k in argnums) if isinstance(argnums, list | tuple) else arg(int(argnums))
+
+    return _nest([(_path(o[0], "y"), inputs(o)) for o in outs])
+
+
+def _arg_of(name: str) -> int | None:
+    m = re.match(r"args\[(\d+)\]", name)
+    return int(m.group(1)) if m else None
 
 
 def _leaves(stored: list[dict] | None, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], int]]:

@@ -53,6 +53,49 @@ def test_two_pytree_inputs_and_a_dict_output(mode, store_path):
     assert jac.shape == (3 * 6 + 3, 3 * 4 + 6 + 6 * 4)
 
 
+def _same_structure(ours, ref, path: str = "J") -> int:
+    """Compare a `Jacobian.unflatten()` with what torch.func returns: the same containers
+    (sequences as tuples, dicts with the same keys in the same order) and the same numbers."""
+    if isinstance(ref, torch.Tensor):
+        assert not isinstance(ours, tuple | dict), f"{path}: a container where jacrev has a tensor"
+        assert ours.shape == tuple(ref.shape), path
+        assert_close(np.asarray(ours), ref.numpy())
+        return 1
+    if isinstance(ref, dict):
+        assert isinstance(ours, dict) and list(ours) == list(ref), f"{path}: keys {list(ours)} != {list(ref)}"
+        return sum(_same_structure(ours[k], ref[k], f"{path}[{k!r}]") for k in ref)
+    assert isinstance(ours, tuple) and len(ours) == len(ref), f"{path}: {type(ours).__name__} != {type(ref).__name__}"
+    return sum(_same_structure(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(ours, ref, strict=True)))
+
+
+def tuple_and_dict(x: torch.Tensor, w: torch.Tensor) -> tuple:
+    return (torch.einsum("...ij,...j->...i", w, x), {"s": torch.sin(x), "t": (x * 2)[..., :2]})
+
+
+def nested_in(d: dict) -> dict:
+    return {"o": d["a"] * d["b"][0], "p": (torch.exp(d["b"][1]),)}
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0), (1,), (0,)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_unflatten_is_what_jacrev_returns(argnums, batched, store_path):
+    x = torch.randn(*(3,) * batched, 3, generator=G, dtype=torch.float64)
+    w = torch.randn(*(3,) * batched, 2, 3, generator=G, dtype=torch.float64)
+    jac = raijac.compute(raijac.Problem(tuple_and_dict, x, w, argnums=argnums, batched=batched), store_path, workers=2)
+    ref = torch.func.jacrev(tuple_and_dict, argnums=argnums)
+    ref = torch.func.vmap(ref)(x, w) if batched else ref(x, w)
+    assert _same_structure(jac.unflatten(), ref) == 3 * (len(argnums) if isinstance(argnums, tuple) else 1)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_unflatten_of_a_nested_input(store_path):
+    a = torch.randn(3, generator=G, dtype=torch.float64)
+    point = {"a": a, "b": [a.cos(), a]}
+    jac = raijac.compute(raijac.Problem(nested_in, point), store_path, workers=2)
+    assert _same_structure(jac.unflatten(), torch.func.jacrev(nested_in)(point)) == 6
+
+
 def per_sample_loss(x: torch.Tensor, labels: torch.Tensor, *, scale: float):
     logits = x @ W.T * scale
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), logits.detach()
@@ -152,6 +195,10 @@ def test_structure_changes_the_fingerprint():
             "mix dtypes",
         ),
         (lambda: raijac.Problem(lambda a: (a, "tag"), torch.ones(2)), r"returned a str at y\[1\].*outputs="),
+        (
+            lambda: raijac.Problem(lambda a, b: a, torch.ones(4, 2), torch.ones(3, 2), argnums=(0, 1), batched=True),
+            r"same samples.*args\[0\] has 4 and args\[1\] has 3",
+        ),
     ],
 )
 def test_bad_structures_are_one_clear_error(build, match):
