@@ -80,6 +80,44 @@ def test_rev_keeps_forward_pass_across_blocks():
     assert len(calls) == 1
 
 
+class _Scaled(torch.nn.Module):
+    """A per-sample output scaled by a Python number read from the sample's own data: vmap
+    cannot trace `.item()`, so rows of shared parameters go sample by sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x)) * (2.0 if bool((flag > -100).all().item()) else -1.0)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_rows_of_shared_parameters_match_per_sample_jacrev(traceable):
+    """NOTE: [shared parameters]: all rows of several samples at once, and the general path
+    where vmap cannot trace f per sample."""
+    import raijac
+
+    g = torch.Generator().manual_seed(3)
+    model = _Scaled()
+    x, flag = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.tensor([1.0, -1.0, 2.0, -3.0, 1.0])
+    if traceable:
+        module, args = torch.nn.Sequential(model.lin, torch.nn.Tanh()), (x,)
+    else:
+        module, args = model, (x, flag)
+    kernel = Kernel(make_target(raijac.Problem.from_module(module, *args, wrt="params", batched=True)), "rev")
+    params = dict(module.named_parameters())
+
+    def one(p: dict, *sample: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(module, p, tuple(t[None] for t in sample))[0]
+
+    for b in range(5):
+        ref = torch.func.jacrev(one)({n: v.detach() for n, v in params.items()}, *(t[b] for t in args))
+        want = torch.cat([ref[n].reshape(2, -1) for n in params], dim=1)
+        assert_close(kernel(0, 5, 0, 2)[b].detach().numpy(), want.numpy())
+    assert kernel._per_sample_vjp is traceable
+
+
 def test_float64_against_finite_differences():
     """AD itself under test: central differences in float64 agree to ~1e-7."""
     problem = BY_NAME["float64"].build()
