@@ -316,9 +316,10 @@ class Problem:
             raise ProblemError(f"hessian_from_module needs a torch.nn.Module, but got {type(module).__name__}.")
         template = cls.from_module(module, inputs[0] if inputs else torch.zeros(()), wrt="params")
         info = template.param_info
+        slots = trees.param_slots(module)
 
         def objective(flat: torch.Tensor) -> torch.Tensor:
-            return loss(torch.func.functional_call(module, unflatten(info, flat), inputs))
+            return loss(trees.functional_call(module, slots, unflatten(info, flat), inputs, {}))
 
         return cls.hessian(objective, template.params).replace(param_info=info, kind="hessian-params")
 

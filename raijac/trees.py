@@ -146,6 +146,7 @@ class Flat(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.fn = fn  # an nn.Module is registered as a submodule here
+        self.slots = param_slots(fn) if of_params else {}  # NOTE: [slots]
         self.has_aux, self.outputs, self.batched, self.of_params = has_aux, outputs, batched, of_params
         self.loss = loss
         targets = () if targets is None else targets if isinstance(targets, tuple) else (targets,)
@@ -256,7 +257,7 @@ class Flat(torch.nn.Module):
                 leaves.append(value)
         args, kwargs, targets = pytree.tree_unflatten(leaves, self.spec)
         if params is not None:
-            out = torch.func.functional_call(self.fn, params, tuple(args), kwargs)
+            out = functional_call(self.fn, self.slots, params, tuple(args), kwargs)
         else:
             out = self.fn(*args, **kwargs)
         if self.has_aux:
@@ -280,6 +281,37 @@ class Flat(torch.nn.Module):
             return value.squeeze(0) if value.ndim and value.shape[0] == 1 else value
 
         return torch.func.vmap(one)(out, targets)
+
+
+def param_slots(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each parameter (by its `named_parameters()` name) with every place that holds it: one
+    name per (submodule, attribute), however many names reach that submodule.
+
+    NOTE: [slots] `torch.func.functional_call` swaps a tied parameter under every name that
+    reaches it and puts back what it found there. A submodule registered under two names
+    (T5's `shared` and `encoder.embed_tokens`) holds one attribute under both, so the second
+    swap "puts back" the first one's tensor: from the second call on, the module is untied
+    and holds a plain tensor, and the derivative through the other tied places is lost (J
+    was 97% off, with every block check passing, since the reference calls f the same way).
+    Passing each place once, with `tie_weights=False`, swaps and restores each exactly once.
+    """
+    slots: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr, param in sub.named_parameters(recurse=False, remove_duplicate=False):
+            if (id(sub), attr) not in seen:
+                seen.add((id(sub), attr))
+                slots.setdefault(id(param), []).append(f"{prefix}.{attr}" if prefix else attr)
+    return {name: tuple(slots[id(param)]) for name, param in module.named_parameters()}
+
+
+def functional_call(
+    module: torch.nn.Module, slots: dict[str, tuple[str, ...]], params: dict[str, torch.Tensor], args: tuple, kwargs: dict
+) -> Any:
+    """`module(*args, **kwargs)` with `params` (by parameter name) in place of its own, each
+    put in every place that holds it (NOTE: [slots])."""
+    placed = {slot: value for name, value in params.items() for slot in slots.get(name, (name,))}
+    return torch.func.functional_call(module, placed, args, kwargs, tie_weights=False)
 
 
 def split(x: torch.Tensor, leaves: tuple[Leaf, ...], lead: torch.Size | tuple[int, ...]) -> list[torch.Tensor]:

@@ -347,3 +347,50 @@ def test_neural_ode_input_jacobian(adjoint, store_path):
     assert jac.mode == ("loop" if adjoint else "rev-batched"), jac.meta["mode_reason"]
     want = torch.autograd.functional.jacobian(flow, x)  # one backward per row: no batching at all
     assert_rel_close(torch.from_numpy(jac.numpy()), want, 1e-8)
+
+
+class _SharedTwice(torch.nn.Module):
+    """T5's layout without transformers: an embedding module registered under two names
+    (`shared`, `encoder.embed`) whose weight is also the output head's (tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+        self.encoder = torch.nn.Module()
+        self.encoder.embed = self.shared
+        self.mid = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.head = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)
+        self.head.weight = self.shared.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.encoder.embed(x))))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_module_under_two_names_with_tied_weights_stays_right(store_path):
+    """NOTE: [slots]: torch's functional_call untied such a module from its second call on
+    (J 97% off, every block check passing). Plain autograd on the module is the reference,
+    for two runs in a row, and the caller's module keeps its tie and its Parameters."""
+    torch.manual_seed(0)
+    net, x = _SharedTwice(), torch.randn(3, 4, dtype=torch.float64)
+    params = list(net.parameters())
+    assert len(params) == 3  # shared/head weight (once), mid weight and bias
+    want = []
+    for b in range(3):
+        out = net(x[b : b + 1])[0]
+        rows = [torch.autograd.grad(out[r], params, retain_graph=True) for r in range(4)]
+        want.append(torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows]))
+    for _ in range(2):
+        jac = raijac.compute(Problem.from_module(net, x, wrt="params", batched=True), store_path, workers=2, overwrite=True)
+        torch.testing.assert_close(jac.torch(), torch.stack(want), rtol=1e-10, atol=0)
+    assert net.head.weight is net.shared.weight and isinstance(net.encoder.embed.weight, torch.nn.Parameter)
+    hessian = raijac.compute(
+        Problem.hessian_from_module(net, lambda out: (out**2).sum(), x), store_path, workers=2, overwrite=True
+    )
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        w, mw, mb = v[:16].reshape(4, 4), v[16:32].reshape(4, 4), v[32:]
+        return ((torch.tanh(x @ w.T @ mw.T + mb) @ w.T) ** 2).sum()
+
+    torch.testing.assert_close(hessian.torch(), torch.func.hessian(loss)(flat), rtol=1e-9, atol=1e-12)
