@@ -285,12 +285,55 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The value of a node that depends on no input: a captured tensor, or a deterministic,
-    non-mutating op of such tensors (a transposed, sliced or cast weight), evaluated here."""
+    non-mutating op of such tensors (a transposed, sliced or cast weight), evaluated here.
+
+    Each node is decided once per graph, without recursion: a simulator's steps each read
+    both halves of the last state, so a recursive walk visited 2^steps paths (50 steps of
+    a leapfrog never finished), and a long loop would have passed the recursion limit.
+    """
     if not isinstance(node, fx.Node):
         return None
+    memo: dict[fx.Node, torch.Tensor | None] = gm.__dict__.setdefault("_raijac_constants", {})
+    stack = [node]
+    while stack:
+        current = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        inputs = _operands(gm, current)
+        if isinstance(inputs, tuple):  # decided without its operands
+            memo[current] = inputs[0]
+        elif any(memo.get(n, _UNDECIDED) is None for n in inputs):
+            memo[current] = None
+        elif undecided := [n for n in inputs if n not in memo]:
+            stack.extend(undecided)
+            continue
+        else:
+            args, kwargs = fx.node.map_arg((current.args, current.kwargs), memo.__getitem__)
+            value = current.target(*args, **kwargs)
+            memo[current] = value if isinstance(value, torch.Tensor) else None
+        stack.pop()
+    return memo[node]
+
+
+_UNDECIDED = object()
+
+
+def _operands(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | tuple[torch.Tensor | None]:
+    """The nodes whose values decide `node`'s (`_constant`), or `(value,)` where none do."""
     if node.op == "get_attr":
         value = getattr(gm, node.target)
-        return value if isinstance(value, torch.Tensor) else None
+        return (value if isinstance(value, torch.Tensor) else None,)
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return (None,)
+    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+        return (None,)
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), nodes.append)
+    if not nodes:
+        return (None,)  # a tensor made from nothing (zeros, arange): f builds it, not a weight
+    return nodes
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return None

@@ -233,3 +233,35 @@ def test_workers_trust_the_drivers_check():
     assert make_target(problem, trusted=True).stages is not None  # traced, not checked
     with pytest.raises(raijac.errors.ModeError, match="needs f to be"):
         resolve_mode(problem, "chain")
+
+
+def _leapfrog(steps: int):
+    """A simulator: every step reads both halves of the last state (a graph of shared nodes)."""
+    g = torch.Generator().manual_seed(5)
+    n = 8
+    k = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+
+    def sim(z: torch.Tensor) -> torch.Tensor:
+        q, p = z[:n], z[n:]
+        for _ in range(steps):
+            p = p - 0.05 * (torch.sin(q) + 0.1 * p - 0.2 * (k @ torch.tanh(q)))
+            q = q + 0.05 * p
+        return q
+
+    return sim, torch.randn(2 * n, generator=g, dtype=torch.float64)
+
+
+def test_a_long_simulator_is_traced_in_linear_time():
+    """Deciding which nodes are constants visited 2^steps paths; 60 steps never finished."""
+    sim, z = _leapfrog(60)
+    peeled = peel_chain(sim, z)
+    assert peeled is None or isinstance(peeled, Peeled)
+    sim, z = _leapfrog(250)  # a walk of its nodes by recursion would pass Python's limit
+    peel_chain(sim, z)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_auto_on_a_simulator_matches_jacrev(store_path):
+    sim, z = _leapfrog(60)
+    jac = raijac.compute(raijac.Problem(sim, z), store_path, workers=2)
+    assert_close(jac.numpy(), torch.func.jacrev(sim)(z).numpy())
