@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial, wraps
+from types import ModuleType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import torch
@@ -91,11 +92,18 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
             params.append((owner, name, p, None if p is None else p.data, grad, None if grad is None else grad.data))
         for name, b in owner._buffers.items():
             buffers.append((owner, name, b, None if b is None else b.detach().clone()))
+    plain = [t for t in ([] if problem is None else captured_tensors(problem)) if not t.requires_grad]
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
+        for t in plain:  # NOTE: [captured tensors]
+            if t.requires_grad:
+                try:
+                    t.detach_()
+                except RuntimeError:  # a view torch will not detach in place: left as f made it
+                    pass
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
@@ -158,12 +166,92 @@ def modules_of(problem: Problem) -> list[torch.nn.Module]:
     return list(found.values())
 
 
+def captured_tensors(problem: Problem) -> list[torch.Tensor]:
+    """Tensors f holds outside its modules: in its closure, its partial arguments, and the
+    globals its code names (two levels deep, into the functions found there).
+
+    NOTE: [captured tensors] An f that writes into a tensor it holds (`buf[:] = tanh(x)`)
+    makes that tensor part of the graph whenever raijac differentiates f in the driver: it
+    keeps `requires_grad` and a grad_fn afterwards, and the next run's workers, given a
+    copy of it, refused the write ("a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). Such tensors are detached again on the way out.
+    """
+    found: dict[int, torch.Tensor] = {}
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(id(obj), obj)
+            return
+        if depth <= 0 or isinstance(obj, type):
+            return
+        if isinstance(obj, torch.nn.Module):  # its own tensors are kept by keep_caller_state
+            inner = [getattr(obj, "fn", None), getattr(obj, "stages", None)]  # a flattened f, a chain
+        elif isinstance(obj, tuple | list):
+            inner = list(obj)
+        elif isinstance(obj, partial):
+            inner = [obj.func, *obj.args, *obj.keywords.values()]
+        else:
+            inner = [c.cell_contents for c in getattr(obj, "__closure__", None) or () if _has_contents(c)]
+            code, scope = getattr(obj, "__code__", None), getattr(obj, "__globals__", None)
+            if code is not None and isinstance(scope, dict):
+                inner += [scope[name] for name in code.co_names if name in scope]
+            inner.append(getattr(obj, "__wrapped__", None))
+        for each in inner:
+            if each is not None and not isinstance(each, ModuleType):
+                visit(each, depth - 1)
+
+    visit(problem.f, 3)
+    return list(found.values())
+
+
 def _has_contents(cell: object) -> bool:
     try:
         cell.cell_contents  # noqa: B018 - an empty cell raises
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------- parameters
+def check_parameters_are_read(problem: Problem) -> None:
+    """Raise where the gradient w.r.t. the parameters as raijac swaps them in differs from the
+    module's own backward through its parameters (on one sample of a batched problem).
+
+    NOTE: [own backward] The modes and the block check both differentiate f with the flat
+    parameters swapped in by `functional_call`, so where f reads a weight some other way
+    (a copy or a product made at init, a place functional_call misses:
+    NOTE [slots] in trees) every block would agree with a wrong reference. The module's
+    own backward, with its real Parameters, is independent of all of that: one random
+    projection of both gradients must agree.
+    """
+    module = problem.module
+    named = [p for _, p in module.named_parameters() if p.requires_grad] if module is not None else []
+    if not named or problem.ctx is None:
+        return
+    ctx = tuple(c[:1] for c in problem.ctx) if problem.batched else problem.ctx
+    # At the module's own values (a problem may be `replace`d to other parameters): this
+    # compares two ways of differentiating one function, not two points.
+    flat = torch.cat([p.detach().reshape(-1) for p in named]).to(problem.params).requires_grad_(True)
+    with torch.enable_grad(), replaying(flat.device):
+        own = problem.f(None, ctx, params=None)
+    with torch.enable_grad(), replaying(flat.device):
+        swapped = problem._forward(None, flat, ctx)
+    if not (isinstance(own, torch.Tensor) and own.requires_grad and swapped.requires_grad):
+        return
+    w = torch.randn(own.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(own)
+    grads = torch.autograd.grad((own * w).sum(), named, allow_unused=True)
+    want = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(named, grads, strict=True)])
+    (got,) = torch.autograd.grad((swapped * w).sum(), flat)
+    tol = _AGREE_RTOL.get(want.dtype, 1e-4) * 10
+    diff = float((got.double() - want.double()).norm())
+    scale = float(want.double().norm())
+    if not diff <= tol * max(scale, 1e-30):
+        raise ProblemError(
+            f"the module's gradient through its own parameters differs from the one through the parameters raijac "
+            f"swaps in (torch.func.functional_call) by {diff / max(scale, 1e-30):.3g} (relative), so f reads a weight "
+            "some other way (a copy or a product of it made at init?); make f read its parameters when "
+            "it runs, or differentiate them as inputs: raijac.Problem(f, x, params, argnums=1)."
+        )
 
 
 # ---------------------------------------------------------------------- independent samples

@@ -27,7 +27,15 @@ import torch
 
 from raijac import trees
 from raijac.errors import ProblemError, first_line
-from raijac.guard import REPLAY_SEED, check_independent_samples, generator_states, outputs_agree, replaying, same_states
+from raijac.guard import (
+    REPLAY_SEED,
+    check_independent_samples,
+    check_parameters_are_read,
+    generator_states,
+    outputs_agree,
+    replaying,
+    same_states,
+)
 from raijac.memo import memo_get, memo_put
 from raijac.spec import import_spec_module, normalize_spec, spec_key  # noqa: F401 - spec_key: the name others import
 
@@ -519,6 +527,8 @@ class Problem:
                     "and each block of samples would draw its own; call module.eval(), or pass batched=False."
                 )
             check_independent_samples(self, y)
+        if self.wrt == "params":
+            check_parameters_are_read(self)  # NOTE: [own backward] in raijac.guard
         if memo is not None:
             memo_put(self, CHECKS, memo, passed=True)
         return y.detach()

@@ -94,6 +94,29 @@ def test_from_module_refusals():
         raijac.Problem.from_module(torch.nn.Linear(2, 2), torch.randn(2), wrt="weights")
 
 
+class _CachedProduct(torch.nn.Module):
+    """Reads its weight through a product made at init, which functional_call cannot swap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.doubled = self.lin.weight * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.doubled.T + self.lin(x)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_weight_read_around_its_module_attribute_is_refused(batched):
+    """NOTE: [own backward]: J through the swapped parameters would miss the cached path, and
+    every block check would agree with it; the module's own backward does not."""
+    problem = raijac.Problem.from_module(_CachedProduct(), torch.randn(*(4,) * batched, 3), wrt="params", batched=batched)
+    with pytest.raises(ProblemError, match=r"own parameters differs .* by 0\.\d+ \(relative\).*made at init"):
+        _ = problem.y
+    fine = raijac.Problem.from_module(torch.nn.Linear(3, 2), torch.randn(*(4,) * batched, 3), wrt="params", batched=batched)
+    assert fine.replace(params=fine.params + 1).y.shape == ((4, 2) if batched else (2,))  # other values are fine
+
+
 # ---------------------------------------------------------------------- specs
 SPEC = textwrap.dedent(
     """

@@ -364,6 +364,33 @@ def test_compute_plan_and_verify_leave_the_callers_module_as_it_was(ray_session,
     assert rel_err(jac[...], want) < 1e-5
 
 
+_BUFFER = torch.zeros(6, dtype=torch.float64)  # a global f writes into
+
+
+def _writes_a_global(x: torch.Tensor) -> torch.Tensor:
+    _BUFFER[:] = torch.tanh(x)
+    return _BUFFER * x.sum() + _BUFFER.roll(1)
+
+
+@pytest.mark.parametrize("where", ["global", "closure"])
+def test_an_f_that_writes_into_a_tensor_it_holds_runs_again(ray_session, tmp_path, where):
+    """NOTE: [captured tensors]: the first run left the tensor in the graph (requires_grad,
+    a grad_fn), and every later run's workers refused f's in-place write."""
+    held = torch.zeros(6, dtype=torch.float64)
+
+    def writes_a_closure(x: torch.Tensor) -> torch.Tensor:
+        held[:] = torch.tanh(x)
+        return held * x.sum() + held.roll(1)
+
+    f, tensor = (_writes_a_global, _BUFFER) if where == "global" else (writes_a_closure, held)
+    x = torch.randn(6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = torch.func.jacrev(lambda v: torch.tanh(v) * v.sum() + torch.tanh(v).roll(1))(x)
+    for run in range(2):
+        jac = raijac.compute(raijac.Problem(f, x), tmp_path / f"w{run}.zarr", workers=2)
+        assert rel_err(jac[...], want) < 1e-12
+        assert not tensor.requires_grad and tensor.grad_fn is None
+
+
 def test_caller_state_is_restored_after_an_error(tmp_path):
     net = _bn_net()
     problem = raijac.Problem(net, torch.randn(5, 4))
