@@ -51,9 +51,13 @@ def _errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Warnings as `warning: ...` lines on stderr, like errors, not Python's file:line form."""
+    """Warnings as `warning: ...` lines on stderr, like errors, not Python's file:line form.
+    raijac's own are UserWarnings; the libraries' deprecation notices stay hidden, as Python
+    hides them outside `__main__` (torch.jit.script's showed on every run)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.simplefilter("default", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # under any filters the caller had
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
         warnings.showwarning = lambda message, *args, **kwargs: click.echo(f"warning: {message}", err=True)
         yield
 

@@ -357,6 +357,31 @@ def test_overwrite_without_json_prints_one_summary_line(plain_run, existing):
     assert_matches(existing, plain_run.spec)
 
 
+DEPRECATING = """
+import warnings
+import torch
+import raijac
+
+
+def f(x):
+    warnings.warn("old_api is deprecated", DeprecationWarning)  # as torch.jit.script's notice at import
+    return torch.tanh(x)
+
+
+problem = raijac.Problem(f, torch.linspace(-1, 1, 5))
+"""
+
+
+def test_library_deprecation_notices_stay_hidden(ray_session, tmp_path):
+    """torch.jit.script's deprecation notice (at the import of torch's jvp decompositions)
+    showed as a warning line on every run of the bundled example."""
+    spec = tmp_path / "deprecating.py"
+    spec.write_text(DEPRECATING)
+    result = invoke("compute", f"{spec}:problem", "--out", tmp_path / "d.zarr", "--workers", 2, "--no-progress")
+    assert result.exit_code == 0, explain(result)
+    assert "deprecated" not in result.stderr, explain(result)
+
+
 def test_one_tile_one_worker_reads_in_the_singular(plain_run, tmp_path):
     result = invoke("compute", plain_run.spec, "--out", tmp_path / "o.zarr", "--workers", 1, "--no-progress")
     assert result.exit_code == 0, explain(result)
