@@ -93,6 +93,7 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
         for name, b in owner._buffers.items():
             buffers.append((owner, name, b, None if b is None else b.detach().clone()))
     plain = [t for t in ([] if problem is None else captured_tensors(problem)) if not t.requires_grad]
+    attributes = module_attributes(modules)  # NOTE: [kept state]
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -104,6 +105,7 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
                     t.detach_()
                 except RuntimeError:  # a view torch will not detach in place: left as f made it
                     pass
+        restore_tensor_attributes(attributes)
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
@@ -229,19 +231,43 @@ def check_parameters_are_read(problem: Problem) -> None:
     if not named or problem.ctx is None:
         return
     ctx = tuple(c[:1] for c in problem.ctx) if problem.batched else problem.ctx
+    compare_parameter_gradients(
+        named,
+        lambda: problem.f(None, ctx, params=None),
+        lambda flat: problem._forward(None, flat, ctx),
+        problem.params,
+    )
+
+
+def compare_parameter_gradients(
+    named: list[torch.nn.Parameter],
+    own: Callable[[], torch.Tensor],
+    swapped: Callable[[torch.Tensor], torch.Tensor],
+    like: torch.Tensor,
+) -> None:
+    """NOTE: [own backward]: `own()` runs the module with its Parameters `named`, `swapped(flat)`
+    with the flat vector swapped in; one random projection of both gradients must agree."""
     # At the module's own values (a problem may be `replace`d to other parameters): this
     # compares two ways of differentiating one function, not two points.
-    flat = torch.cat([p.detach().reshape(-1) for p in named]).to(problem.params).requires_grad_(True)
-    with torch.enable_grad(), replaying(flat.device):
-        own = problem.f(None, ctx, params=None)
-    with torch.enable_grad(), replaying(flat.device):
-        swapped = problem._forward(None, flat, ctx)
-    if not (isinstance(own, torch.Tensor) and own.requires_grad and swapped.requires_grad):
+    flat = torch.cat([p.detach().reshape(-1) for p in named]).to(like).requires_grad_(True)
+    try:
+        with torch.enable_grad(), replaying(flat.device):
+            mine = own()
+        with torch.enable_grad(), replaying(flat.device):
+            theirs = swapped(flat)
+    except RuntimeError as exc:
+        if "inplace" not in str(exc):
+            raise
+        raise ProblemError(
+            "f changes its parameters in place while it runs (nn.Embedding(max_norm=...)?), so each call is another "
+            "function; renormalise them outside f, or differentiate them as inputs."
+        ) from exc
+    if not (isinstance(mine, torch.Tensor) and mine.requires_grad and theirs.requires_grad):
         return
-    w = torch.randn(own.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(own)
-    grads = torch.autograd.grad((own * w).sum(), named, allow_unused=True)
+    w = torch.randn(mine.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(mine)
+    grads = torch.autograd.grad((mine * w).sum(), named, allow_unused=True)
     want = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(named, grads, strict=True)])
-    (got,) = torch.autograd.grad((swapped * w).sum(), flat)
+    (got,) = torch.autograd.grad((theirs * w).sum(), flat)
     tol = _AGREE_RTOL.get(want.dtype, 1e-4) * 10
     diff = float((got.double() - want.double()).norm())
     scale = float(want.double().norm())
@@ -252,6 +278,110 @@ def check_parameters_are_read(problem: Problem) -> None:
             "some other way (a copy or a product of it made at init?); make f read its parameters when "
             "it runs, or differentiate them as inputs: raijac.Problem(f, x, params, argnums=1)."
         )
+
+
+# ---------------------------------------------------------------------- state kept on modules
+_MISSING = object()
+
+
+def module_attributes(modules: list[torch.nn.Module]) -> list[tuple[torch.nn.Module, dict]]:
+    """Every submodule with a shallow copy of its attributes (NOTE: [kept state])."""
+    unique = {id(m): m for root in modules for m in root.modules()}
+    return [(m, dict(m.__dict__)) for m in unique.values()]
+
+
+def _tensor_changes(m: torch.nn.Module, before: dict) -> list[str]:
+    """Names whose value is another tensor now, a tensor now, or was a tensor before."""
+    names = set(m.__dict__) | {n for n, v in before.items() if isinstance(v, torch.Tensor)}
+    out = []
+    for name in names:
+        value, old = m.__dict__.get(name, _MISSING), before.get(name, _MISSING)
+        if value is not old and (isinstance(value, torch.Tensor) or isinstance(old, torch.Tensor)):
+            out.append(name)
+    return sorted(out)
+
+
+def changed_tensor_attributes(saved: list[tuple[torch.nn.Module, dict]]) -> list[tuple[torch.nn.Module, str]]:
+    """The plain attributes (not parameters or buffers) that now hold another tensor, or a
+    tensor where they held something else, or no longer hold the tensor they held."""
+    return [(m, name) for m, before in saved for name in _tensor_changes(m, before)]
+
+
+def restore_tensor_attributes(saved: list[tuple[torch.nn.Module, dict]]) -> None:
+    for m, before in saved:
+        for name in _tensor_changes(m, before):
+            old = before.get(name, _MISSING)
+            if old is _MISSING:
+                del m.__dict__[name]
+            else:
+                m.__dict__[name] = old
+
+
+def check_no_kept_state(problem: Problem, saved: list[tuple[torch.nn.Module, dict]]) -> None:
+    """Refuse an f that stores on its module a tensor it reads back on the next call, where
+    that tensor depends on what raijac differentiates; put the modules' attributes back as
+    they were either way.
+
+    NOTE: [kept state] A lazy cache (`if self.cache is None: self.cache = self.weight * 2`)
+    is made once, by raijac's first call of f (with no gradient), and every later call, the
+    block check and verify included, then treats it as a constant: J missed its derivative
+    (100% off) with every check passing, and the caller's module kept the detached cache.
+    Where evaluating f changed a tensor attribute, f runs twice more on one sample with
+    gradients: once from the caller's state, once with what that call stored detached, as
+    raijac's own first call leaves it. Their gradients differ only where f reads it back and
+    it depends on the parameters (the input); a cached mask, or attention weights kept for
+    a plot, are fine.
+    """
+    changed = changed_tensor_attributes(saved)
+    if not changed:
+        return
+    restore_tensor_attributes(saved)
+    try:
+        ctx = None if problem.ctx is None else tuple(c[:1] for c in problem.ctx) if problem.batched else problem.ctx
+        if problem.wrt == "params":
+            wrt: list[torch.Tensor] = [p for _, p in problem.module.named_parameters() if p.requires_grad]
+
+            def run() -> torch.Tensor:
+                return problem.f(None, ctx, params=None)
+        else:
+            x = (problem.x[:1] if problem.batched else problem.x).detach().requires_grad_(True)
+            wrt = [x]
+
+            def run() -> torch.Tensor:
+                return problem._forward(x, problem.params, ctx)
+
+        def gradient() -> torch.Tensor | None:
+            with torch.enable_grad(), replaying(problem.x.device):
+                out = run()
+            if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                return None
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out)
+            grads = torch.autograd.grad((out * w).sum(), wrt, allow_unused=True)
+            return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for t, g in zip(wrt, grads, strict=True)])
+
+        fresh = gradient()
+        stored = []  # what that call stored with a gradient
+        for m, name in changed_tensor_attributes(saved):
+            value = m.__dict__.get(name)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                stored.append((m, name))
+                m.__dict__[name] = value.detach()
+        if not stored:
+            return
+        kept = gradient()
+        if fresh is None or kept is None:
+            return
+        tol = _AGREE_RTOL.get(fresh.dtype, 1e-4) * 10
+        if not float((kept.double() - fresh.double()).norm()) <= tol * float(fresh.double().norm()):
+            names = ", ".join(f"{type(m).__name__}.{name}" for m, name in stored)
+            what = "the parameters" if problem.wrt == "params" else "its input"
+            raise ProblemError(
+                f"f stores {names} on its module while it runs and reads it back, computed from {what}: every call "
+                "after the first would use it as a constant, so J would miss its derivative; compute it in forward "
+                "each time."
+            )
+    finally:
+        restore_tensor_attributes(saved)
 
 
 # ---------------------------------------------------------------------- independent samples

@@ -30,10 +30,15 @@ from raijac.errors import ProblemError, first_line
 from raijac.guard import (
     REPLAY_SEED,
     check_independent_samples,
+    check_no_kept_state,
     check_parameters_are_read,
+    compare_parameter_gradients,
     generator_states,
+    module_attributes,
+    modules_of,
     outputs_agree,
     replaying,
+    restore_tensor_attributes,
     same_states,
 )
 from raijac.memo import memo_get, memo_put
@@ -329,6 +334,13 @@ class Problem:
         def objective(flat: torch.Tensor) -> torch.Tensor:
             return loss(trees.functional_call(module, slots, unflatten(info, flat), inputs, {}))
 
+        named = [p for _, p in module.named_parameters() if p.requires_grad]
+        attributes = module_attributes([module])
+        try:  # NOTE: [own backward] in raijac.guard: H is the derivative of this gradient
+            compare_parameter_gradients(named, lambda: loss(module(*inputs)), objective, template.params)
+        finally:
+            restore_tensor_attributes(attributes)
+
         return cls.hessian(objective, template.params).replace(param_info=info, kind="hessian-params")
 
     # ------------------------------------------------------------------ shapes
@@ -475,10 +487,12 @@ class Problem:
         if shipped is not None and shipped.get("y") is not None:  # NOTE: [shipped checks]
             self.__dict__["_random"] = shipped["random"]
             return shipped["y"]
+        attributes = module_attributes(modules_of(self))
         with torch.no_grad(), replaying(self.x.device):
             before = generator_states(self.x.device)
             y = self._evaluate()
             drew = not same_states(before, generator_states(self.x.device))
+        check_no_kept_state(self, attributes)  # NOTE: [kept state] in raijac.guard
         if not isinstance(y, torch.Tensor):
             raise ProblemError(
                 f"f must return tensors (one, or a tuple, list, dict or dataclass of them), but returned "

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from raijac.errors import ProblemError
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -49,7 +51,16 @@ def pack(problem: Problem) -> Packed:
 
     buffers: list[Any] = []
     out = io.BytesIO()
-    _pickler()(out, protocol=5, buffer_callback=buffers.append).dump(problem)
+    try:
+        _pickler()(out, protocol=5, buffer_callback=buffers.append).dump(problem)
+    except RuntimeError as exc:
+        if "parametrized modules" not in str(exc):
+            raise
+        raise ProblemError(
+            "f's module uses torch.nn.utils.parametrize (weight_norm, spectral_norm, orthogonal), which torch cannot "
+            "pickle to the workers; define the problem in a spec file and pass 'file.py:NAME' to raijac.compute or "
+            "the CLI, so that each worker builds its own."
+        ) from None
     # numpy views of the buffers: Ray ships numpy arrays out of band (one copy into the store)
     return Packed(out.getvalue(), [np.frombuffer(b.raw(), dtype=np.uint8) for b in buffers])
 

@@ -317,7 +317,7 @@ def functional_call(
 def split(x: torch.Tensor, leaves: tuple[Leaf, ...], lead: torch.Size | tuple[int, ...]) -> list[torch.Tensor]:
     """Views of the flat `(*lead, N)` as each leaf `(*lead, *shape)` (one split: its backward is one cat)."""
     parts = x.split([leaf.size for leaf in leaves], dim=-1)
-    return [p.reshape(*lead, *leaf.shape) for p, leaf in zip(parts, leaves, strict=True)]
+    return [p.reshape((*lead, *leaf.shape)) for p, leaf in zip(parts, leaves, strict=True)]  # a tuple: () for a 0-dim leaf
 
 
 def concat(tensors: Sequence[torch.Tensor], lead: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -106,6 +106,84 @@ class _CachedProduct(torch.nn.Module):
         return x @ self.doubled.T + self.lin(x)
 
 
+class _LazyCache(torch.nn.Module):
+    """Caches a product of its weight on its first call (a constant to every later call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.cache = None
+        self.mask = None  # a cache of constants: harmless
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            self.cache = self.lin.weight * 2
+        if self.mask is None:
+            self.mask = torch.ones(2)
+        return (x @ self.cache.T + self.lin.bias) * self.mask
+
+
+class _KeepsItsAttention(torch.nn.Module):
+    """Keeps what it computed for a plot: written on every call, never read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = torch.softmax(self.lin(x), -1)
+        return self.last * 3
+
+
+class _ConstantCache(_LazyCache):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            self.mask = torch.ones(2)
+        return self.lin(x) * self.mask
+
+
+@pytest.mark.parametrize("wrt", ["params", "input"])
+def test_state_f_keeps_on_its_module_is_refused_where_it_depends_on_what_is_differentiated(wrt):
+    """NOTE: [kept state]: raijac's first call made the cache without a gradient, and every
+    later call (the block check and verify too) took it as a constant: J 100% off."""
+    lazy = _LazyCache()
+    problem = raijac.Problem.from_module(lazy, torch.randn(4, 3), wrt=wrt, batched=True)
+    if wrt == "params":
+        with pytest.raises(
+            ProblemError, match=r"stores _LazyCache.cache on its module .*reads it back, computed from the parameters"
+        ):
+            _ = problem.y
+        assert lazy.cache is None and lazy.mask is None  # the caller's module as it was
+    else:  # a cache of the weights is a constant of an input Jacobian
+        assert problem.y.shape == (4, 2)
+    for fine in (_ConstantCache(), _KeepsItsAttention()):
+        assert raijac.Problem.from_module(fine, torch.randn(4, 3), wrt=wrt, batched=True).y.shape == (4, 2)
+
+
+def test_hessian_of_a_module_read_around_its_parameters_is_refused():
+    """hessian_from_module differentiated through the swap only: H was stored with zero
+    weight blocks for a weight copied at init or cached on the first call."""
+    for module in (_CachedProduct(), _LazyCache()):
+        with pytest.raises(ProblemError, match="own parameters differs"):
+            raijac.Problem.hessian_from_module(module, lambda out: (out**2).sum(), torch.randn(4, 3))
+    lazy = _LazyCache()
+    try:
+        raijac.Problem.hessian_from_module(lazy, lambda out: (out**2).sum(), torch.randn(4, 3))
+    except ProblemError:
+        pass
+    assert lazy.cache is None
+    fine = raijac.Problem.hessian_from_module(torch.nn.Linear(3, 2), lambda out: (out**2).sum(), torch.randn(4, 3))
+    assert fine.y.shape == (8,)
+
+
+def test_a_module_that_changes_its_parameters_in_place_is_refused():
+    embed = torch.nn.Embedding(10, 3, max_norm=0.5)
+    problem = raijac.Problem.from_module(embed, torch.tensor([[1, 2], [3, 4]]), wrt="params", batched=True)
+    with pytest.raises(ProblemError, match=r"changes its parameters in place .*max_norm"):
+        _ = problem.y
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_a_weight_read_around_its_module_attribute_is_refused(batched):
     """NOTE: [own backward]: J through the swapped parameters would miss the cached path, and

@@ -96,6 +96,19 @@ def test_unflatten_of_a_nested_input(store_path):
     assert _same_structure(jac.unflatten(), torch.func.jacrev(nested_in)(point)) == 6
 
 
+def with_scalar(x: torch.Tensor, d: dict) -> dict:
+    return {"a": x * d["s"] + torch.sin(d["v"]), "b": (x * d["v"]).sum()}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_zero_dim_leaf_among_the_differentiated_inputs(store_path):
+    """A 0-dim leaf was cut out of the flat x with reshape() and no shape: a TypeError blamed on f."""
+    x = torch.randn(4, generator=G, dtype=torch.float64)
+    d = {"s": torch.tensor(0.7, dtype=torch.float64), "v": torch.randn(4, generator=G, dtype=torch.float64)}
+    jac = raijac.compute(raijac.Problem(with_scalar, x, d, argnums=(0, 1)), store_path, workers=2)
+    assert _same_structure(jac.unflatten(), torch.func.jacrev(with_scalar, argnums=(0, 1))(x, d)) == 6
+
+
 def per_sample_loss(x: torch.Tensor, labels: torch.Tensor, *, scale: float):
     logits = x @ W.T * scale
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), logits.detach()

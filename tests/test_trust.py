@@ -693,3 +693,25 @@ def test_a_refused_function_is_refused_every_time(ray_session, tmp_path):
     for name in ("a.zarr", "b.zarr"):
         with pytest.raises(ProblemError, match="different outputs on two calls"):
             raijac.compute(raijac.Problem(f, torch.randn(4)), str(tmp_path / name), workers=2)
+
+
+def test_a_parametrized_module_from_python_is_one_clear_error(ray_session, tmp_path):
+    """torch cannot pickle torch.nn.utils.parametrize modules; the error was torch's own,
+    several lines long, from raijac's shipping step."""
+    net = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
+    problem = raijac.Problem.from_module(net, torch.randn(4, 3), wrt="params", batched=True)
+    with pytest.raises(raijac.ProblemError, match=r"parametrize .* cannot pickle .* spec file"):
+        raijac.compute(problem, tmp_path / "p.zarr", workers=2)
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_cache_f_keeps_on_its_module_is_given_back(ray_session, tmp_path):
+    """NOTE: [kept state]: a run leaves the caller's module without the attributes f set on it."""
+    from tests.test_problem import _ConstantCache
+
+    module = _ConstantCache()
+    x = torch.randn(4, 3)
+    jac = raijac.compute(raijac.Problem.from_module(module, x, wrt="input", batched=True), tmp_path / "c.zarr", workers=2)
+    assert module.mask is None and module.cache is None
+    want = torch.func.vmap(torch.func.jacrev(lambda v: module.lin(v)))(x)
+    assert rel_err(jac[...], want) < 1e-6
