@@ -59,6 +59,7 @@ class Target:
     # A batched parameter problem's f on a block of samples at one shared parameter vector
     # (P,) -> (nb, *out), run plainly (no vmap): the block check's reference (NOTE: [shared reference]).
     shared_fn: Callable[[torch.Tensor, Context], torch.Tensor] | None = None
+    out_dtype: torch.dtype | None = None  # f's output dtype: the block check's projection is in it
 
     @cached_property
     def stages(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...] | None:
@@ -99,6 +100,12 @@ def make_target(problem: Problem, device: torch.device | str = "cpu", *, trusted
 
     `trusted`: a worker's target, whose driver already checked a traced chain against
     autograd before choosing a chain mode (NOTE: [peel check]): the worker does not again."""
+    target = _make_target(problem, device, trusted=trusted)
+    target.out_dtype = problem.dtype
+    return target
+
+
+def _make_target(problem: Problem, device: torch.device | str, *, trusted: bool) -> Target:
     device = torch.device(device)
     in_shape, out_shape = problem.input_shape, problem.output_shape  # evaluates f once: fixes how f returns
     random = problem.random  # f(x) was evaluated on the caller's device
@@ -539,6 +546,12 @@ def check_rtol(dtype: torch.dtype) -> float:
     """The relative error a right block stays under in `dtype`: two summation orders'
     roundoff with a wide margin, yet far below any wrong derivative (those were 4% to 100% off)."""
     return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+def block_rtol(target: Target, block: torch.Tensor) -> float:
+    """The block check's tolerance: that of the narrower of the block's dtype and f's output
+    dtype (a float32 block of an f returning float16 is compared in float16)."""
+    return max(check_rtol(block.dtype), check_rtol(target.out_dtype or block.dtype))
 
 
 class NoReference(Exception):

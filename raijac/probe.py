@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from raijac import modes
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError, first_line
-from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target
+from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, block_rtol, make_target
 from raijac.memo import memo_get, memo_key, memo_put  # noqa: F401 - the names api imports from here
 from raijac.modes import check_mode, seed_axis
 from raijac.problem import Problem
@@ -131,7 +131,7 @@ def _check_block(target: Target, mode: str, block: torch.Tensor, b0: int, b1: in
         err = block_error(target, block.detach(), b0, b1, s0, s1, rows, seed=b0 * 1_000_003 + s0, reference=reference)
     except NoReference:
         return ""  # no autograd reference for this function: nothing to compare with
-    rtol = check_rtol(block.dtype)
+    rtol = block_rtol(target, block)
     if not err <= rtol:
         where = f"sample {b0}, " if target.n_samples > 1 else ""
         axis = "rows" if seed_axis(mode) == "rows" else "columns"

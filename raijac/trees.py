@@ -83,7 +83,7 @@ def _pick(out: Any, key: str | int) -> Any:
         raise ProblemError(
             f"outputs={key!r} names nothing f returned ({type(out).__name__}"
             + (f" with keys {have}" if have else "")
-            + "); pick one of those keys or an index."
+            + ("); pick one of those keys." if have else "); pick an index of what it returned.")
         ) from None
 
 

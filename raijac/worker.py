@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from raijac import store
-from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, first_line
-from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, check_rtol, make_target, seed_axis
+from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, StoreError, first_line
+from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, block_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
@@ -248,7 +248,15 @@ class Worker:
                 block = self._crossed(kernel, b0, b1, s0, s1) if self.crossed else kernel(b0, b1, s0, s1).detach()
                 if self.check_blocks:
                     self._check(kernel, block, b0, b1, s0, s1)
-            return block.to(self.dtype).cpu().numpy()
+            stored = block.to(self.dtype)
+            if stored.dtype != block.dtype and bool(torch.isinf(stored).any()) and not bool(torch.isinf(block).any()):
+                biggest = float(block.abs().nan_to_num(0.0).max())
+                raise StoreError(
+                    f"J reaches {biggest:.3g} in the block (rows or columns {s0}:{s1}), beyond the largest "
+                    f"{str(self.dtype).replace('torch.', '')} ({torch.finfo(self.dtype).max:.6g}), so it would be stored "
+                    "as inf; store a wider dtype (dtype='float32', --dtype float32)"
+                )
+            return stored.cpu().numpy()
         except torch.OutOfMemoryError:
             kernel.clear()
             if self._reference is not None:
@@ -297,7 +305,7 @@ class Worker:
             self._unchecked += 1
             return
         self._worst = err if self._worst is None else max(self._worst, err)
-        rtol = check_rtol(block.dtype)
+        rtol = block_rtol(kernel.target, block)
         if not err <= rtol:
             axis = "rows" if rows else "columns"
             what = ("colours of " + axis) if kernel.colours is not None else axis

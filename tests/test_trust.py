@@ -715,3 +715,34 @@ def test_a_cache_f_keeps_on_its_module_is_given_back(ray_session, tmp_path):
     assert module.mask is None and module.cache is None
     want = torch.func.vmap(torch.func.jacrev(lambda v: module.lin(v)))(x)
     assert rel_err(jac[...], want) < 1e-6
+
+
+def test_an_f_returning_float16_passes_its_block_check(ray_session, tmp_path):
+    """The check compared a float32 block's float16 projection at float32's tolerance: a
+    right J failed every mode."""
+    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(4))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ w.T).half()
+
+    x = torch.randn(5, generator=torch.Generator().manual_seed(5))
+    jac = raijac.compute(raijac.Problem(f, x), tmp_path / "h.zarr", workers=2, block_size=3)
+    want = torch.func.jacrev(lambda v: torch.tanh(v.double() @ w.double().T))(x)
+    assert rel_err(jac[...].astype("float64"), want) < 2e-3
+
+
+def test_float16_storage_that_would_overflow_is_refused(ray_session, tmp_path):
+    x = torch.linspace(1, 2, 6)
+    with pytest.raises(raijac.WorkerError, match=r"beyond the largest float16 \(65504\).*dtype='float32'"):
+        raijac.compute(raijac.Problem(lambda v: (400 * v) ** 2, x), tmp_path / "o.zarr", workers=2, dtype="float16")
+
+
+def test_resume_refuses_a_float64_f_that_moved_by_rounding_size(ray_session, tmp_path):
+    """A 1e-5 tolerance on y let an f whose weights moved by 2e-7 resume a float64 store."""
+    w = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(4, dtype=torch.float64)
+    out = tmp_path / "r.zarr"
+    raijac.compute(raijac.Problem(lambda v: torch.tanh(v @ w.T), x), out, workers=2)
+    moved = w * (1 + 2e-7)
+    with pytest.raises(raijac.StoreError, match="f\\(x\\) differs from the y stored"):
+        raijac.compute(raijac.Problem(lambda v: torch.tanh(v @ moved.T), x), out, workers=2, resume=True)
