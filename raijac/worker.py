@@ -213,7 +213,7 @@ class Worker:
             "compute_s": computed - start,
             "write_s": time.perf_counter() - computed,
             "bytes": sum(int(data.nbytes) for _, data in pieces),
-            "finite": all(bool(np.isfinite(data).all()) for _, data in pieces),
+            "finite": all(_all_finite(data) for _, data in pieces),
             "rss_growth": _peak_rss_growth(self.idle_rss),
             "oom_splits": self.oom_splits,
             "check_max_rel_err": self._worst,  # None: not checked (--no-block-check, or no reference)
@@ -314,6 +314,14 @@ class Worker:
                 f"the block ({samples}{what} {s0}:{s1}) differs from plain autograd by a relative error of {err:.3g} "
                 f"(tolerance {rtol:g}), so mode {self.mode} gives wrong numbers for this f; the block was not written"
             )
+
+
+def _all_finite(data: np.ndarray) -> bool:
+    """Whether every entry is finite: min and max propagate NaN and show an inf, in one pass
+    without the block-sized mask of `np.isfinite(data).all()` (a third of its time)."""
+    if data.size == 0:
+        return True
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(torch.from_numpy(data)))
 
 
 def _out_of_memory(exc: BaseException) -> bool:

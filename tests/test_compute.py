@@ -291,3 +291,13 @@ def test_overwrite_leaves_no_old_store_behind(tmp_path):
     jac = raijac.compute(raijac.Problem(torch.cos, x), str(out), workers=2, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["j.zarr"]
     np.testing.assert_allclose(jac.numpy(), torch.diag(-torch.sin(x)).numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("x0, finite", [(0.0, False), (1.0, True)])
+def test_summary_says_whether_every_entry_is_finite(store_path, x0, finite):
+    """sqrt's derivative at 0 is inf: the run still stores it, and its summary says so."""
+    x = torch.tensor([4.0, x0, 9.0])
+    jac = raijac.compute(raijac.Problem(torch.sqrt, x), store_path, workers=2, check_blocks=False)
+    want = torch.func.jacrev(torch.sqrt)(x).numpy()
+    np.testing.assert_array_equal(np.asarray(jac[...]), want)
+    assert jac.summary["all_finite"] is finite

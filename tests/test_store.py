@@ -275,6 +275,44 @@ def test_block_array_stores_every_chunk_and_leaves_zarr_config_alone(tmp_path, c
     assert np.isnan(got[[0, 1, 4]]).all()
 
 
+@pytest.mark.parametrize(
+    "shape, chunks, region",
+    [
+        ((5, 13, 6), (1, 4, 6), (slice(1, 4), slice(4, 13), slice(None))),  # whole chunks, a short one at the edge
+        ((5, 13, 6), (2, 4, 3), (slice(1, 4), slice(3, 10), slice(None))),  # cut mid-chunk on every axis
+        ((13, 12), (4, 12), (slice(4, 12), slice(None))),
+        ((13, 12), (13, 5), (slice(None), slice(2, 12))),
+    ],
+)
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+@pytest.mark.parametrize("by_chunk", [True, False])
+def test_write_block_matches_numpy_whatever_the_chunks(tmp_path, monkeypatch, shape, chunks, region, compressor, by_chunk):
+    """A block written chunk by chunk (NOTE: [chunk by chunk]) or in one call lands where
+    numpy's assignment puts it, over whatever was there, and nowhere else."""
+    monkeypatch.setattr(store, "CHUNK_BY_CHUNK_BYTES", 0 if by_chunk else 2**40)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w-")
+    codecs = store.compressor_codec(compressor, None) if compressor else None
+    group.create_array("jacobian", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan, compressors=codecs)
+    array = store.block_array(group, "jacobian")
+    rng = np.random.default_rng(0)
+    expected = np.full(shape, np.nan, dtype=np.float32)
+    before = rng.standard_normal(shape).astype(np.float32)  # an earlier block around it stays
+    store.write_block(array, tuple(slice(None) for _ in shape), before)
+    expected[...] = before
+    block = rng.standard_normal(expected[region].shape).astype(np.float32)
+    store.write_block(array, region, block)
+    expected[region] = block
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["jacobian"][...], expected)
+
+
+def test_write_block_refuses_a_block_of_another_shape(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "CHUNK_BY_CHUNK_BYTES", 0)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w-")
+    group.create_array("jacobian", shape=(8, 4), chunks=(2, 4), dtype="float32", fill_value=np.nan)
+    with pytest.raises(ValueError, match="does not fit"):
+        store.write_block(store.block_array(group, "jacobian"), (slice(0, 4), slice(None)), np.zeros((3, 4), np.float32))
+
+
 # ---------------------------------------------------------------------- check_out and remove
 def test_check_out_missing_path_is_fresh(tmp_path):
     path = str(tmp_path / "new.zarr")
