@@ -144,6 +144,8 @@ class Prepared:
         only for runs whose every block is checked."""
         if self.pattern is not None:
             return _sparse_mode(self.problem, self.mode, try_all=try_all)
+        if self.problem.reverse_mode_error is not None:  # only fwd without block checks gets here (`prepare`)
+            return self.mode, "requested; its trial blocks are not compared with torch's reverse mode, wrong for this f", [], None
         if memo and not try_all:
             kept = memo_get(self.problem, self.mode)
             if kept is not None and "choice" in kept:
@@ -200,6 +202,7 @@ def prepare(
     block_size: int | None = None,
     dtype: str | None = None,
     resumed: dict[str, Any] | None = None,
+    check_blocks: bool = True,
 ) -> Prepared:
     """Check the options and the problem once, for `plan` and `compute` alike; `resumed` (a
     store's metadata) supplies the mode and dtype left at their defaults."""
@@ -211,6 +214,9 @@ def prepare(
         mode = resumed.get("requested_mode", mode) if mode == "auto" else mode
         dtype = resumed.get("dtype") if dtype is None else dtype
     store_dtype = _store_dtype(problem, dtype)  # evaluates f(x) and validates it
+    wrong = problem.reverse_mode_error  # NOTE: [adjoint test] in raijac.guard
+    if wrong is not None and not (mode == "fwd" and not check_blocks):
+        raise ProblemError(wrong)
     pattern = resolve_pattern(problem)  # traced or checked now: a bad pattern fails before any work
     return Prepared(problem, mode, store_dtype, budgets, block_size, pattern)
 
@@ -384,7 +390,15 @@ def compute(
     resumed = store.read_meta(out) if resume else None
     if check_blocks:
         problem.reuse_checks()  # NOTE: [checked before] in raijac.problem
-    ready = prepare(problem, mode=mode, memory_budget=memory_budget, block_size=block_size, dtype=dtype, resumed=resumed)
+    ready = prepare(
+        problem,
+        mode=mode,
+        memory_budget=memory_budget,
+        block_size=block_size,
+        dtype=dtype,
+        resumed=resumed,
+        check_blocks=check_blocks,
+    )
     mode, budgets, store_dtype, pattern = ready.mode, ready.budgets, ready.dtype, ready.pattern
     if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster's nodes are not this machine
         too_big = _budget_beyond_memory(budgets, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

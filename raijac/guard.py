@@ -8,6 +8,7 @@ planning or verifying gives the caller's modules and generators back as they wer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial, wraps
@@ -15,6 +16,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac.errors import ProblemError, first_line
 
@@ -31,6 +33,34 @@ REPLAY_SEED = 0
 # one call to the next (MKL's dynamic threading): ~1e-7 of the norm in float32; a dropout
 # draw moves it by the dropped share itself (>= 1e-2).
 _AGREE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def check_rtol(dtype: torch.dtype) -> float:
+    """The relative error a right block stays under in `dtype`: two summation orders'
+    roundoff with a wide margin, yet far below any wrong derivative (those were 4% to 100% off)."""
+    return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
+
+
+# NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash attention)
+# that vmap has no batching rule for and forward-mode AD no derivative: vmap falls back to a
+# per-seed loop (and auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math
+# backend is plain matmuls and softmax, which vmap batches and jvp differentiates. And
+# nn.MultiheadAttention / nn.TransformerEncoderLayer in eval mode take an inference fast path
+# (one fused op without a derivative) when no parameter requires grad, which is what they
+# see inside vmap over per-sample parameters or under forward-mode AD: `rev` of a ViT's
+# parameters failed there and auto fell back to `rev-batched`, 2.4-3.7x slower than
+# torch.func. Every mode but loop, and verify's fresh derivatives, run inside this.
+@contextmanager
+def plain_attention() -> Iterator[None]:
+    """Attention on its differentiable path: SDPA's math backend, nn.MultiheadAttention's
+    and the transformer layers' fast path off (the caller's setting given back after)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 @contextmanager
@@ -280,6 +310,91 @@ def compare_parameter_gradients(
         )
 
 
+# ---------------------------------------------------------------------- torch's own derivatives
+# NOTE: [adjoint test] Every mode's block check compares with plain autograd, so a wrong
+# backward formula in torch itself gives a wrong J that every check agrees with: torch
+# 2.13's backward of `as_strided_scatter` into an offset of a larger tensor puts the
+# gradient on the wrong entries (J 100% off, stored as checked). Forward-mode AD has
+# formulas of its own: for random u and v, u . (J v) from one JVP must equal (u^T J) . v
+# from one VJP. Where the two differ, central finite differences along v say which is
+# right. A wrong reverse mode is what the modes and checks cannot see (`reverse_mode_error`
+# says so, and `compute` refuses unless the run is mode fwd without the block check); a
+# wrong forward mode fails every forward block's check against autograd already, so it
+# is left to that. The test is one JVP and one VJP on one sample, skipped where f has no
+# forward-mode formula; where finite differences side with neither (f is not smooth
+# there), nothing is said. A single projection misses a wrong formula that moves u^T J v
+# by less than the tolerance: a screen for wrong formulas, which move J by 4-100%.
+_FD_RTOL = {torch.float64: 1e-6, torch.float32: 1e-2}
+
+
+def reverse_mode_error(problem: Problem) -> str | None:
+    """Why torch's reverse-mode derivative of f is wrong at the problem's point, or None
+    (NOTE: [adjoint test]); on one sample of a batched problem."""
+    import torch.autograd.forward_ad as fwad
+
+    ctx = problem.ctx
+    if problem.batched and ctx is not None:
+        ctx = tuple(c[:1] for c in ctx)
+    if problem.wrt == "params":
+        z = problem.params
+
+        def g(p: torch.Tensor) -> torch.Tensor:
+            return problem._forward(None, p, ctx)
+    else:
+        z = problem.x[:1] if problem.batched else problem.x
+        if not z.is_floating_point():
+            return None
+
+        def g(t: torch.Tensor) -> torch.Tensor:
+            return problem._forward(t, problem.params, ctx)
+
+    if z is None or z.numel() == 0:
+        return None
+    z = z.detach()
+    gen = torch.Generator().manual_seed(11)
+    # In f's own dtype (float64 draws of ResNet-18's 11.2M parameters took 0.2 s); a narrow
+    # dtype's sums in float32.
+    wide = torch.promote_types(z.dtype, torch.float32) if z.is_floating_point() else torch.float32
+    v = torch.randn(z.shape, generator=gen, dtype=wide).to(z)
+    try:
+        with fwad.dual_level(), torch.no_grad(), replaying(z.device), plain_attention():
+            primal, jv = fwad.unpack_dual(g(fwad.make_dual(z, v)))
+        if not isinstance(primal, torch.Tensor) or not primal.is_floating_point():
+            return None
+        u = torch.randn(primal.shape, generator=gen, dtype=wide).to(primal)
+        leaf = z.detach().requires_grad_(True)  # a new tensor: the problem's own keeps its flag
+        with torch.enable_grad(), replaying(z.device), plain_attention():
+            out = g(leaf)
+            uj = torch.autograd.grad(out, leaf, u, allow_unused=True)[0] if out.requires_grad else None
+    except Exception:  # no forward-mode formula (or none at all) for one of f's ops: nothing to compare
+        return None
+    jv = torch.zeros_like(primal) if jv is None else jv
+    uj = torch.zeros_like(z) if uj is None else uj
+
+    def dot(p: torch.Tensor, q: torch.Tensor) -> float:
+        return float(torch.dot(p.reshape(-1).to(wide), q.reshape(-1).to(wide)))
+
+    def norm(p: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(p.to(wide)))
+
+    a, b = dot(u, jv), dot(uj, v)
+    scale = max(norm(u) * norm(jv), norm(uj) * norm(v))
+    if not (math.isfinite(a) and math.isfinite(b) and scale > 0) or abs(a - b) <= check_rtol(primal.dtype) * scale:
+        return None
+    h = torch.finfo(z.dtype).eps ** (1 / 3) * max(1.0, float(z.abs().max())) / float(v.abs().max())
+    with torch.no_grad(), replaying(z.device), plain_attention():
+        up, down = g(z + h * v), g(z - h * v)
+    c = dot(u, up.to(wide) - down.to(wide)) / (2 * h)
+    if not abs(c - a) <= _FD_RTOL.get(primal.dtype, 1e-1) * scale or not abs(c - b) > 10 * abs(c - a):
+        return None
+    return (
+        f"torch's reverse-mode derivative of f is wrong here: for random directions u and v, u.(J v) is {a:.6g} by "
+        f"forward-mode AD and {c:.6g} by finite differences, but (u^T J).v is {b:.6g} by reverse mode (a wrong backward "
+        "formula of one of f's torch ops), which every mode but fwd and the block check use; compute with mode='fwd' "
+        "and check_blocks=False (--mode fwd --no-block-check)."
+    )
+
+
 # ---------------------------------------------------------------------- state kept on modules
 _MISSING = object()
 
@@ -469,11 +584,12 @@ def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[in
                 f"{type(exc).__name__}: {first_line(exc)}; fix f, or pass batched=False."
             ) from exc
         if tuple(alone.shape) != (1, *y.shape[1:]):
-            if not one_at_a_time:
-                continue
+            # Every mode may run a block of one sample, so this J could not be right either way.
             raise ProblemError(
                 f"batched=True needs f to map (1, ...) to (1, ...), but on sample {s} alone it returned shape "
-                f"{tuple(alone.shape)}; fix f, or pass batched=False."
+                f"{tuple(alone.shape)} where the batch gives {tuple(y.shape[1:])} per sample (a tensor shared by all "
+                "samples passed as an argument is cut into samples too: close over it inside f); fix f, or pass "
+                "batched=False."
             )
         err = float((alone[0].double() - y[s].double()).norm())
         scale = max(float(y[s].double().norm()), 1e-30)

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raijac import blas, modes
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError, first_line
-from raijac.guard import outputs_agree
+from raijac.guard import check_rtol, outputs_agree, plain_attention  # noqa: F401  (re-exported)
 from raijac.modes import check_mode, seed_axis  # noqa: F401  (re-exported: kernels is where callers look)
 from raijac.peel import Peeled, Pointwise, forward_agrees
 from raijac.problem import Chain, Problem
@@ -542,12 +541,6 @@ class Kernel:
 
 
 # ---------------------------------------------------------------------- reference check
-def check_rtol(dtype: torch.dtype) -> float:
-    """The relative error a right block stays under in `dtype`: two summation orders'
-    roundoff with a wide margin, yet far below any wrong derivative (those were 4% to 100% off)."""
-    return {torch.float64: 1e-7, torch.float32: 1e-3}.get(dtype, 3e-2)
-
-
 def block_rtol(target: Target, block: torch.Tensor) -> float:
     """The block check's tolerance: that of the narrower of the block's dtype and f's output
     dtype (a float32 block of an f returning float16 is compared in float16)."""
@@ -634,28 +627,6 @@ class Reference:
         """cotangent (nb, n_out) -> the sum over samples b0:b1 of their u_b^T J_b, as (n_in,)."""
         p, y = self._shared_graph(b0, b1)
         return _grad(y, p, cotangent, (self.target.n_in,))
-
-
-# NOTE: [attention] F.scaled_dot_product_attention picks a fused kernel (CPU flash attention)
-# that vmap has no batching rule for and forward-mode AD no derivative: vmap falls back to a
-# per-seed loop (and auto to `loop`, 6.5x slower than torch.func on a GPT-2). Its math
-# backend is plain matmuls and softmax, which vmap batches and jvp differentiates. And
-# nn.MultiheadAttention / nn.TransformerEncoderLayer in eval mode take an inference fast path
-# (one fused op without a derivative) when no parameter requires grad, which is what they
-# see inside vmap over per-sample parameters or under forward-mode AD: `rev` of a ViT's
-# parameters failed there and auto fell back to `rev-batched`, 2.4-3.7x slower than
-# torch.func. Every mode but loop, and verify's fresh derivatives, run inside this.
-@contextlib.contextmanager
-def plain_attention() -> Iterator[None]:
-    """Attention on its differentiable path: SDPA's math backend, nn.MultiheadAttention's
-    and the transformer layers' fast path off (the caller's setting given back after)."""
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def _grad(y: torch.Tensor, leaf: torch.Tensor, cotangent: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -39,6 +39,7 @@ from raijac.guard import (
     outputs_agree,
     replaying,
     restore_tensor_attributes,
+    reverse_mode_error,
     same_states,
 )
 from raijac.memo import memo_get, memo_put
@@ -513,8 +514,10 @@ class Problem:
         memo = None
         if self.__dict__.get("_reuse_checks"):  # NOTE: [checked before]
             memo = (tuple(y.shape[1:] if self.batched else y.shape), str(y.dtype), drew)
-            if memo_get(self, CHECKS, memo) is not None:
+            kept = memo_get(self, CHECKS, memo)
+            if kept is not None:
                 self.__dict__["_random"] = drew
+                self.__dict__["_reverse_wrong"] = kept.get("reverse_wrong")
                 return y.detach()
         with torch.no_grad(), replaying(self.x.device):
             again = self._evaluate()
@@ -543,9 +546,17 @@ class Problem:
             check_independent_samples(self, y)
         if self.wrt == "params":
             check_parameters_are_read(self)  # NOTE: [own backward] in raijac.guard
+        wrong = self.__dict__["_reverse_wrong"] = reverse_mode_error(self)  # NOTE: [adjoint test] in raijac.guard
         if memo is not None:
-            memo_put(self, CHECKS, memo, passed=True)
+            memo_put(self, CHECKS, memo, passed=True, reverse_wrong=wrong)
         return y.detach()
+
+    @property
+    def reverse_mode_error(self) -> str | None:
+        """Why torch's reverse-mode derivative of f is wrong at x, found while evaluating `y`
+        (NOTE: [adjoint test] in raijac.guard); None where it agrees with forward mode."""
+        self.y  # noqa: B018 - evaluates f and runs its checks
+        return self.__dict__.get("_reverse_wrong")
 
     def reuse_checks(self) -> None:
         """Let `y` skip the checks this f passed in an earlier run of this process

@@ -746,3 +746,122 @@ def test_resume_refuses_a_float64_f_that_moved_by_rounding_size(ray_session, tmp
     moved = w * (1 + 2e-7)
     with pytest.raises(raijac.StoreError, match="f\\(x\\) differs from the y stored"):
         raijac.compute(raijac.Problem(lambda v: torch.tanh(v @ moved.T), x), out, workers=2, resume=True)
+
+
+# ---------------------------------------------------------------------- torch's own derivatives
+def _cube(wrong: str) -> type[torch.autograd.Function]:
+    """x**3 as a custom Function whose `wrong` formula ("backward": reverse mode, "jvp":
+    forward mode) says 2x**2 instead of 3x**2."""
+
+    class Cube(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            (x,) = inputs
+            ctx.save_for_backward(x)
+            ctx.save_for_forward(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (2 if wrong == "backward" else 3) * x**2
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return t * (2 if wrong == "jvp" else 3) * x**2
+
+    return Cube
+
+
+_CUBES = {wrong: _cube(wrong) for wrong in ("backward", "jvp", "none")}
+
+
+def _cube_net(x: torch.Tensor, wrong: str = "backward") -> torch.Tensor:
+    w = torch.linspace(-1.0, 1.0, x.shape[-1] * 4, dtype=x.dtype).reshape(4, x.shape[-1])
+    return torch.tanh(_CUBES[wrong].apply(x) @ w.T)
+
+
+def _cube_net_wrong_jvp(x: torch.Tensor) -> torch.Tensor:
+    return _cube_net(x, "jvp")
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["auto", "rev", "loop", "fwd"])
+def test_a_wrong_backward_formula_is_refused_before_anything_is_stored(store_path, dtype, mode):
+    """NOTE: [adjoint test]: every mode and the block check use the wrong backward alike, so
+    only forward mode and finite differences can tell; mode fwd without the block check
+    then gives the right J (against the closed form and float64 finite differences)."""
+    x = torch.linspace(0.5, 1.5, 6, dtype=dtype)
+    with pytest.raises(ProblemError, match=r"reverse-mode derivative of f is wrong here.*mode='fwd' and check_blocks=False"):
+        raijac.compute(raijac.Problem(_cube_net, x), store_path, workers=2, mode=mode)
+    assert not os.path.exists(store_path)
+    jac = raijac.compute(raijac.Problem(_cube_net, x), store_path, workers=2, mode="fwd", check_blocks=False)
+    w = torch.linspace(-1.0, 1.0, 24, dtype=torch.float64).reshape(4, 6)
+    x64 = x.double()
+    want = (1 - torch.tanh(x64**3 @ w.T) ** 2)[:, None] * w * 3 * x64**2  # d tanh(x^3 W^T) / dx
+    fd = torch.stack(
+        [(_cube_net(x64 + 1e-6 * e) - _cube_net(x64 - 1e-6 * e)) / 2e-6 for e in torch.eye(6, dtype=torch.float64)], 1
+    )
+    assert rel_err(fd, want) < 1e-8
+    assert rel_err(np.asarray(jac.numpy()), want) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_wrong_forward_formula_is_left_to_the_block_check(store_path):
+    """A wrong jvp is no reason to refuse f: auto's forward blocks fail their check against
+    autograd and it falls back to a row mode, whose J is right."""
+    x = torch.linspace(0.5, 1.5, 2, dtype=torch.float64)  # M=4 > N=2: auto starts with fwd
+    problem = raijac.Problem(_cube_net_wrong_jvp, x)
+    assert problem.reverse_mode_error is None
+    jac = raijac.compute(problem, store_path, workers=2)
+    assert jac.mode != "fwd"
+    assert rel_err(jac.numpy(), torch.func.jacrev(_cube_net)(x, "none")) < 1e-12
+
+
+def test_torchs_wrong_as_strided_scatter_backward_is_caught():
+    """The torch bug that motivated NOTE: [adjoint test]: the gradient of as_strided_scatter
+    into an offset of a larger tensor lands on the wrong entries (J 100% off)."""
+
+    def f(x):
+        return torch.cat([2 * x, torch.as_strided_scatter(torch.zeros(36, dtype=x.dtype), x, (6,), (5,), 3)])
+
+    x = torch.arange(1.0, 7.0, dtype=torch.float64)
+    truth = torch.zeros(42, 6, dtype=torch.float64)
+    truth[torch.arange(6), torch.arange(6)] = 2.0
+    truth[9 + 5 * torch.arange(6), torch.arange(6)] = 1.0
+    if rel_err(torch.autograd.functional.jacobian(f, x), truth) < 1e-12:
+        pytest.skip("this torch's as_strided_scatter backward is right")
+    assert "reverse-mode derivative of f is wrong" in (raijac.Problem(f, x).reverse_mode_error or "")
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: torch.relu(x).amax(dim=-1),  # ties at 0
+        lambda x: torch.sort(x).values * torch.arange(6.0),
+        lambda x: torch.floor(3 * x) + x.abs(),
+        lambda x: torch.nn.functional.max_pool1d(torch.relu(x)[None], 2)[0],
+    ],
+)
+def test_functions_that_are_not_smooth_everywhere_are_not_refused(f):
+    """Where f is not differentiable at x, finite differences side with neither mode: no refusal."""
+    for x in (torch.zeros(6), torch.randn(6, generator=torch.Generator().manual_seed(0))):
+        assert raijac.Problem(f, x).reverse_mode_error is None
+
+
+def test_a_shared_tensor_passed_as_a_batched_argument_is_named():
+    """A weight given as an argument of a batched problem is cut into samples with x: f on one
+    sample then returns another shape, which used to surface as every mode's reshape error."""
+    w, x = torch.randn(8, 7), torch.randn(8, 7)
+    problem = raijac.Problem(lambda x, w: torch.tanh(x @ w.T), x, w, argnums=0, batched=True)
+    with pytest.raises(
+        ProblemError, match=r"on sample 0 alone it returned shape \(1, 1\) where the batch gives \(8,\).*close over it"
+    ):
+        problem.y  # noqa: B018
