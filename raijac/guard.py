@@ -129,12 +129,7 @@ def keep_caller_state(problem: Problem | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for t in plain:  # NOTE: [captured tensors]
-            if t.requires_grad:
-                try:
-                    t.detach_()
-                except RuntimeError:  # a view torch will not detach in place: left as f made it
-                    pass
+        detach_again(plain)  # NOTE: [captured tensors]
         restore_tensor_attributes(attributes)
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
@@ -234,6 +229,17 @@ def captured_tensors(problem: Problem) -> list[torch.Tensor]:
 
     visit(problem.f, 3)
     return list(found.values())
+
+
+def detach_again(tensors: list[torch.Tensor]) -> None:
+    """Detach those of `tensors` (held by f, not requiring grad before) that differentiating
+    f put in the graph (NOTE: [captured tensors])."""
+    for t in tensors:
+        if t.requires_grad:
+            try:
+                t.detach_()
+            except RuntimeError:  # a view torch will not detach in place: left as f made it
+                pass
 
 
 def _has_contents(cell: object) -> bool:
@@ -363,9 +369,13 @@ def reverse_mode_error(problem: Problem) -> str | None:
             return None
         u = torch.randn(primal.shape, generator=gen, dtype=wide).to(primal)
         leaf = z.detach().requires_grad_(True)  # a new tensor: the problem's own keeps its flag
-        with torch.enable_grad(), replaying(z.device), plain_attention():
-            out = g(leaf)
-            uj = torch.autograd.grad(out, leaf, u, allow_unused=True)[0] if out.requires_grad else None
+        plain = [t for t in captured_tensors(problem) if not t.requires_grad]
+        try:
+            with torch.enable_grad(), replaying(z.device), plain_attention():
+                out = g(leaf)
+                uj = torch.autograd.grad(out, leaf, u, allow_unused=True)[0] if out.requires_grad else None
+        finally:  # before the problem is shipped (NOTE: [captured tensors])
+            detach_again(plain)
     except Exception:  # no forward-mode formula (or none at all) for one of f's ops: nothing to compare
         return None
     jv = torch.zeros_like(primal) if jv is None else jv
