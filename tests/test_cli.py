@@ -390,6 +390,45 @@ def test_one_tile_one_worker_reads_in_the_singular(plain_run, tmp_path):
     assert "complete, 1/1 tile\n" in shown and "over 1 run:" in shown
 
 
+# x**3 whose backward (reverse mode) says 2x**2 and whose jvp (forward mode) says 3x**2.
+WRONG_BACKWARD = """
+class Cube(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 2 * x**2
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return t * 3 * x**2
+
+
+def problem():
+    return raijac.Problem(lambda x: torch.tanh(Cube.apply(x)), torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+"""
+
+
+def test_a_wrong_backward_formula_runs_in_mode_fwd_without_the_block_check(ray_session, tmp_path):
+    """NOTE: [adjoint test]: the way out the refusal names (`BAD_SPECS`) works from the CLI."""
+    spec = write_spec(tmp_path, WRONG_BACKWARD)
+    compute(spec, tmp_path / "w.zarr", "--mode", "fwd", "--no-block-check")
+    x = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    want = torch.diag((1 - torch.tanh(x**3) ** 2) * 3 * x**2).numpy()
+    np.testing.assert_allclose(stored(tmp_path / "w.zarr"), want, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------------- bad input
 # Each case: spec body (None: PLAIN), the spec's NAME, extra options, words the error must contain.
 # They all run with --overwrite against a copy of a finished store, which must survive untouched:
@@ -404,6 +443,12 @@ BAD_SPECS = {
         ["compression level 12", "blosc", "0..9"],
     ),
     "name-missing": (PLAIN, "nope", [], ["has no name 'nope'", "problem"]),
+    "wrong-backward-in-torch": (
+        WRONG_BACKWARD,
+        "problem",
+        [],
+        ["reverse-mode derivative of f is wrong", "--mode fwd --no-block-check"],
+    ),
     "not-a-problem": (PLAIN + "\nNAME = 3\n", "NAME", [], ["must name a raijac.Problem", "int"]),
     "function-raises": (
         """
