@@ -60,6 +60,12 @@ class Scheduler:
         self.failure: tuple[Call, BaseException] | None = None  # the first one; it stops the run
         self.done: list[int] = []
         self.requeued = 0
+        # NOTE: [even start] Each worker starts at its own equal share of the queue. Chosen one
+        # after the other, the second worker split what the first one's first block left:
+        # 8 tiles went 5/3 (a ViT's per-sample run took 1.6x the even split's compute).
+        for w in range(n):
+            if self.queue:
+                self.last[w] = self.queue[w * len(self.queue) // n] - 1
 
     # ------------------------------------------------------------------ what to send
     def dispatch(self) -> list[Call]:
@@ -95,9 +101,11 @@ class Scheduler:
         share = -(-len(self.queue) // (1 + self._idle(besides=w)))
         at = self._start(w)
         tiles = [self.queue.pop(at)]
+        others = self._heading(besides=w)  # where other workers go on: not merged into (NOTE: [even start])
         while (
             at < len(self.queue)
             and self.queue[at] == tiles[-1] + 1
+            and self.queue[at] not in others
             and len(tiles) < min(self.plan.blocks[w], share)
             and self.plan.mergeable(tiles[-1], self.queue[at])
         ):
@@ -120,7 +128,7 @@ class Scheduler:
             at = bisect.bisect_left(self.queue, mine + 1)
             if at < len(self.queue) and self.queue[at] == mine + 1:
                 return at
-        heading = {t + 1 for v, t in enumerate(self.last) if v != w and t is not None and not self.down[v]}
+        heading = self._heading(besides=w)
         best, best_len = 0, -1
         i = 0
         while i < len(self.queue):
@@ -133,6 +141,10 @@ class Scheduler:
                 best, best_len = start, free
             i = j + 1
         return best
+
+    def _heading(self, besides: int) -> set[int]:
+        """The tiles the other (live) workers go on with next."""
+        return {t + 1 for v, t in enumerate(self.last) if v != besides and t is not None and not self.down[v]}
 
     def _send(self, w: int, tiles: tuple[int, ...], alone: bool) -> Call:
         self.load[w] += 1

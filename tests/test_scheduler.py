@@ -202,8 +202,19 @@ def test_a_busy_worker_merges_up_to_its_block_when_no_one_is_idle():
     plan = make(None, 20, 1, 1, blocks=(8, 2))
     schedule = Scheduler(plan, range(20))
     calls = schedule.dispatch()
-    # Worker 1 starts halfway along (NOTE: [affinity]), so worker 0's second block ends there.
-    assert [(c.worker, c.tiles[0], len(c.tiles)) for c in calls] == [(0, 0, 8), (1, 14, 2), (0, 8, 6), (1, 16, 2)]
+    # Worker 1 starts halfway along (NOTE: [even start]), so worker 0's second block ends there.
+    assert [(c.worker, c.tiles[0], len(c.tiles)) for c in calls] == [(0, 0, 8), (1, 10, 2), (0, 8, 2), (1, 12, 2)]
+
+
+@pytest.mark.parametrize("tiles, workers", [(8, 2), (9, 2), (12, 3), (5, 4), (2, 2)])
+def test_equal_workers_start_on_equal_shares(tiles, workers):
+    """NOTE: [even start]: each worker's first tile is where its equal share of the queue
+    begins; chosen one after the other, the second of two workers split what the first
+    one's first block left, and 8 tiles of a ViT went 5/3."""
+    plan = make(None, tiles, 1, 1, blocks=(2,) * workers)
+    calls = Scheduler(plan, range(tiles), workers=workers).dispatch()
+    firsts = {w: next(c.tiles[0] for c in calls if c.worker == w) for w in range(workers)}
+    assert firsts == {w: w * tiles // workers for w in range(workers)}
 
 
 def test_each_worker_keeps_to_its_own_stretch_of_tiles():
