@@ -62,7 +62,7 @@ class Scheduler:
         self.requeued = 0
         # NOTE: [even start] Each worker starts at its own equal share of the queue. Chosen one
         # after the other, the second worker split what the first one's first block left:
-        # 8 tiles went 5/3 (a ViT's per-sample run took 1.6x the even split's compute).
+        # 8 tiles went 5/3, and a ViT's per-sample run waited on the worker with 5.
         for w in range(n):
             if self.queue:
                 self.last[w] = self.queue[w * len(self.queue) // n] - 1
