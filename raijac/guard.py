@@ -327,9 +327,10 @@ def compare_parameter_gradients(
 # says so, and `compute` refuses unless the run is mode fwd without the block check); a
 # wrong forward mode fails every forward block's check against autograd already, so it
 # is left to that. The test is one JVP and one VJP on one sample, skipped where f has no
-# forward-mode formula; where finite differences side with neither (f is not smooth
-# there), nothing is said. A single projection misses a wrong formula that moves u^T J v
-# by less than the tolerance: a screen for wrong formulas, which move J by 4-100%.
+# forward-mode formula; where f is not smooth along v (one-sided differences jump) or
+# finite differences side with neither, nothing is said. A single projection misses a
+# wrong formula that moves u^T J v by less than the tolerance: a screen for wrong
+# formulas, which move J by 4-100%.
 _FD_RTOL = {torch.float64: 1e-6, torch.float32: 1e-2}
 
 
@@ -392,13 +393,20 @@ def reverse_mode_error(problem: Problem) -> str | None:
     if not (math.isfinite(a) and math.isfinite(b) and scale > 0) or abs(a - b) <= check_rtol(primal.dtype) * scale:
         return None
     h = torch.finfo(z.dtype).eps ** (1 / 3) * max(1.0, float(z.abs().max())) / float(v.abs().max())
+    near = h / 8  # one-sided differences this close: a kink (|x| at 0) shows as their jump
     try:
         with torch.no_grad(), replaying(z.device), plain_attention():
-            up, down = g(z + h * v), g(z - h * v)
+            up, down, mid = (g(z + t * v).to(wide) for t in (h, -h, 0.0))
+            right, left = g(z + near * v).to(wide), g(z - near * v).to(wide)
     except Exception:  # f is not defined there (a Cholesky factor of a matrix no longer positive): no verdict
         return None
-    c = dot(u, up.to(wide) - down.to(wide)) / (2 * h)
-    if not abs(c - a) <= _FD_RTOL.get(primal.dtype, 1e-1) * scale or not abs(c - b) > 10 * abs(c - a):
+    c = dot(u, up - down) / (2 * h)
+    jump = abs(dot(u, right - mid) - dot(u, mid - left)) / near
+    # At a kink, forward and reverse mode may each take a valid one-sided slope (`fmax`'s
+    # forward 0 and relu's backward 1 at |x - c|'s x = c), and central differences side with
+    # neither or with forward mode: no verdict where f is not smooth along v.
+    smooth = jump <= 0.1 * abs(a - b)
+    if not smooth or not abs(c - a) <= _FD_RTOL.get(primal.dtype, 1e-1) * scale or not abs(c - b) > 10 * abs(c - a):
         return None
     return (
         f"torch's reverse-mode derivative of f is wrong here: for random directions u and v, u.(J v) is {a:.6g} by "

@@ -848,6 +848,9 @@ def test_torchs_wrong_as_strided_scatter_backward_is_caught():
         lambda x: torch.sort(x).values * torch.arange(6.0),
         lambda x: torch.floor(3 * x) + x.abs(),
         lambda x: torch.nn.functional.max_pool1d(torch.relu(x)[None], 2)[0],
+        # |x| at 0 where forward mode (fmax: 0) and reverse mode (relu: 1) take different valid
+        # slopes, and central differences agree with forward mode: one-sided ones jump there.
+        lambda x: torch.fmax(x, torch.zeros_like(x)) + torch.relu(-x),
     ],
 )
 def test_functions_that_are_not_smooth_everywhere_are_not_refused(f):
