@@ -215,8 +215,8 @@ def prepare(
         dtype = resumed.get("dtype") if dtype is None else dtype
     store_dtype = _store_dtype(problem, dtype)  # evaluates f(x) and validates it
     wrong = problem.reverse_mode_error  # NOTE: [adjoint test] in raijac.guard
-    if wrong is not None and not (mode == "fwd" and not check_blocks):
-        raise ProblemError(wrong)
+    if wrong is not None and not (mode == "fwd" and not check_blocks and wrong.fwd_works):
+        raise ProblemError(str(wrong))
     pattern = resolve_pattern(problem)  # traced or checked now: a bad pattern fails before any work
     return Prepared(problem, mode, store_dtype, budgets, block_size, pattern)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial, wraps
 from types import ModuleType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
@@ -334,7 +335,19 @@ def compare_parameter_gradients(
 _FD_RTOL = {torch.float64: 1e-6, torch.float32: 1e-2}
 
 
-def reverse_mode_error(problem: Problem) -> str | None:
+@dataclass(frozen=True)
+class WrongReverse:
+    """What the adjoint test found: the refusal's sentence, and whether mode fwd (vmapped
+    JVPs, no reverse mode) can compute this f's J instead."""
+
+    message: str
+    fwd_works: bool
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def reverse_mode_error(problem: Problem) -> WrongReverse | None:
     """Why torch's reverse-mode derivative of f is wrong at the problem's point, or None
     (NOTE: [adjoint test]); on one sample of a batched problem."""
     import torch.autograd.forward_ad as fwad
@@ -408,12 +421,21 @@ def reverse_mode_error(problem: Problem) -> str | None:
     smooth = jump <= 0.1 * abs(a - b)
     if not smooth or not abs(c - a) <= _FD_RTOL.get(primal.dtype, 1e-1) * scale or not abs(c - b) > 10 * abs(c - a):
         return None
-    return (
+    wrong = (
         f"torch's reverse-mode derivative of f is wrong here: for random directions u and v, u.(J v) is {a:.6g} by "
         f"forward-mode AD and {c:.6g} by finite differences, but (u^T J).v is {b:.6g} by reverse mode (a wrong backward "
-        "formula of one of f's torch ops), which every mode but fwd and the block check use; compute with mode='fwd' "
-        "and check_blocks=False (--mode fwd --no-block-check)."
+        "formula of one of f's torch ops), which every mode but fwd and the block check use"
     )
+    try:  # mode fwd vmaps f's forward mode: does vmap batch it?
+        with torch.no_grad(), replaying(z.device), plain_attention():
+            torch.func.vmap(lambda t: torch.func.jvp(g, (z,), (t,))[1])(torch.stack([v, v]))
+    except Exception as exc:
+        return WrongReverse(
+            f"{wrong}, and mode fwd cannot vmap f's forward mode ({first_line(exc)}), so no mode gives this J right; "
+            "write f without the op whose backward is wrong.",
+            fwd_works=False,
+        )
+    return WrongReverse(f"{wrong}; compute with mode='fwd' and check_blocks=False (--mode fwd --no-block-check).", True)
 
 
 # ---------------------------------------------------------------------- state kept on modules
@@ -575,7 +597,9 @@ def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
             (g,) = torch.autograd.grad((y[at] * w).sum(), x, retain_graph=True, allow_unused=True)
             if g is None:
                 continue
-            reached = (g.reshape(g.shape[0], -1) != 0).any(dim=1)
+            flat = g.reshape(g.shape[0], -1)
+            # NaN is 0 * inf (a zero cotangent through sqrt at 0, say), not a dependence.
+            reached = ((flat != 0) & ~torch.isnan(flat)).any(dim=1)
             reached[at] = False
             if bool(reached.any()):
                 raise ProblemError(

@@ -29,6 +29,7 @@ from raijac import trees
 from raijac.errors import ProblemError, first_line
 from raijac.guard import (
     REPLAY_SEED,
+    WrongReverse,
     check_independent_samples,
     check_no_kept_state,
     check_parameters_are_read,
@@ -552,7 +553,7 @@ class Problem:
         return y.detach()
 
     @property
-    def reverse_mode_error(self) -> str | None:
+    def reverse_mode_error(self) -> WrongReverse | None:
         """Why torch's reverse-mode derivative of f is wrong at x, found while evaluating `y`
         (NOTE: [adjoint test] in raijac.guard); None where it agrees with forward mode."""
         self.y  # noqa: B018 - evaluates f and runs its checks

@@ -838,7 +838,10 @@ def test_torchs_wrong_as_strided_scatter_backward_is_caught():
     truth[9 + 5 * torch.arange(6), torch.arange(6)] = 1.0
     if rel_err(torch.autograd.functional.jacobian(f, x), truth) < 1e-12:
         pytest.skip("this torch's as_strided_scatter backward is right")
-    assert "reverse-mode derivative of f is wrong" in (raijac.Problem(f, x).reverse_mode_error or "")
+    wrong = raijac.Problem(f, x).reverse_mode_error
+    assert wrong is not None and "reverse-mode derivative of f is wrong" in str(wrong)
+    # mode fwd cannot vmap as_strided_scatter's forward mode: the refusal says no mode works.
+    assert not wrong.fwd_works and "no mode gives this J right" in str(wrong)
 
 
 @pytest.mark.parametrize(
@@ -868,3 +871,18 @@ def test_a_shared_tensor_passed_as_a_batched_argument_is_named():
         ProblemError, match=r"on sample 0 alone it returned shape \(1, 1\) where the batch gives \(8,\).*close over it"
     ):
         problem.y  # noqa: B018
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_sample_whose_gradient_is_nan_is_no_coupling(store_path):
+    """sqrt of a zero sample's squared norm: the independence check's backward gives that
+    sample NaN (a zero cotangent times an infinite slope), which read as a dependence."""
+    x = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], dtype=torch.float64)
+
+    def norm(x):
+        return torch.sqrt((x**2).sum(-1, keepdim=True))
+
+    jac = raijac.compute(raijac.Problem(norm, x, batched=True), store_path, workers=2)
+    want = torch.func.vmap(torch.func.jacrev(norm))(x)
+    np.testing.assert_array_equal(np.isnan(jac.numpy()), torch.isnan(want).numpy())
+    assert rel_err(np.nan_to_num(jac.numpy()), torch.nan_to_num(want)) < 1e-15
