@@ -201,7 +201,7 @@ def verify(
         symmetry_errors=_relative(stored_uj, stored_jv) if hessian else (),
         sparse=jac.sparse,
     )
-    suspect = None if report.ok else _suspect(jac, stored_jv - fresh_jv, stored_uj - fresh_uj)
+    suspect = None if report.ok else _suspect(jac, _difference(stored_jv, fresh_jv), _difference(stored_uj, fresh_uj))
     return VerifyReport(**{**asdict(report), "suspect": suspect, "seconds": round(time.perf_counter() - started, 4)})
 
 
@@ -342,13 +342,26 @@ def _json_float(x: float) -> float | None:
 
 
 def _relative(stored: np.ndarray, fresh: np.ndarray) -> tuple[float, ...]:
-    """`||stored - fresh|| / max(||fresh||, tiny)` per probe (the last axis)."""
+    """`||stored - fresh|| / max(||fresh||, tiny)` per probe (the last axis), over the entries
+    finite on both sides; an entry finite on one side only fails its probe. Entries not
+    finite on either side are where torch's own J is (sqrt at 0: inf and NaN), so a store
+    that holds them matched f."""
     k = stored.shape[-1]
-    d = (stored - fresh).reshape(-1, k)
-    f = fresh.reshape(-1, k)
-    num = np.linalg.norm(d, axis=0)
-    den = np.maximum(np.linalg.norm(f, axis=0), TINY)
-    return tuple(float(x) for x in num / den)
+    s, f = stored.reshape(-1, k), fresh.reshape(-1, k)
+    s_ok, f_ok = np.isfinite(s), np.isfinite(f)
+    both = s_ok & f_ok
+    num = np.linalg.norm(np.where(both, s - f, 0.0), axis=0)
+    den = np.maximum(np.linalg.norm(np.where(f_ok, f, 0.0), axis=0), TINY)
+    rel = num / den
+    rel[(s_ok != f_ok).any(axis=0)] = np.inf
+    return tuple(float(x) for x in rel)
+
+
+def _difference(stored: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """stored - fresh, 0 where neither is finite and inf where one is (as `_relative` counts them)."""
+    s_ok, f_ok = np.isfinite(stored), np.isfinite(fresh)
+    with np.errstate(invalid="ignore"):
+        return np.where(s_ok & f_ok, stored - fresh, np.where(s_ok == f_ok, 0.0, np.inf))
 
 
 def _suspect(jac: Jacobian, djv: np.ndarray, duj: np.ndarray) -> tuple[int | None, int, int]:

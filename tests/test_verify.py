@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import raijac
@@ -131,6 +132,23 @@ def test_a_lost_chunk_fails(stores, tmp_path):
         assert not report.ok, str(report)
         assert report.suspect[0] == 1
         json.dumps(report.to_dict(), allow_nan=False)  # NaN errors become null
+
+
+def _norm(x):
+    return torch.sqrt((x**2).sum(-1, keepdim=True))
+
+
+def test_a_store_holding_torchs_own_inf_and_nan_passes(ray_session, tmp_path):
+    """sqrt of a zero sample's norm: torch's J is NaN there (inf in forward mode); a store
+    holding it matched f, and a NaN where J is finite still fails."""
+    x = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], dtype=torch.float64)
+    path = str(tmp_path / "nan.zarr")
+    raijac.compute(raijac.Problem(_norm, x, batched=True), path, workers=2)
+    report = verify(path, problem=raijac.Problem(_norm, x, batched=True), probes=4)
+    assert report.ok, str(report)
+    zarr.open_group(path, mode="r+")["jacobian"][2, 0, 1] = np.nan
+    report = verify(path, problem=raijac.Problem(_norm, x, batched=True), probes=4)
+    assert not report.ok and report.suspect[0] == 2, str(report)
 
 
 # ---------------------------------------------------------------------- what verify refuses
