@@ -251,6 +251,21 @@ def _has_contents(cell: object) -> bool:
     return True
 
 
+def _one_sample_ctx(problem: Problem) -> tuple[torch.Tensor, ...] | None:
+    """The per-sample inputs of sample 0 (all of them for an unbatched problem)."""
+    if problem.ctx is None or not problem.batched:
+        return problem.ctx
+    return tuple(c[:1] for c in problem.ctx)
+
+
+def _projected_gradient(out: torch.Tensor, wrt: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """The gradient of `out` projected on a random w (from `seed`) w.r.t. `wrt`, flat, with
+    zeros where `out` does not reach; the same seed gives two outputs of one shape the same w."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
+    grads = torch.autograd.grad((out * w).sum(), wrt, allow_unused=True)
+    return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for t, g in zip(wrt, grads, strict=True)])
+
+
 # ---------------------------------------------------------------------- parameters
 def check_parameters_are_read(problem: Problem) -> None:
     """Raise where the gradient w.r.t. the parameters as raijac swaps them in differs from the
@@ -267,7 +282,7 @@ def check_parameters_are_read(problem: Problem) -> None:
     named = [p for _, p in module.named_parameters() if p.requires_grad] if module is not None else []
     if not named or problem.ctx is None:
         return
-    ctx = tuple(c[:1] for c in problem.ctx) if problem.batched else problem.ctx
+    ctx = _one_sample_ctx(problem)
     compare_parameter_gradients(
         named,
         lambda: problem.f(None, ctx, params=None),
@@ -301,10 +316,8 @@ def compare_parameter_gradients(
         ) from exc
     if not (isinstance(mine, torch.Tensor) and mine.requires_grad and theirs.requires_grad):
         return
-    w = torch.randn(mine.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(mine)
-    grads = torch.autograd.grad((mine * w).sum(), named, allow_unused=True)
-    want = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(named, grads, strict=True)])
-    (got,) = torch.autograd.grad((theirs * w).sum(), flat)
+    want = _projected_gradient(mine, named, seed=7)
+    got = _projected_gradient(theirs, [flat], seed=7)
     tol = _AGREE_RTOL.get(want.dtype, 1e-4) * 10
     diff = float((got.double() - want.double()).norm())
     scale = float(want.double().norm())
@@ -352,9 +365,7 @@ def reverse_mode_error(problem: Problem) -> WrongReverse | None:
     (NOTE: [adjoint test]); on one sample of a batched problem."""
     import torch.autograd.forward_ad as fwad
 
-    ctx = problem.ctx
-    if problem.batched and ctx is not None:
-        ctx = tuple(c[:1] for c in ctx)
+    ctx = _one_sample_ctx(problem)
     if problem.wrt == "params":
         z = problem.params
 
@@ -495,7 +506,7 @@ def check_no_kept_state(problem: Problem, saved: list[tuple[torch.nn.Module, dic
         return
     restore_tensor_attributes(saved)
     try:
-        ctx = None if problem.ctx is None else tuple(c[:1] for c in problem.ctx) if problem.batched else problem.ctx
+        ctx = _one_sample_ctx(problem)
         if problem.wrt == "params":
             wrt: list[torch.Tensor] = [p for _, p in problem.module.named_parameters() if p.requires_grad]
 
@@ -513,9 +524,7 @@ def check_no_kept_state(problem: Problem, saved: list[tuple[torch.nn.Module, dic
                 out = run()
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 return None
-            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(out)
-            grads = torch.autograd.grad((out * w).sum(), wrt, allow_unused=True)
-            return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1) for t, g in zip(wrt, grads, strict=True)])
+            return _projected_gradient(out, wrt, seed=5)
 
         fresh = gradient()
         stored = []  # what that call stored with a gradient

@@ -347,14 +347,10 @@ def _relative(stored: np.ndarray, fresh: np.ndarray) -> tuple[float, ...]:
     finite on either side are where torch's own J is (sqrt at 0: inf and NaN), so a store
     that holds them matched f."""
     k = stored.shape[-1]
-    s, f = stored.reshape(-1, k), fresh.reshape(-1, k)
-    s_ok, f_ok = np.isfinite(s), np.isfinite(f)
-    both = s_ok & f_ok
-    num = np.linalg.norm(np.where(both, s - f, 0.0), axis=0)
-    den = np.maximum(np.linalg.norm(np.where(f_ok, f, 0.0), axis=0), TINY)
-    rel = num / den
-    rel[(s_ok != f_ok).any(axis=0)] = np.inf
-    return tuple(float(x) for x in rel)
+    num = np.linalg.norm(_difference(stored, fresh).reshape(-1, k), axis=0)  # inf where one side only is finite
+    f = fresh.reshape(-1, k)
+    den = np.maximum(np.linalg.norm(np.where(np.isfinite(f), f, 0.0), axis=0), TINY)
+    return tuple(float(x) for x in num / den)
 
 
 def _difference(stored: np.ndarray, fresh: np.ndarray) -> np.ndarray:
