@@ -665,14 +665,17 @@ def _session_key() -> tuple:
 # its allocations of 2 MiB and more where THP_MEM_ALLOC_ENABLE is set (read once, at the
 # first allocation, hence set for the worker processes before they start): 7k faults, and
 # the tile took 0.57 s. Linux only grants them where transparent huge pages are `always` or
-# `madvise` (the default); elsewhere the setting does nothing. A value the caller set in the
-# driver's environment (0 turns it off) goes to the workers instead.
+# `madvise` (the default); elsewhere the setting does nothing. MALLOC_ARENA_MAX=1 (glibc
+# reads it at start-up too) keeps the heap one arena that can be kept between blocks (NOTE:
+# [kept heap] in worker). A value the caller set in the driver's environment (0 turns huge
+# pages off) goes to the workers instead.
 THP = "THP_MEM_ALLOC_ENABLE"
+ARENAS = "MALLOC_ARENA_MAX"
 
 
 def worker_env() -> dict[str, str]:
     """The environment variables worker processes start with (NOTE: [huge pages])."""
-    return {THP: os.environ.get(THP, "1")}
+    return {THP: os.environ.get(THP, "1"), ARENAS: os.environ.get(ARENAS, "1")}
 
 
 def _hosts(n: int, options: dict[str, Any]) -> list[Any]:

@@ -480,20 +480,67 @@ def test_a_block_of_several_tiles_is_computed_tile_by_tile(ray_session, store_pa
     np.testing.assert_allclose(zarr.open_group(store_path)["jacobian"][...], want, rtol=1e-5, atol=1e-6)
 
 
-def _scaled_by_thp(v: torch.Tensor) -> torch.Tensor:
-    """sin, times 1 + the THP_MEM_ALLOC_ENABLE its process started with: J tells which
-    environment the workers had."""
-    return torch.sin(v) * (1 + float(os.environ.get("THP_MEM_ALLOC_ENABLE", "0")))
+def _scaled_by_env(v: torch.Tensor) -> torch.Tensor:
+    """sin, times (1 + THP_MEM_ALLOC_ENABLE) x (1 + MALLOC_ARENA_MAX) its process started
+    with: J tells which environment the workers had."""
+    thp, arenas = (float(os.environ.get(k, "0")) for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_ARENA_MAX"))
+    return torch.sin(v) * (1 + thp) * (1 + arenas)
 
 
-@pytest.mark.parametrize(("driver", "factor"), [(None, 2.0), ("0", 1.0)])
-def test_workers_start_with_huge_pages_unless_the_caller_said_otherwise(ray_session, tmp_path, monkeypatch, driver, factor):
-    """NOTE: [huge pages]: CPU workers get THP_MEM_ALLOC_ENABLE=1; a value set in the
-    driver's environment goes to them instead (its hosts replaced by new ones)."""
-    if driver is None:
-        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    else:
-        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", driver)
+@pytest.mark.parametrize(("driver", "factor"), [((None, None), 4.0), (("0", "2"), 3.0)])
+def test_workers_start_with_huge_pages_and_one_arena_unless_the_caller_said_otherwise(
+    ray_session, tmp_path, monkeypatch, driver, factor
+):
+    """NOTE: [huge pages]: CPU workers get THP_MEM_ALLOC_ENABLE=1 and MALLOC_ARENA_MAX=1 (NOTE:
+    [kept heap]); values set in the driver's environment go to them instead (its hosts
+    replaced by new ones)."""
+    for name, value in zip(("THP_MEM_ALLOC_ENABLE", "MALLOC_ARENA_MAX"), driver, strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     x = torch.randn(5, dtype=torch.float64)
-    jac = raijac.compute(raijac.Problem(_scaled_by_thp, x), str(tmp_path / "j.zarr"), workers=2, check_blocks=False)
+    jac = raijac.compute(raijac.Problem(_scaled_by_env, x), str(tmp_path / "j.zarr"), workers=2, check_blocks=False)
     np.testing.assert_allclose(jac.numpy(), factor * torch.diag(torch.cos(x)).numpy(), rtol=1e-12)
+
+
+KEPT_HEAP = """
+import ctypes, sys
+from raijac.probe import _proc_status
+from raijac.worker import bound_heap, free_heap, kept_heap
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+assert bound_heap(1 << 20, keep=int(sys.argv[1]))
+ptrs = [libc.malloc(512 << 10) for _ in range(64)]  # 32 MiB of blocks below the mmap threshold
+for p in ptrs:
+    ctypes.memset(p, 1, 512 << 10)  # touched: resident
+for p in ptrs:
+    libc.free(p)
+held, rss = free_heap(), _proc_status("VmRSS")
+kept = kept_heap(int(sys.argv[2]))
+print(held, kept, rss - _proc_status("VmRSS"))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+@pytest.mark.parametrize(
+    ("keep", "limit", "kept"), [(64 << 20, 64 << 20, True), (64 << 20, 8 << 20, False), (1 << 20, 64 << 20, False)]
+)
+def test_the_heap_is_kept_between_blocks_up_to_the_budget(tmp_path, keep, limit, kept):
+    """NOTE: [kept heap]: 32 MiB freed below the mmap threshold stays in the heap (resident,
+    no faults for the next block) when the trim threshold keeps up to 64 MiB; a new run
+    whose budget is smaller hands it back; a small trim threshold never keeps it."""
+    script = tmp_path / "kept.py"
+    script.write_text(KEPT_HEAP)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(keep), str(limit)], capture_output=True, text=True, env=env, check=True
+    )
+    held, left, dropped = (int(v) for v in done.stdout.split())
+    if kept:
+        assert held >= 32 << 20 and left == held and dropped < 4 << 20
+    else:
+        assert left < 4 << 20 and (held < 4 << 20 or dropped >= 24 << 20)
