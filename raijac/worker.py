@@ -114,7 +114,7 @@ class Worker:
             self.kernel = Kernel(target, self.mode)
             self.limit = self.budget or default_budget(self.device, self.local_workers)
             if self.device.type == "cpu":  # the host's heap holds the blocks (NOTE: [heap])
-                bound_heap(heap_threshold(self.limit), keep=self.limit)
+                bound_heap(heap_threshold(self.limit), keep=heap_kept(self.limit))
         return self.kernel
 
     def probe(self, measure: str = "full") -> WorkerCost:
@@ -196,11 +196,10 @@ class Worker:
                     kernel.colours = None
                     self._array = store.block_array(group, "jacobian")
                 self._out = out
-                # Idle = holding the problem and the open store, less the free heap an
-                # earlier run kept (NOTE: [kept heap]); growth is measured from here.
-                kept = self._kept_heap()
-                rss = _reset_peak_rss()
-                self.idle_rss = None if rss is None else rss - kept
+                # Idle = holding the problem and the open store (and at most a budget of heap
+                # an earlier run kept: NOTE: [kept heap]); growth is measured from here.
+                self._hand_back_kept_heap()
+                self.idle_rss = _reset_peak_rss()
             start = time.perf_counter()
             self._worst, self._unchecked = None, 0
             pieces = [(box, self._compute(kernel, *box)) for box in _tiles_of(b0, b1, s0, s1, tile)]
@@ -226,9 +225,10 @@ class Worker:
         self._trim_over_budget()
         return result
 
-    def _kept_heap(self) -> int:
-        """`kept_heap` of this run's budget, on CPU workers."""
-        return kept_heap(self.limit) if self.device.type == "cpu" else 0
+    def _hand_back_kept_heap(self) -> None:
+        """`keep_heap` of this run's budget, on CPU workers."""
+        if self.device.type == "cpu":
+            keep_heap(heap_kept(self.limit))
 
     def _trim_over_budget(self) -> None:
         """Hand the free heap back where this block left RSS more than the budget above idle
@@ -392,6 +392,11 @@ def _node_id() -> str:
 HEAP_THRESHOLD_MIN, HEAP_THRESHOLD_MAX = 1 << 20, 32 << 20
 
 
+def heap_kept(budget: int) -> int:
+    """The free heap a worker with this memory budget keeps for its next block (NOTE: [kept heap])."""
+    return budget // 2
+
+
 def heap_threshold(budget: int) -> int:
     """The malloc threshold for a worker with this memory budget (NOTE: [heap])."""
     return int(min(max(budget // 8, HEAP_THRESHOLD_MIN), HEAP_THRESHOLD_MAX))
@@ -414,16 +419,17 @@ def bound_heap(threshold: int = HEAP_THRESHOLD_MIN, keep: int | None = None) -> 
     larger threshold lets fragment.
 
     NOTE: [kept heap] What a block frees below the threshold is kept for the next block,
-    up to the budget (`keep`), instead of going back to the kernel: memory given back is
-    faulted in and zeroed again by the next block. Those faults cost a ResNet-18 input
+    up to half the budget (`keep`), instead of going back to the kernel: memory given back
+    is faulted in and zeroed again by the next block. Those faults cost a ResNet-18 input
     block (4 samples x 10 rows, 0.5 s of user time) 0.01-1.4 s of system time, 2.5k-200k
-    faults, whenever a new run's first blocks grew the heap again; so warm runs took 0.8-2
+    faults, whenever a new run's first blocks grew the heap again; so warm runs took 0.8-3
     s where one block takes 0.55 s. glibc's per-thread arenas (the actor's calls run on its
     threads) free a whole 64 MiB heap whatever the trim threshold, so workers start with
     one arena (MALLOC_ARENA_MAX=1, NOTE: [huge pages] in executor), which also fragments
-    less (1.24 GB against 1.8 GB of RSS after the same blocks). The plan keeps every
-    block's live memory inside the budget, and so what the heap keeps; a new run trims a
-    kept heap larger than its own budget, and the growth it reports counts what was kept.
+    less (1.24 GB against 1.8 GB of RSS after the same blocks). Half, not all, of the
+    budget: keeping all of an 8 MB budget grew a small MLP run's RSS by 10.3 MB in steady
+    state, half of it by 5.2-5.3 MB, as with no heap kept. A new run that may keep less
+    than the last hands the heap back first (`keep_heap`).
     """
     libc = _libc()
     keep = threshold if keep is None else keep
@@ -432,22 +438,24 @@ def bound_heap(threshold: int = HEAP_THRESHOLD_MIN, keep: int | None = None) -> 
     )  # M_MMAP_ / M_TRIM_THRESHOLD (an int)
 
 
+_KEPT = {"limit": 0}  # the most free heap this process may keep: set by the last run
+
+
+def keep_heap(limit: int) -> None:
+    """Let the heap keep up to `limit` free bytes from now on, handing back first what an
+    earlier run that could keep more may have kept beyond it (NOTE: [kept heap])."""
+    if limit < _KEPT["limit"] and free_heap() > limit:
+        trim_heap()
+    _KEPT["limit"] = limit
+
+
 def free_heap() -> int:
-    """Bytes glibc's heap holds free (mallinfo2 `fordblks`; NOTE: [kept heap]), 0 where it
-    cannot say."""
+    """Bytes glibc's heap holds free (mallinfo2 `fordblks`), 0 where it cannot say: an upper
+    bound of what it keeps resident (pages handed back out of holes stay counted)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
     return int(libc.mallinfo2().fordblks)
-
-
-def kept_heap(limit: int) -> int:
-    """The free heap earlier runs left in this process, handed back first where it is more
-    than `limit`, a new run's budget (NOTE: [kept heap])."""
-    kept = free_heap()
-    if kept > limit and trim_heap():
-        return 0
-    return kept
 
 
 def trim_heap() -> bool:
