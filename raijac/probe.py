@@ -245,20 +245,21 @@ def _reset_peak_rss() -> int | None:
     return _proc_status("VmRSS")
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (glibc 2.33+)."""
+
+    _fields_ = [
+        (n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
 def _heap_bytes() -> Callable[[], int]:
     """A function returning the live heap in bytes (glibc mallinfo2, else process RSS)."""
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-
-            class _MallInfo2(ctypes.Structure):
-                _fields_ = [
-                    (n, ctypes.c_size_t)
-                    for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost").split()
-                ]
-
-            _libc.mallinfo2.restype = _MallInfo2
+            _libc.mallinfo2.restype = MallInfo2
         info = _libc.mallinfo2
 
         def used() -> int:

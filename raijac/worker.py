@@ -29,7 +29,7 @@ from raijac import store
 from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, StoreError, first_line
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, block_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
-from raijac.probe import _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
+from raijac.probe import MallInfo2, _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
 from raijac.record import differences
 from raijac.record import fingerprint_parts as fingerprint_parts_of
@@ -196,8 +196,8 @@ class Worker:
                     kernel.colours = None
                     self._array = store.block_array(group, "jacobian")
                 self._out = out
-                # Idle = holding the problem and the open store (and at most a budget of heap
-                # an earlier run kept: NOTE: [kept heap]); growth is measured from here.
+                # Idle = holding the problem and the open store (and the heap an earlier run
+                # kept, at most half this run's budget: NOTE: [kept heap]); growth counts from here.
                 self._hand_back_kept_heap()
                 self.idle_rss = _reset_peak_rss()
             start = time.perf_counter()
@@ -475,14 +475,8 @@ def _libc() -> Any:
     if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
         return None
     if hasattr(libc, "mallinfo2"):  # glibc 2.33+
-        libc.mallinfo2.restype = _MallInfo2
+        libc.mallinfo2.restype = MallInfo2
     return libc
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-    ]
 
 
 def _peak_rss_growth(idle: int | None) -> int | None:
