@@ -486,6 +486,42 @@ def restore_tensor_attributes(saved: list[tuple[torch.nn.Module, dict]]) -> None
                 m.__dict__[name] = old
 
 
+def tensor_versions(modules: list[torch.nn.Module]) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every parameter and buffer of `modules` by name, with its in-place version counter
+    (NOTE: [changed in place])."""
+    seen: dict[int, tuple[str, torch.Tensor, int]] = {}
+    for root in modules:  # a tensor reached from two modules (one inside the other) is named once
+        for name, t in [*root.named_parameters(), *root.named_buffers()]:
+            seen.setdefault(id(t), (name, t, t._version))
+    return {name: (t, v) for name, t, v in seen.values()}
+
+
+def check_not_changed_in_place(versions: dict[str, tuple[torch.Tensor, int]], y: torch.Tensor, again: torch.Tensor) -> None:
+    """Refuse f that changes its modules' parameters or buffers in place and whose output
+    moves with them between two calls.
+
+    NOTE: [changed in place] spectral_norm in training mode runs a power-iteration step on
+    every call and keeps its vectors in buffers: each call is another function, its output
+    moved by ~2e-6 (relative, float32) between calls, under the two-call agreement's
+    tolerance, while J moved by 2e-4, and the J stored was that of whichever call a worker
+    made. A buffer f changes that does not feed its output (BatchNorm's running statistics
+    in training mode) leaves two calls equal to the bit, and passes.
+    """
+    changed = [name for name, (t, v) in versions.items() if t._version != v]
+    if not changed:
+        return
+    a, b = y.detach(), again.detach()
+    if a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()):
+        return
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    moved = float((a.double() - b.double()).nan_to_num().norm() / max(float(a.double().nan_to_num().norm()), 1e-300))
+    raise ProblemError(
+        f"f changes {shown} in place on every call (spectral norm's power iteration in training mode? a running "
+        f"average that feeds the output?), and its output moves with it ({moved:.2g} relative between two calls), so "
+        "each call is another function with another J; call module.eval(), or keep that state fixed outside f."
+    )
+
+
 def check_no_kept_state(problem: Problem, saved: list[tuple[torch.nn.Module, dict]]) -> None:
     """Refuse an f that stores on its module a tensor it reads back on the next call, where
     that tensor depends on what raijac differentiates; put the modules' attributes back as

@@ -32,6 +32,7 @@ from raijac.guard import (
     WrongReverse,
     check_independent_samples,
     check_no_kept_state,
+    check_not_changed_in_place,
     check_parameters_are_read,
     compare_parameter_gradients,
     generator_states,
@@ -42,6 +43,7 @@ from raijac.guard import (
     restore_tensor_attributes,
     reverse_mode_error,
     same_states,
+    tensor_versions,
 )
 from raijac.memo import memo_get, memo_put
 from raijac.spec import import_spec_module, normalize_spec, spec_key  # noqa: F401 - spec_key: the name others import
@@ -490,6 +492,7 @@ class Problem:
             self.__dict__["_random"] = shipped["random"]
             return shipped["y"]
         attributes = module_attributes(modules_of(self))
+        versions = tensor_versions(modules_of(self))  # NOTE: [changed in place] in raijac.guard
         with torch.no_grad(), replaying(self.x.device):
             before = generator_states(self.x.device)
             y = self._evaluate()
@@ -522,6 +525,7 @@ class Problem:
                 return y.detach()
         with torch.no_grad(), replaying(self.x.device):
             again = self._evaluate()
+        check_not_changed_in_place(versions, y, again)
         if not outputs_agree(y, again):
             cause = (
                 "f draws random numbers, but two calls from the same torch generator state differ (a torch.Generator of "

@@ -391,6 +391,65 @@ def test_an_f_that_writes_into_a_tensor_it_holds_runs_again(ray_session, tmp_pat
         assert not tensor.requires_grad and tensor.grad_fn is None
 
 
+def _spectral_net(training: bool) -> torch.nn.Module:
+    """A spectral-normed layer whose power iteration has not converged: each call in training
+    mode moves its `_u`, `_v` buffers in place, and the output with them."""
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(6, 16), n_power_iterations=1), torch.nn.Tanh()
+    )
+    return net.train(training)
+
+
+@pytest.mark.parametrize("wrt", ["input", "params"])
+def test_state_changed_in_place_that_moves_the_output_is_refused(wrt):
+    """NOTE: [changed in place]: spectral norm in training mode moved y by ~1e-6 between two
+    calls (under the two-call agreement's tolerance) and J by ~1e-4, and was stored."""
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(
+        ProblemError, match=r"f changes 0\.parametrizations\.weight\.0\._u, .*_v in place on every call.*module\.eval"
+    ):
+        raijac.Problem.from_module(_spectral_net(training=True), x, wrt=wrt, batched=True).y  # noqa: B018
+
+
+def test_state_changed_in_place_that_leaves_the_output_alone_runs(ray_session, tmp_path):
+    """Buffers f changes in place without moving its output pass: BatchNorm's running
+    statistics in training mode (unbatched), and spectral norm in eval mode, whose J is
+    compared with torch.func."""
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).train()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    bn = bn.double()
+    want = torch.autograd.functional.jacobian(copy.deepcopy(bn), x)  # plain autograd: the running stats are written
+    probe = copy.deepcopy(bn)
+    probe(x)
+    assert probe[1].num_batches_tracked.item() == 1  # f does change them in place
+    jac = raijac.compute(raijac.Problem(bn, x), tmp_path / "bn.zarr", workers=2)
+    assert rel_err(jac[...], want.reshape(24, 30)) < 1e-12
+    net = _spectral_net(training=False)
+    xs = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    want = torch.stack([torch.func.jacrev(lambda v: net(v[None])[0])(xs[b]) for b in range(3)])
+    spec = tmp_path / "spectral.py"  # parametrized modules travel as specs (torch cannot pickle them)
+    spec.write_text(SPECTRAL_SPEC)
+    jac = raijac.compute(f"{spec}:problem", tmp_path / "sn.zarr", workers=2)
+    assert rel_err(jac[...], want) < 1e-5
+
+
+SPECTRAL_SPEC = """
+import torch
+import raijac
+
+
+def problem():
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(6, 16), n_power_iterations=1), torch.nn.Tanh()
+    )
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    return raijac.Problem.from_module(net.eval(), x, wrt="input", batched=True)
+"""
+
+
 def test_caller_state_is_restored_after_an_error(tmp_path):
     net = _bn_net()
     problem = raijac.Problem(net, torch.randn(5, 4))
