@@ -491,8 +491,9 @@ class Problem:
         if shipped is not None and shipped.get("y") is not None:  # NOTE: [shipped checks]
             self.__dict__["_random"] = shipped["random"]
             return shipped["y"]
-        attributes = module_attributes(modules_of(self))
-        versions = tensor_versions(modules_of(self))  # NOTE: [changed in place] in raijac.guard
+        modules = modules_of(self)
+        attributes = module_attributes(modules)
+        versions = tensor_versions(modules)  # NOTE: [changed in place] in raijac.guard
         with torch.no_grad(), replaying(self.x.device):
             before = generator_states(self.x.device)
             y = self._evaluate()

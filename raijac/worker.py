@@ -198,7 +198,6 @@ class Worker:
                 self._out = out
                 # Idle = holding the problem and the open store (and the heap an earlier run
                 # kept, at most half this run's budget: NOTE: [kept heap]); growth counts from here.
-                self._hand_back_kept_heap()
                 self.idle_rss = _reset_peak_rss()
             start = time.perf_counter()
             self._worst, self._unchecked = None, 0
@@ -224,11 +223,6 @@ class Worker:
         del pieces, data
         self._trim_over_budget()
         return result
-
-    def _hand_back_kept_heap(self) -> None:
-        """`keep_heap` of this run's budget, on CPU workers."""
-        if self.device.type == "cpu":
-            keep_heap(heap_kept(self.limit))
 
     def _trim_over_budget(self) -> None:
         """Hand the free heap back where this block left RSS more than the budget above idle
@@ -404,7 +398,8 @@ def heap_threshold(budget: int) -> int:
 
 def bound_heap(threshold: int = HEAP_THRESHOLD_MIN, keep: int | None = None) -> bool:
     """Fix glibc's mmap threshold at `threshold` and let its heap keep up to `keep` free
-    bytes (default: `threshold`) for the next block (Linux; a no-op elsewhere).
+    bytes (default: `threshold`) for the next block, handing back first what an earlier
+    run that could keep more may have kept beyond it (Linux; a no-op elsewhere).
 
     NOTE: [heap] By default glibc raises its mmap threshold after large frees, so later
     blocks come from a heap that never shrinks: a worker's RSS then ratchets to several
@@ -429,24 +424,19 @@ def bound_heap(threshold: int = HEAP_THRESHOLD_MIN, keep: int | None = None) -> 
     less (1.24 GB against 1.8 GB of RSS after the same blocks). Half, not all, of the
     budget: keeping all of an 8 MB budget grew a small MLP run's RSS by 10.3 MB in steady
     state, half of it by 5.2-5.3 MB, as with no heap kept. A new run that may keep less
-    than the last hands the heap back first (`keep_heap`).
+    than the last hands the heap back first.
     """
     libc = _libc()
     keep = threshold if keep is None else keep
+    if keep < _KEPT["keep"] and free_heap() > keep:
+        trim_heap()
+    _KEPT["keep"] = keep
     return (
         libc is not None and bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, min(keep, 2**31 - 1)))
     )  # M_MMAP_ / M_TRIM_THRESHOLD (an int)
 
 
-_KEPT = {"limit": 0}  # the most free heap this process may keep: set by the last run
-
-
-def keep_heap(limit: int) -> None:
-    """Let the heap keep up to `limit` free bytes from now on, handing back first what an
-    earlier run that could keep more may have kept beyond it (NOTE: [kept heap])."""
-    if limit < _KEPT["limit"] and free_heap() > limit:
-        trim_heap()
-    _KEPT["limit"] = limit
+_KEPT = {"keep": 0}  # the most free heap this process may keep: set by the last bound_heap
 
 
 def free_heap() -> int:

@@ -449,6 +449,17 @@ BAD_SPECS = {
         [],
         ["reverse-mode derivative of f is wrong", "--mode fwd --no-block-check"],
     ),
+    "state-changed-in-place": (
+        """
+        def problem():
+            torch.manual_seed(5)
+            net = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(6, 16), n_power_iterations=1)
+            return raijac.Problem.from_module(torch.nn.Sequential(net, torch.nn.Tanh()), torch.randn(3, 6), batched=True)
+        """,
+        "problem",
+        [],
+        ["in place on every call", "module.eval()"],
+    ),
     "not-a-problem": (PLAIN + "\nNAME = 3\n", "NAME", [], ["must name a raijac.Problem", "int"]),
     "function-raises": (
         """

@@ -507,7 +507,7 @@ def test_workers_start_with_huge_pages_and_one_arena_unless_the_caller_said_othe
 KEPT_HEAP = """
 import ctypes, sys
 from raijac.probe import _proc_status
-from raijac.worker import bound_heap, keep_heap
+from raijac.worker import bound_heap
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -515,7 +515,6 @@ libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 first, second = int(sys.argv[1]), int(sys.argv[2])
 assert bound_heap(1 << 20, keep=first)
-keep_heap(first)
 ptrs = [libc.malloc(512 << 10) for _ in range(64)]  # 32 MiB of blocks below the mmap threshold
 for p in ptrs:
     ctypes.memset(p, 1, 512 << 10)  # touched: resident
@@ -523,7 +522,7 @@ pin = libc.malloc(900 << 10)  # too big for any older hole: above them, so they 
 for p in ptrs:
     libc.free(p)
 rss = _proc_status("VmRSS")
-keep_heap(second)  # the next run's
+bound_heap(1 << 20, keep=second)  # the next run's
 print(rss - _proc_status("VmRSS"))
 """
 
