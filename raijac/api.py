@@ -6,6 +6,7 @@ output location, fingerprint), so bad input never touches an existing store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -421,8 +422,8 @@ def compute(
         progress = _is_terminal()
     source: str | Problem = problem.spec if problem.spec else problem
     removing = None  # the overwritten store's deletion (NOTE: [removed aside] in store)
-
-    with RayExecutor(address=address, workers=workers, spec=problem.spec, keep_ray=keep_ray) as executor:
+    ray_session = RayExecutor(address=address, workers=workers, spec=problem.spec, keep_ray=keep_ray)
+    with ray_session as executor, _stage(out, problem, existing) as staged:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
         chain = _may_chain(problem, existing["mode"] if existing else mode)
         executor.preload(source, budgets=budgets, chain=chain, **worker_ids)
@@ -522,7 +523,7 @@ def compute(
             ids = {**named, "fingerprint": fingerprint, "fingerprint_parts": parts}
             codec_args = (codec_name, codec_reason, compression_level)
             checks = record.block_check_meta(check_blocks, problem)
-            group = record.create(out, problem, the_plan, ids, codec_args, started, checks)
+            group = record.create(out, problem, the_plan, ids, codec_args, started, checks, staged)
             if fell_early:
                 store.update_meta(group, fallbacks=fell_early)
             if colouring is not None:
@@ -603,6 +604,14 @@ def compute(
     result = open_store(out, allow_partial=not done)
     result.summary = summary.to_dict()
     return result
+
+
+def _stage(out: str, problem: Problem, existing: dict | None) -> contextlib.AbstractContextManager:
+    """A new local store's x, y and params, written while the workers load and deleted if the
+    run fails before its store is made (NOTE: [staged store] in raijac.store); else nothing."""
+    if existing is None and not store.is_url(out):
+        return store.Staged(out, record.arrays(problem))
+    return contextlib.nullcontext()
 
 
 def _fall_back(

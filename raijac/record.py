@@ -271,14 +271,29 @@ def check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, problem
         )
 
 
-def create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, started: float, block_check: dict):
-    compressor, codec_reason, level = codec
-    arrays = {
+def arrays(problem: Problem) -> dict[str, tuple[np.ndarray, bool]]:
+    """The store's x, y (and params) as (data, batched): what no plan decides."""
+    data = {
         "x": (to_numpy(problem.x), problem.batched),
         "y": (to_numpy(problem.y), problem.batched),
     }
     if problem.params is not None:
-        arrays["params"] = (to_numpy(problem.params), False)
+        data["params"] = (to_numpy(problem.params), False)
+    return data
+
+
+def create(
+    out: str,
+    problem: Problem,
+    the_plan: Plan,
+    ids: dict,
+    codec: tuple,
+    started: float,
+    block_check: dict,
+    staged: store.Staged | None = None,
+):
+    """The new store at `out`: made whole, or finished from `staged` (NOTE: [staged store] in raijac.store)."""
+    compressor, codec_reason, level = codec
     meta = {
         "complete": False,
         "mode": the_plan.mode,
@@ -312,14 +327,14 @@ def create(out: str, problem: Problem, the_plan: Plan, ids: dict, codec: tuple, 
         "created": now(),
         "started": _dt.datetime.fromtimestamp(started, _dt.UTC).isoformat(timespec="seconds"),
     }
-    return store.create(
-        out,
+    group = staged.place() if staged is not None else store.create_group(out, arrays(problem))
+    return store.add_jacobian(
+        group,
         name="compressed" if the_plan.sparse else "jacobian",
         shape=the_plan.array_shape,
         chunks=the_plan.chunks,
         dtype=the_plan.dtype,
         n_tiles=the_plan.n_tiles,
-        arrays=arrays,
         meta=meta,
         compressor=compressor,
         level=level,

@@ -551,10 +551,11 @@ BAD_SPECS = {
 def test_bad_input_is_one_line_and_keeps_the_store(ray_session, existing, tmp_path, case):
     body, name, options, needles = BAD_SPECS[case]
     spec = write_spec(tmp_path / "spec", PLAIN if body is None else body, attr=name)
-    before = tree_digest(existing)
+    before, beside = tree_digest(existing), sorted(os.listdir(existing.parent))
     result = invoke("compute", spec, "--out", existing, "--workers", 2, "--overwrite", *options)
     assert_one_line_error(result, *needles)
     assert tree_digest(existing) == before
+    assert sorted(os.listdir(existing.parent)) == beside  # no staged store left (NOTE: [staged store])
 
 
 def test_missing_spec_file(existing, tmp_path):

@@ -472,3 +472,61 @@ def test_remove_without_waiting_frees_the_path_at_once_and_deletes_aside(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["j.zarr", neighbour.name])
     assert snapshot(neighbour) == before
     assert store.read_meta(str(path)) is not None
+
+
+# ---------------------------------------------------------------------- staged store
+def _staged_arrays():
+    rng = np.random.default_rng(2)
+    return {
+        "x": (rng.standard_normal((3, 4)), True),
+        "y": (rng.standard_normal((3, 2)), True),
+        "params": (rng.standard_normal(9), False),
+    }
+
+
+def test_a_staged_store_is_placed_whole_and_is_a_store_only_once_planned(tmp_path):
+    """NOTE: [staged store]: x, y and params are written beside the path, never as a raijac
+    store; placing moves them to the path, and the planned part makes it one, equal to a
+    store made in one go."""
+    path, whole = tmp_path / "j.zarr", tmp_path / "whole.zarr"
+    arrays = _staged_arrays()
+    staged = store.Staged(str(path), arrays)
+    staged._thread.join()
+    (beside,) = [p for p in tmp_path.iterdir()]
+    assert beside.name.startswith("j.zarr" + store.STAGED) and store.read_meta(str(beside)) is None
+    assert not path.exists()
+    planned = dict(shape=(3, 2, 4), chunks=(1, 2, 4), dtype="float32", n_tiles=3, meta=META)
+    group = store.add_jacobian(staged.place(), **planned)
+    staged.discard()  # placed: nothing to delete
+    store.create(str(whole), arrays=arrays, **planned)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.zarr", "whole.zarr"]
+    assert store.read_meta(str(path))["fingerprint"] == "abc123"
+    for name, (data, _) in arrays.items():
+        np.testing.assert_array_equal(group[name][...], data)
+    a, b = zarr.open_group(str(path)), zarr.open_group(str(whole))
+    for name in ("jacobian", "tiles", "x", "y", "params"):
+        assert a[name].metadata.to_dict() == b[name].metadata.to_dict()
+
+
+def test_a_staged_store_is_deleted_unless_placed_and_a_stale_one_at_the_next_stage(tmp_path):
+    path = tmp_path / "j.zarr"
+    neighbour = _plain_folder(tmp_path)
+    stale = tmp_path / ("j.zarr" + store.STAGED + "deadbeef")
+    stale.mkdir()
+    (stale / "chunk").write_bytes(b"x" * 100)
+    with store.Staged(str(path), _staged_arrays()):  # a run that fails before its store
+        assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [neighbour.name]
+
+
+def test_a_staged_store_that_cannot_be_moved_is_written_in_place(tmp_path):
+    """The staging thread's failure (or a rename refused) is not the run's: `place` writes the
+    arrays at the path itself, and only an error there is raised."""
+    path = tmp_path / "j.zarr"
+    arrays = _staged_arrays()
+    staged = store.Staged(str(path), arrays)
+    staged._thread.join()
+    staged.error = OSError("disk full")  # as if the thread had failed
+    group = staged.place()
+    np.testing.assert_array_equal(group["params"][...], arrays["params"][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["j.zarr"]
