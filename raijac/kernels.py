@@ -13,7 +13,6 @@ one cotangent row `e_r` broadcast over the stack yields row `r` of every sample'
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from functools import cached_property
 import torch
 
 from raijac import blas, modes
+from raijac.batching import batching_rules
 from raijac.chain import chain_stages
 from raijac.errors import ModeError, ProblemError, first_line
 from raijac.guard import check_rtol, outputs_agree, plain_attention  # noqa: F401  (re-exported)
@@ -314,11 +314,11 @@ class Kernel:
         self._key, self._saved = None, ()
 
     def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
-        with self._attention():
+        if not modes.get(self.mode).vmaps:
             return getattr(self, self._run)(b0, b1, s0, s1)
-
-    def _attention(self) -> contextlib.AbstractContextManager:
-        return plain_attention() if modes.get(self.mode).vmaps else contextlib.nullcontext()
+        # NOTE: [attention] in raijac.guard, [batching rules] in raijac.batching
+        with plain_attention(), batching_rules():
+            return getattr(self, self._run)(b0, b1, s0, s1)
 
     def _kept(self, key: tuple, build: Callable[[], tuple]) -> tuple:
         if self._key != key:

@@ -315,6 +315,46 @@ def test_hugging_face_bert_without_a_mask_keeps_a_vmapped_mode(store_path):
     assert_rel_close(torch.from_numpy(jac.numpy()), torch.stack(rows), 1e-5)
 
 
+def _distilbert() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(
+        vocab_size=60, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16, num_labels=3,
+        attn_implementation="eager",
+    )  # fmt: skip
+    ids, mask = torch.randint(0, 60, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    return transformers.DistilBertForSequenceClassification(config).eval(), ids, mask
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_hugging_face_eager_attention_masks_keep_rev_off_the_slow_path(store_path, monkeypatch):
+    """DistilBERT's eager attention fills its padding mask with masked_fill(mask, tensor), which
+    vmap has no batching rule for; raijac batches it with torch's decomposition (NOTE:
+    [batching rules]), so auto keeps rev where it fell back to rev-batched."""
+    model, ids, mask = _distilbert()
+    problem = Problem.from_module(model, ids, kwargs={"attention_mask": mask}, outputs="logits", wrt="params", batched=True)
+    jac = raijac.compute(problem, store_path, workers=2, progress=False)
+    assert jac.mode == "rev" and "slow path" not in jac.meta["mode_reason"], jac.meta["mode_reason"]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    rows = []
+    for b in range(3):  # one sample at a time: no vmap, so no batching rule, in the reference
+        one = torch.func.jacrev(
+            lambda p, i, m: torch.func.functional_call(model, p, (i[None],), {"attention_mask": m[None]}).logits[0]
+        )(params, ids[b], mask[b])
+        rows.append(torch.cat([one[n].reshape(3, -1) for n in params], dim=1))
+    assert_rel_close(torch.from_numpy(jac.numpy()), torch.stack(rows), 1e-5)
+    # Without the rule the triage finds rev on the slow path, naming the op.
+    monkeypatch.setattr(raijac.batching, "OPS", ())
+    raijac.batching.missing.cache_clear()
+    try:
+        report = try_mode(make_target(Problem.from_module(model, ids, kwargs={"attention_mask": mask}, outputs="logits",
+                                                          wrt="params", batched=True)), "rev")  # fmt: skip
+    finally:
+        raijac.batching.missing.cache_clear()
+    assert report.slow and "masked_fill" in report.note, report.note
+
+
 # ---------------------------------------------------------------------- a neural ODE
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("adjoint", [False, True], ids=["odeint", "adjoint"])
