@@ -319,10 +319,13 @@ def make_plan(
     else:
         fit = min(w.seeds_fitting(1) for w in workers)
         # Enough tiles for every worker to get several (load balance), no more than that, and
-        # none below min_tile_bytes unless a worker would go without (NOTE: [small runs]).
+        # none below min_tile_bytes unless a worker would go without (NOTE: [small runs]);
+        # a whole number of tiles per worker: 3 tiles of a U-Net's input J on 2 workers kept
+        # one of them idle for a third of the run.
         n_tiles = min(
             TILES_PER_WORKER * len(workers), max(len(workers), math.ceil(n_seed * samples * row_bytes / max(min_tile_bytes, 1)))
         )
+        n_tiles = math.ceil(n_tiles / len(workers)) * len(workers)
         balanced = math.ceil(n_seed * samples / n_tiles)
         seeds = min(block_size, n_seed) if block_size else min(fit, n_seed, max(balanced, 1))
         if block_size and block_size > fit:

@@ -207,6 +207,8 @@ def test_bigger_worker_merges_more_tiles():
         (None, 1, 5000, 1),  # one seed cannot be split
         (64, 16, 16, 2),  # 64 KiB over 64 samples: whole samples, one tile per worker
         (64, 256, 256, 8),  # 16 MiB: four tiles per worker
+        (12, 256, 256, 4),  # 3 MiB: two tiles per worker, not three tiles on two workers (a U-Net's input J)
+        (None, 700, 1000, 4),  # 2.7 MiB: the same along the rows
     ],
 )
 def test_small_jacobians_get_fewer_bigger_tiles(batch_size, n_out, n_in, tiles):
