@@ -67,10 +67,12 @@ def batching_rules() -> Iterator[None]:
 
     with _LOCK:
         if _ACTIVE["depth"] == 0:
-            ops = missing()
             library = torch.library.Library("aten", "IMPL", "FuncTorchBatched")
-            for op in ops:
-                library.impl(op, decomposition_table[op])
+            for op in missing():
+                try:
+                    library.impl(op, decomposition_table[op])
+                except Exception:  # a torch that refuses one: that op stays on vmap's slow path
+                    continue
             _ACTIVE["library"] = library
         _ACTIVE["depth"] += 1
     try:
@@ -80,4 +82,4 @@ def batching_rules() -> Iterator[None]:
             _ACTIVE["depth"] -= 1
             if _ACTIVE["depth"] == 0:
                 library, _ACTIVE["library"] = _ACTIVE["library"], None
-                library._destroy()
+                library._destroy()  # the registrations go with it
