@@ -13,6 +13,9 @@
 - the GPT-style model of tests/models.py, per-sample parameter Jacobian of the last token's logits
   (torch.func on the math attention backend too, which its vmap batches);
 - `hf`: a transformers GPT-2 with a padding mask, as a user writes it (no wrapper);
+- `distil`: a transformers DistilBERT classifier with eager attention and a padding mask
+  (`masked_fill(mask, tensor)`, batched by raijac's batching rules), per-sample gradients of
+  cross-entropy, B=64, against `vmap(grad(...))`;
 - `ode`: torchdiffeq's odeint input Jacobian, against autograd.functional.jacobian(vectorize=True).
 
 Every ratio is raijac / torch.func, best of `--repeats` runs each (machines shared with other
@@ -157,7 +160,7 @@ def raw_write(nbytes: int) -> None:
         piece[: (min(nbytes - i, piece.nbytes)) // 4].tofile(f"{folder}/{i}")
 
 
-PARTS = ["kernel", "params", "input", "gpt", "grads", "hf", "ode"]
+PARTS = ["kernel", "params", "input", "gpt", "grads", "hf", "distil", "ode"]
 
 
 def small_cnn() -> torch.nn.Module:
@@ -208,6 +211,42 @@ def hugging_face(b: int, repeats: int) -> None:
         f"Hugging Face GPT-2 (2 layers, width 64, vocab 200, 16 tokens, padding mask) last-token logits, B={b}",
         lambda: raijac.Problem.from_module(
             model, ids, kwargs={"attention_mask": mask}, outputs=lambda out: out.logits[:, -1], wrt="params", batched=True
+        ),
+        reference,
+        repeats,
+    )
+
+
+def distilbert(repeats: int) -> None:
+    """DistilBERT (4 layers, width 128, 128 tokens, eager attention, padding masks): per-sample
+    cross-entropy gradients, B=64, with labels and masks as per-sample data."""
+    import transformers
+
+    torch.manual_seed(100)
+    config = transformers.DistilBertConfig(
+        vocab_size=500, dim=128, n_layers=4, n_heads=4, hidden_dim=256, max_position_embeddings=128, num_labels=10,
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.DistilBertForSequenceClassification(config).eval()
+    b, tokens = 64, 128
+    ids, labels = torch.randint(0, 500, (b, tokens)), torch.randint(0, 10, (b,))
+    mask = torch.ones(b, tokens, dtype=torch.long)
+    mask[1, 90:], mask[-1, 70:] = 0, 0
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def loss(p: dict, i: torch.Tensor, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, p, (i[None],), {"attention_mask": m[None]}).logits
+        return loss_fn(logits, y[None])
+
+    def reference() -> torch.Tensor:
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(params, ids, mask, labels)
+        return torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1)
+
+    e2e(
+        f"DistilBERT (4 layers, width 128, 128 tokens, eager attention, padding mask) per-sample gradients, B={b}",
+        lambda: raijac.Problem.from_module(
+            model, ids, kwargs={"attention_mask": mask}, outputs="logits", loss=loss_fn, targets=labels, batched=True
         ),
         reference,
         repeats,
@@ -289,6 +328,8 @@ def main() -> None:
         )
     if "hf" in args.parts:
         hugging_face(b, args.repeats)
+    if "distil" in args.parts:
+        distilbert(args.repeats)
     if "ode" in args.parts:
         neural_ode(args.repeats)
     if "gpt" not in args.parts:
