@@ -694,12 +694,13 @@ def _hosts(n: int, options: dict[str, Any]) -> list[Any]:
         for host in hosts:
             ray.kill(host)
         hosts = []
-    # Two concurrent calls per host: one computes while the other writes (NOTE: [pipeline] in worker.py).
-    remote = ray.remote(WorkerHost).options(
-        max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": env}, **options
-    )
-    while len(hosts) < n:
-        hosts.append(remote.remote())
+    if len(hosts) < n:  # (making the actor class costs 3 ms of a warm run: only when one is started)
+        # Two concurrent calls per host: one computes while the other writes (NOTE: [pipeline] in worker.py).
+        remote = ray.remote(WorkerHost).options(
+            max_restarts=-1, max_task_retries=0, max_concurrency=IN_FLIGHT, runtime_env={"env_vars": env}, **options
+        )
+        while len(hosts) < n:
+            hosts.append(remote.remote())
     _POOLS[_session_key()] = (key, hosts)
     return hosts[:n]
 
