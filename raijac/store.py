@@ -362,9 +362,10 @@ class Staged:
         if self.error is None:
             try:
                 os.rename(where, self.path)
-                return zarr.open_group(self.path, mode="r+")
             except OSError:  # `path` came back, or cannot be renamed onto: write it in place
                 pass
+            else:
+                return zarr.open_group(self.path, mode="r+")
         shutil.rmtree(where, ignore_errors=True)
         return create_group(self.path, self.arrays)  # its error, if any, is the store's own
 
