@@ -945,3 +945,34 @@ def test_a_sample_whose_gradient_is_nan_is_no_coupling(store_path):
     want = torch.func.vmap(torch.func.jacrev(norm))(x)
     np.testing.assert_array_equal(np.isnan(jac.numpy()), torch.isnan(want).numpy())
     assert rel_err(np.nan_to_num(jac.numpy()), torch.nan_to_num(want)) < 1e-15
+
+
+def _nan_where_every_key_is_masked(z: torch.Tensor) -> torch.Tensor:
+    """Attention over z's entries with the negative ones masked out: a sample whose entries are
+    all negative has every key masked, and softmax over only -inf gives NaN, alone or in the batch."""
+    scores = (z[:, :, None] * z[:, None, :]).masked_fill(z[:, None, :] < 0, float("-inf"))
+    return torch.softmax(scores, -1) @ z[:, :, None]
+
+
+def _nan_only_in_the_batch(z: torch.Tensor) -> torch.Tensor:
+    y = torch.tanh(z)
+    return y if z.shape[0] == 1 else torch.where(torch.arange(z.shape[0])[:, None] == 1, torch.nan, y)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_sample_that_is_nan_alone_and_in_the_batch_is_independent(store_path):
+    """A padding mask that hides every key of a sample makes that sample NaN whichever way f sees
+    it; the independence check compared NaN with NaN and refused the batch as coupled. The run
+    goes on, says J is not all finite, and the other samples' J are right."""
+    x = torch.tensor([[1.0, 2.0, -0.5], [-1.0, -2.0, -0.5], [0.5, -1.0, 2.0]])
+    assert torch.isnan(_nan_where_every_key_is_masked(x)[1]).all()
+    jac = raijac.compute(raijac.Problem(_nan_where_every_key_is_masked, x, batched=True), store_path, workers=2)
+    assert jac.summary["all_finite"] is False
+    got = jac.numpy()
+    assert np.isnan(got[1]).all()
+    for b in (0, 2):
+        want = torch.func.jacrev(lambda z: _nan_where_every_key_is_masked(z[None])[0])(x[b]).reshape(3, 3)
+        np.testing.assert_allclose(got[b], want.numpy(), rtol=1e-5, atol=1e-6)
+    # NaN in the batch where f on the sample alone has none is still coupling.
+    with pytest.raises(ProblemError, match=r"treat samples independently.*sample 1 alone in where it is NaN or inf"):
+        _ = raijac.Problem(_nan_only_in_the_batch, torch.randn(3, 2), batched=True).y
