@@ -27,10 +27,12 @@ OPS = (
     "masked_fill.Tensor",  # attention masks filled with a tensor value (Hugging Face's eager attention)
     "masked_fill_.Tensor",
     "affine_grid_generator.default",  # spatial transformers (F.affine_grid); its backward has no rule yet
-    "_weight_norm_interface.default",  # weight norm on GPUs (CPU's aten::_weight_norm has no decomposition)
-    "_upsample_nearest_exact1d.vec",  # F.interpolate(mode="nearest-exact")
+    "_upsample_nearest_exact1d.vec",  # F.interpolate(mode="nearest-exact"); plain vmap meets these,
     "_upsample_nearest_exact2d.vec",
     "_upsample_nearest_exact3d.vec",
+    "_upsample_nearest_exact1d.default",  # and forward mode these
+    "_upsample_nearest_exact2d.default",
+    "_upsample_nearest_exact3d.default",
     "max_unpool2d.default",
     "max_unpool3d.default",
     "renorm.default",
