@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,12 +40,12 @@ OPS = (
 
 
 @functools.cache
-def missing() -> tuple[torch._ops.OpOverload, ...]:
-    """The ops of OPS this torch has no batching rule for but a decomposition (looked up once,
-    before any is registered)."""
+def missing() -> dict[torch._ops.OpOverload, Callable]:
+    """The ops of OPS this torch has no batching rule for, with their decompositions (looked
+    up once, before any is registered)."""
     from torch._decomp import decomposition_table
 
-    found = []
+    found = {}
     for name in OPS:
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
@@ -53,8 +53,8 @@ def missing() -> tuple[torch._ops.OpOverload, ...]:
             continue
         if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "FuncTorchBatched"):
             continue
-        found.append(op)
-    return tuple(found)
+        found[op] = decomposition_table[op]
+    return found
 
 
 _LOCK = threading.Lock()
@@ -65,14 +65,12 @@ _ACTIVE = {"depth": 0, "library": None}
 def batching_rules() -> Iterator[None]:
     """The batching rules of `missing()` registered for the body (NOTE: [batching rules]);
     nested or concurrent uses share one registration."""
-    from torch._decomp import decomposition_table
-
     with _LOCK:
         if _ACTIVE["depth"] == 0:
             library = torch.library.Library("aten", "IMPL", "FuncTorchBatched")
-            for op in missing():
+            for op, decomposition in missing().items():
                 try:
-                    library.impl(op, decomposition_table[op])
+                    library.impl(op, decomposition)
                 except Exception:  # a torch that refuses one: that op stays on vmap's slow path
                     continue
             _ACTIVE["library"] = library

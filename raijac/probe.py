@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import random
 import re
@@ -220,9 +221,6 @@ def resolve_mode(
 
 
 # ---------------------------------------------------------------------- memory
-_libc = None
-
-
 def _proc_status(field: str) -> int | None:
     """A /proc/self/status field in bytes (Linux), else None."""
     try:
@@ -253,14 +251,26 @@ class MallInfo2(ctypes.Structure):
     ]
 
 
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """glibc, found once per process (`find_library` runs ldconfig), with `mallinfo2` typed
+    where it has one (2.33+); None where there is no glibc with the malloc tuning calls
+    (macOS, musl). The probe reads the heap through it, the workers tune it (NOTE: [heap])."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = MallInfo2
+    return libc
+
+
 def _heap_bytes() -> Callable[[], int]:
     """A function returning the live heap in bytes (glibc mallinfo2, else process RSS)."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.mallinfo2.restype = MallInfo2
-        info = _libc.mallinfo2
+        info = glibc().mallinfo2
 
         def used() -> int:
             m = info()

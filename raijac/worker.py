@@ -10,9 +10,6 @@ restarts after a crash rebuilds itself on its next call.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import gc
 import os
 import socket
@@ -29,7 +26,7 @@ from raijac import store
 from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, StoreError, first_line
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, block_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
-from raijac.probe import MallInfo2, _proc_status, _reset_peak_rss, default_budget, measure_cost, quick_cost, seed_bytes, warm_up
+from raijac.probe import _proc_status, _reset_peak_rss, default_budget, glibc, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
 from raijac.record import differences
 from raijac.record import fingerprint_parts as fingerprint_parts_of
@@ -426,7 +423,7 @@ def bound_heap(threshold: int = HEAP_THRESHOLD_MIN, keep: int | None = None) -> 
     state, half of it by 5.2-5.3 MB, as with no heap kept. A new run that may keep less
     than the last hands the heap back first.
     """
-    libc = _libc()
+    libc = glibc()
     keep = threshold if keep is None else keep
     if keep < _KEPT["keep"] and free_heap() > keep:
         trim_heap()
@@ -442,7 +439,7 @@ _KEPT = {"keep": 0}  # the most free heap this process may keep: set by the last
 def free_heap() -> int:
     """Bytes glibc's heap holds free (mallinfo2 `fordblks`), 0 where it cannot say: an upper
     bound of what it keeps resident (pages handed back out of holes stay counted)."""
-    libc = _libc()
+    libc = glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
     return int(libc.mallinfo2().fordblks)
@@ -450,23 +447,8 @@ def free_heap() -> int:
 
 def trim_heap() -> bool:
     """Return the heap's free pages to the OS (glibc `malloc_trim`; NOTE: [heap])."""
-    libc = _libc()
+    libc = glibc()
     return libc is not None and bool(libc.malloc_trim(0))
-
-
-@functools.cache
-def _libc() -> Any:
-    """glibc, found once per process (`find_library` runs ldconfig); None where there is no
-    glibc with the malloc tuning calls (macOS, musl)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
-        return None
-    if hasattr(libc, "mallinfo2"):  # glibc 2.33+
-        libc.mallinfo2.restype = MallInfo2
-    return libc
 
 
 def _peak_rss_growth(idle: int | None) -> int | None:
