@@ -438,6 +438,11 @@ class Kernel:
             g = z.new_zeros(k, *z.shape)
         return g.reshape(k, nb, t.n_in).transpose(0, 1)
 
+    def plain_forward(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept plain autograd forward of samples b0:b1 (leaf z, y as (nb, n_out)), where
+        this mode made one (rev-batched, loop), for the block check to share (NOTE: [shared forward])."""
+        return self._saved if self._key == ("loop", b0, b1) else None
+
     def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
         nb = b1 - b0
@@ -578,12 +583,30 @@ class Reference:
             self._projections[(b0, b1)] = (u, self.vjp(b0, b1, u))
         return self._projections[(b0, b1)]
 
+    def adopt(self, b0: int, b1: int, graph: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Use a kernel's plain autograd forward of samples b0:b1 (leaf z, y as (nb, n_out))
+        as this reference's graph for them.
+
+        NOTE: [shared forward] rev-batched and loop run f's forward as plain autograd, the
+        very graph `_graph` builds (same loop_fn, same replayed draws; attention on its math
+        backend, the same function): building it again cost 10% of an odeint block. What
+        the check compares, the mode's backward against one plain backward, is unchanged;
+        and since the kernel's backward runs first, one that changes what the graph saved
+        makes the reference's differ from the block (a refusal), not agree with it.
+        """
+        if (b0, b1) not in self._graphs:
+            self._evict()
+            self._graphs[(b0, b1)] = graph
+
+    def _evict(self) -> None:
+        while len(self._graphs) >= self.keep:
+            self._graphs.pop(next(iter(self._graphs)))
+
     def _kept(self, key: tuple, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """`build()`'s (leaf, output) with its autograd graph, kept for the last `keep` keys
         (the oldest dropped first); NoReference where plain autograd cannot run f."""
         if key not in self._graphs:
-            while len(self._graphs) >= self.keep:
-                self._graphs.pop(next(iter(self._graphs)))
+            self._evict()
             try:
                 with torch.enable_grad():
                     self._graphs[key] = build()

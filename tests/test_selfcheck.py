@@ -209,6 +209,30 @@ def test_worker_refuses_a_wrong_block_and_writes_nothing():
     assert np.all(data[:, :, 8:] == 0)  # what would have been stored without the check
 
 
+@pytest.mark.parametrize("mode", ["rev-batched", "loop"])
+def test_the_check_shares_the_plain_forward_and_still_refuses_a_wrong_block(mode):
+    """NOTE: [shared forward]: rev-batched and loop make f's plain autograd forward, and the
+    worker's check differentiates that same graph instead of building it again; right blocks
+    pass (each against torch.func), a block 1% off is still refused, and so is a block of
+    other samples' rows."""
+    torch.manual_seed(1)
+    w = torch.randn(12, 5, dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    problem = raijac.Problem(lambda v: torch.tanh(v @ w.T), x, batched=True)
+    want = torch.func.vmap(torch.func.jacrev(lambda v: torch.tanh(w @ v)))(x).numpy()
+    worker = _worker(problem, mode)
+    kernel = worker._ready()
+    np.testing.assert_allclose(worker._compute(kernel, 0, 2, 0, 7), want[0:2, 0:7], rtol=1e-12, atol=1e-14)
+    assert worker._reference._graphs[(0, 2)] is kernel.plain_forward(0, 2)  # shared, not built again
+    np.testing.assert_allclose(worker._compute(kernel, 2, 4, 7, 12), want[2:4, 7:12], rtol=1e-12, atol=1e-14)
+    block = kernel(2, 4, 0, 7).detach()
+    with pytest.raises(BlockCheckError, match="relative error of 0.0"):
+        worker._check(kernel, _corrupt(block, 0.01), 2, 4, 0, 7)
+    with pytest.raises(BlockCheckError):
+        worker._check(kernel, kernel(0, 2, 0, 7).detach(), 2, 4, 0, 7)
+    assert Kernel(make_target(problem), "rev").plain_forward(0, 2) is None  # rev's forward is vmapped: nothing to share
+
+
 def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_path):
     """The triage's trial columns miss 24:32, so only the block check stands between
     fwd-repeat's zeros and the store: that tile fails, the finished ones stay written."""
