@@ -48,7 +48,6 @@ from raijac.probe import (
 )
 from raijac.problem import Problem, load_problem
 from raijac.reader import Jacobian
-from raijac.reader import open as open_store
 from raijac.sparsity import Colouring, Pattern, choose, resolve_pattern
 from raijac.worker import TORCH_DTYPES
 
@@ -139,6 +138,21 @@ class Prepared:
     def fingerprint_args(self) -> dict[str, str]:
         return {"mode": self.mode, "dtype": self.dtype}
 
+    def remembered(self, *, memo: bool) -> str | None:
+        """The mode an earlier run's triage of this f chose, or None: what `choose(memo=True)`
+        will answer, known before the workers load, so that they trace f as a chain only
+        when it may run as one (8 ms of a warm odeint run)."""
+        kept = self._kept_choice(memo)
+        return None if kept is None else kept[0]
+
+    def _kept_choice(self, memo: bool) -> tuple[str, str, tuple] | None:
+        """(mode, reason, reports) of an earlier run's triage of this f (NOTE: [triage memo]
+        in memo), where `memo` allows one (runs whose every block is checked)."""
+        if not memo or self.pattern is not None or self.problem.reverse_mode_error is not None:
+            return None
+        kept = memo_get(self.problem, self.mode)
+        return kept["choice"] if kept is not None and "choice" in kept else None
+
     def choose(self, *, try_all: bool = False, memo: bool = False) -> tuple[str, str, list[ModeReport], Colouring | None]:
         """The mode to run, why, the triage's reports and (sparse problems) the colouring;
         `memo`: reuse an earlier run's triage of the same f (NOTE: [triage memo] in memo),
@@ -147,11 +161,10 @@ class Prepared:
             return _sparse_mode(self.problem, self.mode, try_all=try_all)
         if self.problem.reverse_mode_error is not None:  # only fwd without block checks gets here (`prepare`)
             return self.mode, "requested; its trial blocks are not compared with torch's reverse mode, wrong for this f", [], None
-        if memo and not try_all:
-            kept = memo_get(self.problem, self.mode)
-            if kept is not None and "choice" in kept:
-                mode, reason, reports = kept["choice"]
-                return mode, reason + REMEMBERED, list(reports), None
+        kept = self._kept_choice(memo and not try_all)
+        if kept is not None:
+            mode, reason, reports = kept
+            return mode, reason + REMEMBERED, list(reports), None
         mode, reason, reports = resolve_mode(self.problem, self.mode, try_all=try_all)
         if memo:
             _remember(self.problem, self.mode, mode, reason, reports)
@@ -425,7 +438,7 @@ def compute(
     ray_session = RayExecutor(address=address, workers=workers, spec=problem.spec, keep_ray=keep_ray)
     with ray_session as executor, _stage(out, problem, existing) as staged:
         # The actors start and load the problem while the driver triages (NOTE: [boot] in executor).
-        chain = _may_chain(problem, existing["mode"] if existing else mode)
+        chain = _may_chain(problem, existing["mode"] if existing else ready.remembered(memo=check_blocks) or mode)
         executor.preload(source, budgets=budgets, chain=chain, **worker_ids)
         if existing is not None:
             chosen, reason, reports = existing["mode"], existing["mode_reason"], []
@@ -593,7 +606,7 @@ def compute(
         block_check=meta.get("block_check"),
         sparse=sparse,
     )
-    store.update_meta(
+    meta = store.update_meta(
         group,
         complete=done,
         finished=record.now(),
@@ -601,7 +614,7 @@ def compute(
         workers=[w.__dict__ for w in the_plan.workers],
         runs=[*meta.get("runs", []), summary.run_record()],
     )
-    result = open_store(out, allow_partial=not done)
+    result = Jacobian.written(out, meta, ledger.done, allow_partial=not done)
     result.summary = summary.to_dict()
     return result
 

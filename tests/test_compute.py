@@ -14,7 +14,7 @@ import torch
 import zarr
 
 import raijac
-from raijac import store
+from raijac import modes, store
 from tests.problems import BY_NAME, CASES, assert_close
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -235,6 +235,31 @@ def test_a_second_run_of_the_same_f_reuses_the_workers_memory_cost(tmp_path, mon
     raijac.compute(raijac.Problem(f, x2), str(tmp_path / "3.zarr"), workers=2, dtype="float64")
     raijac.compute(raijac.Problem(lambda v: f(v) * 2, x2), str(tmp_path / "4.zarr"), workers=2)
     assert measures == ["none", "quick", "quick"]
+
+
+def test_workers_trace_a_chain_only_while_the_mode_may_be_one(tmp_path, monkeypatch):
+    """auto may run an unbatched f of 256 outputs as a traced chain, so the first run's workers
+    trace f while the driver triages; a second run of the same f runs the mode that triage
+    chose (NOTE: [triage memo]), not a chain, so its workers do not trace f again."""
+    import raijac.executor
+
+    torch.manual_seed(6)
+    w = torch.randn(256, 256) / 16
+
+    def f(v):
+        return torch.softmax(w @ v, dim=0)  # no elementwise stages to peel: not a chain
+
+    chains = []
+    real = raijac.executor.RayExecutor.preload
+    monkeypatch.setattr(
+        raijac.executor.RayExecutor, "preload", lambda self, *a, **k: chains.append(k["chain"]) or real(self, *a, **k)
+    )
+    first = raijac.compute(raijac.Problem(f, torch.randn(256)), str(tmp_path / "1.zarr"), workers=2)
+    x2 = torch.randn(256)
+    second = raijac.compute(raijac.Problem(f, x2), str(tmp_path / "2.zarr"), workers=2)
+    assert not modes.get(first.mode).chain and second.mode == first.mode
+    assert chains == [True, False]
+    np.testing.assert_allclose(second.numpy(), torch.func.jacrev(f)(x2).numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_one_probe_block_bounds_the_memory_cost_unless_the_budget_binds(tmp_path):

@@ -24,8 +24,35 @@ def batched_store(tmp_path_factory, ray_session):
     case = BY_NAME["params_batched"]
     problem = case.build()
     path = str(tmp_path_factory.mktemp("r") / "ntk.zarr")
-    raijac.compute(problem, path, workers=2)
+    computed = raijac.compute(problem, path, workers=2)
+    _same_as_read_back(computed, path)
     return path, problem, case.reference(problem)
+
+
+def _same_as_read_back(computed: raijac.Jacobian, path: str) -> None:
+    """What compute returns (opened from what its driver wrote: Jacobian.written) is the
+    store as `raijac.open` reads it back."""
+    again = raijac.open(path)
+    assert computed.meta == again.meta and computed.meta["complete"] is True
+    assert (computed.tiles_done, computed.n_tiles) == (again.tiles_done, again.n_tiles) and computed.complete
+    assert computed.group.read_only and computed.shape == again.shape
+    np.testing.assert_array_equal(computed.numpy(), again.numpy())
+
+
+def test_a_resumed_run_returns_its_store_as_read_back(tmp_path):
+    """A resumed run (one tile left, its record removed) returns the finished store as raijac.open reads it."""
+    path = str(tmp_path / "p.zarr")
+    problem = BY_NAME["params_batched"].build()
+    raijac.compute(problem, path, workers=2, block_size=1)
+    group = zarr.open_group(path, mode="r+")
+    tiles = group["tiles"][...]
+    tiles[1] = 0
+    group["tiles"][...] = tiles
+    meta = dict(group.attrs["raijac"])
+    group.attrs["raijac"] = {**meta, "complete": False}
+    resumed = raijac.compute(problem, path, workers=2, resume=True)
+    assert resumed.summary["tiles_computed"] == 1
+    _same_as_read_back(resumed, path)
 
 
 def test_open_gives_metadata_and_views(batched_store):
