@@ -654,6 +654,18 @@ def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
                 )
 
 
+def _shared_hint(problem: Problem) -> str:
+    """Where f gets inputs not differentiated sample by sample: a hint that those the same for
+    every sample (a causal mask) are passed whole when named in `shared`."""
+    from raijac.trees import Flat
+
+    names = problem.f.ctx_names if isinstance(problem.f, Flat) else []
+    names = [n for n in names[1 if problem.wrt == "params" else 0 :] if not n.startswith("targets")]
+    if not names:
+        return ""
+    return f" (each sample gets its own slice of {', '.join(names)}: name an input the same for every sample, a mask, in shared=)"
+
+
 def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[int]) -> None:
     """Compare the batch's output sample s with f on sample s alone, which is what the
     kernels may differentiate: catches what no gradient shows (token ids as x, a coupling
@@ -671,15 +683,15 @@ def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[in
                 continue
             raise ProblemError(
                 f"batched=True needs f to map one sample (1, ...) as it maps a batch, but on sample {s} alone f raised "
-                f"{type(exc).__name__}: {first_line(exc)}; fix f, or pass batched=False."
+                f"{type(exc).__name__}: {first_line(exc)}; fix f{_shared_hint(problem)}, or pass batched=False."
             ) from exc
         if tuple(alone.shape) != (1, *y.shape[1:]):
             # Every mode may run a block of one sample, so this J could not be right either way.
             raise ProblemError(
                 f"batched=True needs f to map (1, ...) to (1, ...), but on sample {s} alone it returned shape "
-                f"{tuple(alone.shape)} where the batch gives {tuple(y.shape[1:])} per sample (a tensor shared by all "
-                "samples passed as an argument is cut into samples too: close over it inside f); fix f, or pass "
-                "batched=False."
+                f"{tuple(alone.shape)} where the batch gives {tuple(y.shape[1:])} per sample; fix "
+                f"f{_shared_hint(problem) or ' (a tensor shared by all samples is cut into samples too: close over it inside f)'}, "
+                "or pass batched=False."
             )
         # A NaN or inf both ways is the same output (a padding mask that hides every key of a
         # sample gives NaN on its own and in the batch): only the finite entries are compared.

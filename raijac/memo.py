@@ -66,7 +66,7 @@ def memo_key(problem: Problem, requested: str, out: tuple | None = None) -> tupl
         weakref.ref(anchor)
     except TypeError:
         anchor = _BUILTINS
-    tensors = (problem.x, problem.params, *(problem.ctx or ()))
+    tensors = (problem.x, problem.params, *(problem.ctx or ()), *problem.constants)
     parts.append(tuple(None if t is None else (tuple(t.shape), str(t.dtype), str(t.device)) for t in tensors))
     if out is None:
         out = (tuple(problem.output_shape), str(problem.dtype), problem.random)

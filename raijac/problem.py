@@ -94,13 +94,17 @@ class Problem:
         outputs: a key or index (or a list of them) choosing what of f's output to
             differentiate (`outputs="logits"`).
         kwargs: keyword arguments for f, not differentiated.
+        shared: the inputs not differentiated that are the same for every sample of a
+            batched problem (a causal mask, a position table), by keyword or position:
+            each sample gets them whole instead of its own slice (`in_dims=None` in vmap).
         loss: differentiate `loss(output, *targets)` instead of f's output: with
             `batched=True` sample by sample, so `loss=F.cross_entropy` and the labels as
             `targets` give per-sample losses (their parameter Jacobian: per-sample gradients).
         targets: a tensor or a tuple of them for `loss` (per-sample when batched).
         batched: every input tensor holds independent samples along its leading dimension
             and f maps them sample by sample; the result is the per-sample Jacobians
-            `(B, M, N)`. Inputs not differentiated (labels, masks) travel with their samples.
+            `(B, M, N)`. Inputs not differentiated (labels, masks) travel with their samples,
+            except those named in `shared`.
             Batched problems are batch-aware.
         batch_aware: `f` also maps a stack `(K, *in)` to `(K, *out)` sample by sample,
             which the repeat modes (`rev-repeat`, `fwd-repeat`) need.
@@ -128,6 +132,7 @@ class Problem:
         batched: bool = False,
         batch_aware: bool = False,
         sparsity: object = None,
+        shared: Sequence[str | int] = (),
     ) -> None:
         if not callable(f):
             raise ProblemError(f"f must be callable, but got {type(f).__name__}; pass the function itself.")
@@ -135,29 +140,40 @@ class Problem:
             raise ProblemError("Problem needs the point to differentiate at: Problem(f, x) or Problem(f, *args, argnums=...).")
         nums = _argnums(argnums, len(args))
         self.ctx: tuple[torch.Tensor, ...] | None = None
+        names: list[str] = []  # the per-sample inputs' names
         self.in_leaves: tuple[trees.Leaf, ...] = ()
         # As given (order kept; columns follow the inputs' order): the reader's jacrev structure.
         n = len(args)
         self.argnums: int | tuple[int, ...] = argnums % n if isinstance(argnums, int) else tuple(i % n for i in argnums)  # type: ignore[union-attr]
-        plain = not (has_aux or outputs is not None or kwargs or loss is not None or targets is not None)
+        plain = not (has_aux or outputs is not None or kwargs or loss is not None or targets is not None or shared)
         if len(args) == 1 and nums == (0,) and isinstance(args[0], torch.Tensor) and plain:
             x = args[0]
             _check_input(x, "x")
         else:
             flat = trees.Flat(
-                f, args, nums, kwargs=kwargs, has_aux=has_aux, outputs=outputs, batched=batched, loss=loss, targets=targets
+                f,
+                args,
+                nums,
+                kwargs=kwargs,
+                has_aux=has_aux,
+                outputs=outputs,
+                batched=batched,
+                loss=loss,
+                targets=targets,
+                shared=shared,
             )
             x = flat.flat_input()
             _check_input(x, "the differentiated input" if len(flat.x_leaves) == 1 else "the differentiated inputs")
             if len(flat.x_leaves) > 1 or flat.x_leaves[0].name != "args[0]":
                 self.in_leaves = flat.x_leaves
             self.ctx = flat.context()
+            names = flat.ctx_names
             f = flat
         if batched and x.ndim == 0:
             raise ProblemError(
                 "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
             )
-        _check_samples(self.ctx, x.shape[0] if batched else None)
+        _check_samples(self.ctx, x.shape[0] if batched else None, names)
         self.f = f
         self.x = x.detach()
         self.batched = bool(batched)
@@ -210,13 +226,16 @@ class Problem:
         wrt: Wrt = "params",
         argnums: int | tuple[int, ...] = 0,
         batched: bool = False,
+        shared: Sequence[str | int] = (),
     ) -> Problem:
         """The Jacobian of `module(*args, **kwargs)` w.r.t. its trainable parameters or its inputs.
 
         With `wrt="params"` the columns are all parameters with `requires_grad`, flattened
         in `module.parameters()` order; `batched=True` gives per-sample parameter
         Jacobians (the NTK / Fisher case), and the inputs may be any tensors (token ids,
-        attention masks: each travels with its samples). With `wrt="input"`, `argnums`
+        attention masks: each travels with its samples; those the same for every sample, a
+        causal mask, are named in `shared`: `kwargs={"tgt_mask": m}, shared=("tgt_mask",)`).
+        With `wrt="input"`, `argnums`
         picks the inputs to differentiate. `outputs` picks what of the module's output to
         differentiate (`outputs="logits"` for a Hugging Face model's `ModelOutput`).
         `loss` and `targets` differentiate a loss of that output instead; with
@@ -238,6 +257,7 @@ class Problem:
                 targets=targets,
                 batched=batched,
                 batch_aware=batched,
+                shared=shared,
             )
             return problem.replace(kind="module")
         if wrt != "params":
@@ -254,11 +274,23 @@ class Problem:
             infos.append(ParamInfo(name, tuple(p.shape), offset))
             offset += p.numel()
         caller = trees.Flat(
-            module, args, (), kwargs=kwargs, outputs=outputs, batched=batched, of_params=True, loss=loss, targets=targets
+            module,
+            args,
+            (),
+            kwargs=kwargs,
+            outputs=outputs,
+            batched=batched,
+            of_params=True,
+            loss=loss,
+            targets=targets,
+            shared=shared,
         )
         ctx = caller.context()
         if not ctx:
-            raise ProblemError("from_module needs the module's inputs: from_module(module, x, ...) with at least one tensor.")
+            raise ProblemError(
+                "from_module needs the module's inputs: from_module(module, x, ...) with at least one tensor "
+                "(one not in shared: the samples' own)."
+            )
         if batched and ctx[0].ndim == 0:
             raise ProblemError(
                 "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
@@ -267,7 +299,7 @@ class Problem:
             raise ProblemError(
                 f"x has no samples (shape {tuple(ctx[0].shape)}), so there is nothing to compute; pass at least one sample."
             )
-        _check_samples(ctx, ctx[0].shape[0] if batched else None)
+        _check_samples(ctx, ctx[0].shape[0] if batched else None, caller.ctx_names)
         problem = object.__new__(cls)
         problem.__dict__.update(
             f=caller,
@@ -575,13 +607,26 @@ class Problem:
         except ProblemError:
             raise
         except Exception as exc:  # the user's function: show its own message
+            if trees.LOSS_NOTE in getattr(exc, "__notes__", ()) and isinstance(self.f, trees.Flat):
+                raise ProblemError(
+                    f"the loss raised {type(exc).__name__} on f's output and the targets ({self.f.targets_shown}): "
+                    f"{first_line(exc)}; pass targets as the loss takes them (F.cross_entropy: int64 class indices "
+                    "in [0, C), one per sample)."
+                ) from exc
             raise ProblemError(
                 f"f raised {type(exc).__name__} on x of shape {tuple(self.x.shape)}: {first_line(exc)}; "
                 "fix f or pass x of the shape it expects."
             ) from exc
 
+    @property
+    def constants(self) -> tuple[torch.Tensor, ...]:
+        """The tensor inputs f gets whole that are not differentiated: an unbatched problem's
+        other inputs, a batched one's `shared` ones (part of the fingerprint, as x is)."""
+        return tuple(self.f._buffers.values()) if isinstance(self.f, trees.Flat) else ()
+
     def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
-        """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters."""
+        """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters,
+        the other inputs."""
         h = hashlib.sha256()
         head = {
             "spec": spec_key(self.spec),
@@ -605,7 +650,7 @@ class Problem:
         if self.random:
             head["random"] = {"replayed": True, "seed": REPLAY_SEED}
         h.update(json.dumps(head, sort_keys=True).encode())
-        for t in (self.x, self.params, *(self.ctx or ())):
+        for t in (self.x, self.params, *(self.ctx or ()), *self.constants):
             if t is not None:
                 h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
@@ -682,16 +727,29 @@ def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
     return tuple(sorted({i % n_args for i in nums}))
 
 
-def _check_samples(ctx: tuple[torch.Tensor, ...] | None, batch: int | None) -> None:
+def _check_samples(ctx: tuple[torch.Tensor, ...] | None, batch: int | None, names: Sequence[str]) -> None:
     """Per-sample inputs must hold as many samples as x."""
     if batch is None:
         return
-    for t in ctx or ():
+    for t, name in zip(ctx or (), names, strict=True):
         if t.ndim == 0 or t.shape[0] != batch:
+            if name.startswith("targets"):
+                raise ProblemError(
+                    f"batched=True needs the targets to hold one entry per sample, B={batch}, along their first "
+                    f"dimension, but {name} has shape {tuple(t.shape)}; pass the labels of these B samples."
+                )
             raise ProblemError(
-                f"batched=True needs every input tensor to hold B={batch} samples along its first dimension, but one has "
-                f"shape {tuple(t.shape)}; close over tensors shared by all samples inside f instead."
+                f"batched=True needs every input tensor not differentiated to hold B={batch} samples along its first "
+                f"dimension, but {name} has shape {tuple(t.shape)}; if it is the same for every sample (a mask), pass "
+                f"shared=({_input_key(name)!r},), or close over it inside f."
             )
+
+
+def _input_key(name: str) -> str | int:
+    """The `shared` entry naming a leaf: `kwargs['mask']` -> 'mask', `args[1]...` -> 1."""
+    head = name.split("]", 1)[0]  # kwargs['mask' / args[1
+    key = head.split("[", 1)[1]
+    return int(key) if key.isdigit() else key.strip("'\"")
 
 
 def _is_dataclass(obj: object) -> bool:
@@ -701,7 +759,13 @@ def _is_dataclass(obj: object) -> bool:
 def _check_input(x: object, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ProblemError(f"{name} must be a torch.Tensor, but got {type(x).__name__}; wrap it with torch.as_tensor.")
-    if x.is_complex() or not x.is_floating_point():
+    if not x.is_complex() and not x.is_floating_point():
+        raise ProblemError(
+            f"raijac differentiates floating-point inputs, but {name} has dtype {x.dtype}, which has no derivative "
+            "(token ids? differentiate the parameters with from_module(..., wrt='params'), or pass the embeddings, "
+            f"e.g. inputs_embeds=); pass {name}.float() if it holds real values."
+        )
+    if x.is_complex():
         raise ProblemError(
             f"raijac differentiates floating-point inputs, but {name} has dtype {x.dtype}; "
             f"pass {name}.float() or {name}.double() (complex inputs: split real and imaginary parts)."

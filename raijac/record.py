@@ -204,7 +204,7 @@ def fingerprint_parts(problem: Problem, *, mode: str, dtype: str) -> dict[str, s
         "dtype": str(problem.dtype),
         "sparse": getattr(problem, "sparsity", None) is not None,
     }
-    return {
+    parts = {
         "mode": mode,
         "dtype": dtype,
         "spec": spec_key(problem.spec),
@@ -212,6 +212,10 @@ def fingerprint_parts(problem: Problem, *, mode: str, dtype: str) -> dict[str, s
         "parameters": None if params is None else digest([[i.name, list(i.shape)] for i in problem.param_info], params),
         "shapes": digest(shapes),
     }
+    consts = problem.constants
+    if consts:  # only then: a problem without them keeps the parts older stores hold
+        parts["constants"] = digest([[list(t.shape), str(t.dtype)] for t in consts], *consts)
+    return parts
 
 
 # What each part is called in a refusal: the option (Python argument and CLI flag) or input.
@@ -222,6 +226,7 @@ _PART_NAMES = {
     "x": "point x",
     "parameters": "parameters",
     "shapes": "shapes or problem kind (batched, wrt, input/output shapes, output dtype, sparsity)",
+    "constants": "set of inputs that are neither differentiated nor per sample (shared=, an unbatched f's other inputs)",
 }
 
 

@@ -9,7 +9,9 @@ can cut J back into the structure `jacrev` returns.
 
 Inputs that are not differentiated are constants of `Flat` in unbatched problems; in
 batched ones their tensors are per-sample data (labels, masks, token ids: leading dimension
-B, as `vmap`'s default `in_dims=0`) that travel with their samples as the kernels' context.
+B, as `vmap`'s default `in_dims=0`) that travel with their samples as the kernels' context,
+except those named in `shared` (a causal mask, a position table: `in_dims=None`), which
+every sample gets whole.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils import _pytree as pytree
 from raijac.errors import ProblemError
 
 Select = str | int | Sequence[str | int] | Callable[[Any], Any] | None
+LOSS_NOTE = "raijac: raised by the loss"  # noted on what `loss` raises (Flat._loss)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Flat(torch.nn.Module):
         of_params: bool = False,
         loss: Callable[..., torch.Tensor] | None = None,
         targets: Any = None,
+        shared: Sequence[str | int] = (),
     ) -> None:
         super().__init__()
         self.fn = fn  # an nn.Module is registered as a submodule here
@@ -152,21 +156,27 @@ class Flat(torch.nn.Module):
         targets = () if targets is None else targets if isinstance(targets, tuple) else (targets,)
         if loss is None and targets:
             raise ProblemError("targets are inputs of a loss: pass loss=... with them, or pass them to f as inputs.")
-        leaves, names, self.spec = flatten((tuple(args), dict(kwargs or {}), targets), "")
+        kwargs = dict(kwargs or {})
+        whole = _shared_inputs(shared, len(args), kwargs, () if of_params else argnums)
+        self.targets_shown = _describe(targets, "targets")  # for the errors of a loss
+        leaves, names, self.spec = flatten((tuple(args), kwargs, targets), "")
+        tops = _top_inputs((tuple(args), kwargs, targets))
         self.names = [_arg_name(n) for n in names]
         self.roles: list[str] = []  # per leaf: "x" (differentiated), "ctx" (per-sample), "const", "value"
         self.values: list[Any] = []  # non-tensor leaves, kept as they are
         x_names, x_shapes, self.x_parts, self.ctx_parts = [], [], [], []
-        for leaf, raw, name in zip(leaves, names, self.names, strict=True):
+        self.ctx_names: list[str] = []  # the per-sample leaves' names, for errors about their shapes
+        for leaf, raw, name, top in zip(leaves, names, self.names, tops, strict=True):
             if not of_params and _arg_index(raw) in argnums:
                 role = "x"
                 x_names.append(name)
                 x_shapes.append(_per_sample_shape(leaf, name, batched))
                 self.x_parts.append(leaf)
-            elif isinstance(leaf, torch.Tensor) and (batched or of_params):
+            elif isinstance(leaf, torch.Tensor) and (batched or of_params) and top not in whole:
                 role = "ctx"
-                _per_sample_shape(leaf, name, batched)
+                _per_sample_shape(leaf, name, batched, shareable=top)
                 self.ctx_parts.append(leaf.detach())
+                self.ctx_names.append(name)
             elif isinstance(leaf, torch.Tensor):
                 role = "const"
                 self.register_buffer(f"const{len(self.roles)}", leaf.detach(), persistent=False)
@@ -272,15 +282,20 @@ class Flat(torch.nn.Module):
 
     def _loss(self, out: Any, targets: tuple) -> torch.Tensor:
         """`loss(out, *targets)`; for batched problems sample by sample (vmapped), so a loss
-        that averages over its batch (cross_entropy's default) gives each sample's own loss."""
-        if not self.batched:
-            return self.loss(out, *targets)
+        that averages over its batch (cross_entropy's default) gives each sample's own loss.
+        What the loss raises carries LOSS_NOTE, so the problem's error can name the targets."""
+        try:
+            if not self.batched:
+                return self.loss(out, *targets)
 
-        def one(o: Any, t: tuple) -> torch.Tensor:
-            value = self.loss(*pytree.tree_map(_unsqueeze, (o, *t)))
-            return value.squeeze(0) if value.ndim and value.shape[0] == 1 else value
+            def one(o: Any, t: tuple) -> torch.Tensor:
+                value = self.loss(*pytree.tree_map(_unsqueeze, (o, *t)))
+                return value.squeeze(0) if value.ndim and value.shape[0] == 1 else value
 
-        return torch.func.vmap(one)(out, targets)
+            return torch.func.vmap(one)(out, targets)
+        except Exception as exc:
+            exc.add_note(LOSS_NOTE)
+            raise
 
 
 def param_slots(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
@@ -330,18 +345,63 @@ def _unsqueeze(leaf: Any) -> Any:
     return leaf.unsqueeze(0) if isinstance(leaf, torch.Tensor) else leaf
 
 
-def _per_sample_shape(leaf: Any, name: str, batched: bool) -> tuple[int, ...]:
+def _per_sample_shape(leaf: Any, name: str, batched: bool, shareable: str | int | None = None) -> tuple[int, ...]:
+    """A per-sample input's shape of one sample; `shareable`: the `shared` entry that would
+    pass it whole (None for differentiated inputs and targets)."""
     if not isinstance(leaf, torch.Tensor):
         raise ProblemError(
             f"the differentiated input {name} must be a torch.Tensor, but is a {type(leaf).__name__}; wrap it with "
             "torch.as_tensor, or leave it out of argnums."
         )
     if batched and leaf.ndim == 0:
+        fix = "" if shareable is None else f"pass shared=({shareable!r},) if it is the same for every sample, or "
         raise ProblemError(
             f"batched=True needs every tensor input to hold one entry per sample, but {name} is a scalar; "
-            "close over tensors shared by all samples inside f instead."
+            f"{fix}close over it inside f."
         )
     return tuple(leaf.shape[1:] if batched else leaf.shape)
+
+
+def _describe(tree: Any, prefix: str) -> str:
+    """A pytree's leaves as `targets[0] int64 (4,)`, for error messages."""
+    leaves, names, _ = flatten(tree, prefix)
+    return ", ".join(
+        f"{name} {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"{name} {t!r}"
+        for t, name in zip(leaves, names, strict=True)
+    )
+
+
+def _shared_inputs(shared: Sequence[str | int], n_args: int, kwargs: dict, argnums: tuple[int, ...]) -> set[str | int]:
+    """The inputs every sample gets whole: keyword names and positions of `args`, checked."""
+    if isinstance(shared, str | int):
+        shared = (shared,)
+    whole: set[str | int] = set()
+    for item in shared:
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise ProblemError(f"shared names inputs by keyword (a str) or position (an int), but got {item!r}.")
+        if isinstance(item, str) and item not in kwargs:
+            known = ", ".join(map(repr, kwargs)) or "none"
+            raise ProblemError(f"shared names {item!r}, which is not one of the keyword arguments (kwargs: {known}).")
+        if isinstance(item, int):
+            if not -n_args <= item < n_args:
+                raise ProblemError(f"shared names position {item}, but there are {n_args} positional inputs.")
+            item %= n_args
+            if item in argnums:
+                raise ProblemError(
+                    f"shared names input {item}, which is differentiated (argnums); shared inputs are not differentiated."
+                )
+        whole.add(item)
+    return whole
+
+
+def _top_inputs(tree: tuple[tuple, dict, tuple]) -> list[str | int | None]:
+    """For each leaf of `(args, kwargs, targets)`: the position or keyword it belongs to
+    (None for targets)."""
+    tops: list[str | int | None] = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        group, key = path[0].idx, path[1]
+        tops.append(key.idx if group == 0 else key.key if group == 1 else None)
+    return tops
 
 
 def _arg_index(name: str) -> int | None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import raijac
-from raijac.errors import ProblemError
+from raijac.errors import ProblemError, StoreError
 from tests.problems import assert_close
 
 G = torch.Generator().manual_seed(11)
@@ -175,6 +175,60 @@ def test_module_with_keyword_inputs_and_a_dataclass_output(batched, store_path):
     assert np.array_equal(jac.x, ids.numpy())
 
 
+def _decoder() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(12)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True).double().eval()
+    return layer, torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("batch", [4, 6])  # 6: as many samples as the mask has rows, which must not cut it
+def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, store_path):
+    """A causal mask passed as a keyword argument of a batched module problem, named in
+    `shared`: every sample gets all of it (vmap's in_dims=None), the per-sample parameter J
+    of position 2 (which the mask hides 3 of 6 positions from) is torch.func's, and a
+    changed mask is another problem."""
+    layer, causal = _decoder()
+    tgt = torch.randn(batch, 6, 16, generator=G, dtype=torch.float64)
+    memory = torch.randn(batch, 5, 16, generator=G, dtype=torch.float64)
+
+    def make(mask: torch.Tensor) -> raijac.Problem:
+        return raijac.Problem.from_module(
+            layer, tgt, memory, kwargs={"tgt_mask": mask}, shared=("tgt_mask",), outputs=lambda o: o[:, 2], batched=True
+        )
+
+    problem = make(causal)
+    jac = raijac.compute(problem, store_path, workers=2, block_size=8)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def last(p, t, m):
+        return torch.func.functional_call(layer, p, (t[None], m[None]), {"tgt_mask": causal})[0, 2]
+
+    ref = torch.func.vmap(torch.func.jacrev(last), in_dims=(None, 0, 0))(params, tgt, memory)
+    tree = jac.tree()["y"]
+    for name in params:
+        assert_close(tree[name].numpy(), ref[name].numpy())
+    assert jac.summary["tiles_total"] > 1
+    unmasked = make(torch.zeros(6, 6, dtype=torch.float64))
+    assert unmasked.fingerprint() != problem.fingerprint() and not torch.equal(unmasked.y, problem.y)
+    with pytest.raises(StoreError, match=r"computed with another set of inputs that are neither differentiated nor per sample"):
+        raijac.compute(unmasked, store_path, workers=2, resume=True)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_shared_positional_input_of_a_function(store_path):
+    """`shared` by position, for a batched input Jacobian: f(x, w) with w the same for all samples."""
+    x = torch.randn(5, 3, generator=G, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=G, dtype=torch.float64)  # 5 rows, as many as the samples: still one w
+
+    def f(v, m):
+        return torch.tanh(v @ m.T)
+
+    jac = raijac.compute(raijac.Problem(f, x, w, batched=True, shared=(1,)), store_path, workers=2)
+    ref = torch.func.vmap(torch.func.jacrev(lambda v, m: f(v[None], m)[0]), in_dims=(0, None))(x, w)
+    assert_close(jac.numpy(), ref.numpy())
+
+
 def test_problem_pickles_with_its_structure():
     from ray import cloudpickle
 
@@ -212,11 +266,70 @@ def test_structure_changes_the_fingerprint():
             lambda: raijac.Problem(lambda a, b: a, torch.ones(4, 2), torch.ones(3, 2), argnums=(0, 1), batched=True),
             r"same samples.*args\[0\] has 4 and args\[1\] has 3",
         ),
+        (
+            lambda: raijac.Problem.from_module(
+                _decoder()[0], torch.ones(4, 6, 16), kwargs={"tgt_mask": _decoder()[1]}, batched=True
+            ),
+            r"kwargs\['tgt_mask'\] has shape \(6, 6\); if it is the same for every sample .*shared=\('tgt_mask',\)",
+        ),
+        (
+            lambda: raijac.Problem.from_module(
+                _decoder()[0],
+                torch.ones(6, 6, 16, dtype=torch.float64),
+                torch.ones(6, 5, 16, dtype=torch.float64),
+                kwargs={"tgt_mask": _decoder()[1]},
+                batched=True,
+            ),
+            r"on sample 0 alone f raised .*each sample gets its own slice of args\[1\], kwargs\['tgt_mask'\].*in shared=",
+        ),
+        (
+            lambda: raijac.Problem(lambda a, m=None: a, torch.ones(2), kwargs={"m": 1}, shared="n"),
+            r"shared names 'n'.*kwargs: 'm'",
+        ),
+        (
+            lambda: raijac.Problem(lambda a, b: a, torch.ones(2), torch.ones(2), shared=0),
+            r"shared names input 0, which is differentiated",
+        ),
+        (
+            lambda: raijac.Problem(lambda a, b: a, torch.ones(2), torch.ones(2), shared=2),
+            r"shared names position 2, but there are 2",
+        ),
+        (
+            lambda: raijac.Problem(lambda a, b: a * b, torch.ones(4, 2), torch.ones(()), batched=True),
+            r"args\[1\] is a scalar; pass shared=\(1,\) if it is the same for every sample",
+        ),
     ],
 )
 def test_bad_structures_are_one_clear_error(build, match):
     with pytest.raises(ProblemError, match=match):
         _ = build().y
+
+
+def _classifier() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (torch.randint(0, 10, (5,)), r"the targets to hold one entry per sample, B=4.*targets\[0\] has shape \(5,\)"),
+        (torch.randint(0, 10, (4,)).float(), r"the loss raised RuntimeError .*targets\[0\] float32 \(4,\).*int64 class indices"),
+        (torch.full((4,), 12), r"the loss raised .*targets\[0\] int64 \(4,\).*out of bounds.*in \[0, C\)"),
+    ],
+    ids=["one-label-too-many", "float-labels", "class-out-of-range"],
+)
+def test_bad_targets_are_named_in_one_sentence(labels, match):
+    """Per-sample gradients with labels that do not fit: the error names the targets, not x or f."""
+    net, x = _classifier(), torch.randn(4, 3, 4)
+    with pytest.raises(ProblemError, match=match):
+        _ = raijac.Problem.from_module(net, x, loss=torch.nn.functional.cross_entropy, targets=labels, batched=True).y
+
+
+def test_token_ids_as_the_differentiated_input_point_to_the_parameters():
+    emb = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(ProblemError, match=r"dtype torch.int64, which has no derivative \(token ids\? .*wrt='params'"):
+        raijac.Problem.from_module(emb, torch.randint(0, 20, (2, 3)), wrt="input", batched=True)
 
 
 SPEC = """

@@ -923,13 +923,17 @@ def test_functions_that_are_not_smooth_everywhere_are_not_refused(f):
 
 def test_a_shared_tensor_passed_as_a_batched_argument_is_named():
     """A weight given as an argument of a batched problem is cut into samples with x: f on one
-    sample then returns another shape, which used to surface as every mode's reshape error."""
+    sample then returns another shape, which used to surface as every mode's reshape error;
+    the error names the argument and `shared`, which passes it whole."""
     w, x = torch.randn(8, 7), torch.randn(8, 7)
     problem = raijac.Problem(lambda x, w: torch.tanh(x @ w.T), x, w, argnums=0, batched=True)
     with pytest.raises(
-        ProblemError, match=r"on sample 0 alone it returned shape \(1, 1\) where the batch gives \(8,\).*close over it"
+        ProblemError,
+        match=r"on sample 0 alone it returned shape \(1, 1\) where the batch gives \(8,\).*slice of args\[1\].*in shared=",
     ):
         problem.y  # noqa: B018
+    whole = raijac.Problem(lambda x, w: torch.tanh(x @ w.T), x, w, argnums=0, batched=True, shared=(1,))
+    assert torch.equal(whole.y, torch.tanh(x @ w.T))
 
 
 @pytest.mark.usefixtures("ray_session")
