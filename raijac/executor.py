@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
 import threading
 import time
@@ -383,6 +384,12 @@ class RayExecutor:
                     raise cause from None
                 raise WorkerError(f"worker {self.names[i]} failed: {type(cause).__name__}: {first_line(cause)}") from None
             except went_away as exc:
+                failed = start_failure(exc)
+                if failed is not None:  # it would fail the same way again
+                    raise WorkerError(
+                        f"worker {self.names[i]} could not start: {failed}; the driver and every worker must run the same "
+                        "raijac, torch and ray and import f's modules alike: check what each node has installed."
+                    ) from None
                 deaths[i] += 1
                 if kind == "ready" or deaths[i] >= MAX_TILE_FAILURES:
                     raise WorkerError(
@@ -588,6 +595,17 @@ def _went_away_errors() -> tuple[type[BaseException], ...]:
         "OutOfMemoryError",
     )
     return tuple(c for c in (getattr(rx, n, None) for n in names) if c is not None)
+
+
+def start_failure(exc: BaseException) -> str | None:
+    """What raised in an actor's creation task (`AttributeError: Can't get attribute ...`, a
+    worker whose raijac differs from the driver's), from Ray's ActorDiedError, whose first
+    line says only that the actor died; None for any other death."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "error raised in its creation task" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def _revive(actor: Any) -> Any:

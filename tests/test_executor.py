@@ -67,6 +67,29 @@ def test_pack_ships_tensors_out_of_band_without_patching_cloudpickle():
     assert model[0].weight.abs().sum() > 0
 
 
+def test_what_stopped_a_worker_from_starting_is_read_from_rays_error(ray_session):
+    """A worker whose creation raises (a node whose raijac differs from the driver's cannot
+    unpickle its class) dies with an ActorDiedError whose first line says only that; the
+    driver's error names the exception itself (executor.start_failure)."""
+    import ray
+
+    from raijac.executor import start_failure
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def __init__(self) -> None:
+            raise AttributeError("Can't get attribute 'WorkerHost._gone' on <module 'raijac.worker'>")
+
+        def ping(self) -> int:
+            return 1
+
+    actor = Broken.remote()
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        ray.get(actor.ping.remote(), timeout=60)
+    assert start_failure(died.value) == "AttributeError: Can't get attribute 'WorkerHost._gone' on <module 'raijac.worker'>"
+    assert start_failure(ray.exceptions.RayActorError()) is None  # another death: nothing to name
+
+
 def test_unreachable_address_fails_fast(tmp_path):
     """In a fresh process (no Ray yet), as a user would meet it: one line, in seconds."""
     spec = tmp_path / "tiny.py"
