@@ -657,9 +657,7 @@ def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
 def _shared_hint(problem: Problem) -> str:
     """Where f gets inputs not differentiated sample by sample: a hint that those the same for
     every sample (a causal mask) are passed whole when named in `shared`."""
-    from raijac.trees import Flat
-
-    names = problem.f.ctx_names if isinstance(problem.f, Flat) else []
+    names = list(getattr(problem.f, "ctx_names", ()))  # a trees.Flat's per-sample inputs
     names = [n for n in names[1 if problem.wrt == "params" else 0 :] if not n.startswith("targets")]
     if not names:
         return ""
