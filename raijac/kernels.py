@@ -708,12 +708,22 @@ def block_error(
         else:
             cotangent = u @ pick.T
         ref = reference.vjp(b0, b1, cotangent)
-    else:  # one u^T J serves every block of columns of these samples
+    floor = None
+    if not rows:  # one u^T J serves every block of columns of these samples
         u, g = reference.projection(b0, b1, seed)
         ref = g[:, s0:s1] if pick is None else g @ pick
+        # NOTE: [noise floor] A block of columns whose J is exactly zero (a key bias under
+        # softmax's shift invariance) comes out as roundoff on both sides (1e-17), and two
+        # roundoffs differ by 100% of themselves: explicit `fwd` on a transformer's
+        # parameters was refused. Its slice of u^T J is compared against at least
+        # sqrt(eps) of the whole u^T J of its sample: the error let through is then below
+        # tol * sqrt(eps) of that (3.5e-7 in float32, 1.5e-15 in float64), roundoff-sized,
+        # while a wrong block of any size above it still fails.
+        eps = max(torch.finfo(dt).eps, torch.finfo(block.dtype).eps if block.is_floating_point() else 0.0)
+        floor = math.sqrt(eps) * torch.linalg.vector_norm(torch.where(torch.isfinite(g), g, 0).double(), dim=1)
     block = block.reshape(nb, k, target.n_in) if rows else block.reshape(nb, target.n_out, k)
     got = torch.bmm(u[:, None, :], block.to(dt))[:, 0]
-    return relative_error(got, ref)
+    return relative_error(got, ref, floor)
 
 
 SHARED_GROUP = 8  # samples per reference backward of a batched parameter problem
@@ -777,9 +787,17 @@ def _shared_rows_error(
     return worst
 
 
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max over samples (dim 0) of |got - ref| / |ref| (2-norms, finite entries only; 0/0 is 0)."""
+def relative_error(got: torch.Tensor, ref: torch.Tensor, floor: torch.Tensor | None = None) -> float:
+    """max over samples (dim 0) of |got - ref| / max(|ref|, floor) (2-norms, finite entries
+    only; 0/0 is 0); `floor` per sample (NOTE: [noise floor]), or none."""
     got, ref = got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)
+    if floor is not None:  # small vectors (projections): in float64
+        got, ref = got.double(), ref.double()
+        diff = torch.where(torch.isfinite(got) & torch.isfinite(ref), got - ref, 0).norm(dim=1)
+        scale = torch.maximum(torch.where(torch.isfinite(ref), ref, 0).norm(dim=1), floor.to(diff).reshape(-1))
+        rel = torch.where(scale > 0, diff / scale.clamp_min(torch.finfo(torch.float64).tiny), diff * math.inf)
+        rel = torch.where(torch.isnan(rel), 0.0, rel)  # 0 * inf: both exactly zero
+        return float(rel.max()) if rel.numel() else 0.0
     if got.dtype == ref.dtype and got.dtype in (torch.float32, torch.float64) and got.numel():
         # The usual case, all finite: two norms in the blocks' own dtype, no float64 copies
         # (a float32 norm's roundoff, ~1e-7 relative, is far below the tolerances). Squares

@@ -185,6 +185,40 @@ def test_relative_error_is_scale_free_in_float32(scale):
     assert relative_error(ref, ref) == 0.0
 
 
+def test_a_block_of_columns_whose_j_is_zero_passes_on_roundoff():
+    """NOTE: [noise floor]: a transformer's key bias has J exactly 0 (softmax is shift
+    invariant), which fwd and the reference both give as roundoff (1e-17) that differs by
+    100% of itself: that block is right, not refused."""
+    torch.manual_seed(12)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True).double().eval()
+    tgt, memory = torch.randn(4, 6, 16, dtype=torch.float64), torch.randn(4, 5, 16, dtype=torch.float64)
+    problem = raijac.Problem.from_module(layer, tgt, memory, outputs=lambda o: o[:, 2], batched=True)
+    key_bias = next(i for i in problem.param_info if i.name == "self_attn.in_proj_bias").offset + 16  # q, k, v biases
+    target = make_target(problem)
+    block = Kernel(target, "fwd")(2, 3, key_bias, key_bias + 16).detach()
+    assert float(block.abs().max()) < 1e-15  # zero up to roundoff
+    assert block_error(target, block, 2, 3, key_bias, key_bias + 16, False) <= check_rtol(torch.float64) / 100
+
+
+@pytest.mark.parametrize(("dtype", "small"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_the_noise_floor_does_not_hide_a_wrong_small_block(dtype, small):
+    """Columns whose J is `small` of the others' (far above roundoff): zeroed, or off by 5%,
+    the block still fails its check; right, it passes."""
+    torch.manual_seed(3)
+    w = torch.randn(6, 8, dtype=dtype)
+    scale = torch.tensor([1.0] * 5 + [small] * 3, dtype=dtype)
+
+    def f(v):
+        return torch.tanh(w @ (v * scale))
+
+    target = make_target(raijac.Problem(f, torch.randn(8, dtype=dtype)))
+    block = Kernel(target, "fwd")(0, 1, 5, 8).detach()
+    rtol = check_rtol(dtype)
+    assert block_error(target, block, 0, 1, 5, 8, False) <= rtol / 10
+    assert block_error(target, torch.zeros_like(block), 0, 1, 5, 8, False) > rtol * 10
+    assert block_error(target, block * 1.05, 0, 1, 5, 8, False) > rtol
+
+
 # ---------------------------------------------------------------------- the worker's check
 def _worker(problem: raijac.Problem, mode: str, **kw) -> Worker:
     args = {"mode": "auto", "dtype": "float64"}

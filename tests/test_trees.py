@@ -182,8 +182,10 @@ def _decoder() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("batch", [4, 6])  # 6: as many samples as the mask has rows, which must not cut it
-def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, store_path):
+@pytest.mark.parametrize(  # 6: as many samples as the mask has rows, which must not cut it
+    ("batch", "mode"), [(4, "auto"), (6, "auto"), (4, "fwd"), (4, "rev-batched"), (4, "loop")]
+)
+def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, mode, store_path):
     """A causal mask passed as a keyword argument of a batched module problem, named in
     `shared`: every sample gets all of it (vmap's in_dims=None), the per-sample parameter J
     of position 2 (which the mask hides 3 of 6 positions from) is torch.func's, and a
@@ -198,7 +200,7 @@ def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, store_path):
         )
 
     problem = make(causal)
-    jac = raijac.compute(problem, store_path, workers=2, block_size=8)
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=8)
     params = {n: p.detach() for n, p in layer.named_parameters()}
 
     def last(p, t, m):
@@ -215,17 +217,24 @@ def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, store_path):
         raijac.compute(unmasked, store_path, workers=2, resume=True)
 
 
+def _shared_weight(v: torch.Tensor, labels: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(v @ m.T) * (1 + labels[:, None])
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_a_shared_positional_input_of_a_function(store_path):
-    """`shared` by position, for a batched input Jacobian: f(x, w) with w the same for all samples."""
+@pytest.mark.parametrize("mode", ["auto", "rev", "fwd", "rev-batched", "rev-repeat", "fwd-repeat", "loop"])
+def test_a_shared_positional_input_of_a_function(mode, store_path):
+    """`shared` by position, for a batched input Jacobian in every mode, with tiles that cut
+    the samples: f(x, labels, w), labels per sample, w the same for all of them."""
     x = torch.randn(5, 3, generator=G, dtype=torch.float64)
+    labels = torch.randint(0, 3, (5,), generator=G).double()
     w = torch.randn(5, 3, generator=G, dtype=torch.float64)  # 5 rows, as many as the samples: still one w
-
-    def f(v, m):
-        return torch.tanh(v @ m.T)
-
-    jac = raijac.compute(raijac.Problem(f, x, w, batched=True, shared=(1,)), store_path, workers=2)
-    ref = torch.func.vmap(torch.func.jacrev(lambda v, m: f(v[None], m)[0]), in_dims=(0, None))(x, w)
+    problem = raijac.Problem(_shared_weight, x, labels, w, batched=True, shared=(2,))
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=1)
+    assert jac.summary["tiles_total"] > 2
+    ref = torch.func.vmap(torch.func.jacrev(lambda v, lab, m: _shared_weight(v[None], lab[None], m)[0]), in_dims=(0, 0, None))(
+        x, labels, w
+    )
     assert_close(jac.numpy(), ref.numpy())
 
 
