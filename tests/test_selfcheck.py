@@ -200,7 +200,31 @@ def test_a_block_of_columns_whose_j_is_zero_passes_on_roundoff():
     assert block_error(target, block, 2, 3, key_bias, key_bias + 16, False) <= check_rtol(torch.float64) / 100
 
 
-@pytest.mark.parametrize(("dtype", "small"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("mode", ["rev", "rev-batched", "loop"])
+def test_a_block_of_rows_whose_j_is_zero_passes_on_roundoff(mode):
+    """NOTE: [noise floor] for rows: outputs that are sums of a softmax are constant, so
+    their rows of J are zero, computed as roundoff; over seeds whose roundoff differs
+    between the two ways of differentiating, those blocks pass, and corrupted they fail."""
+    failures = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        w, v = torch.randn(6, 8, dtype=torch.float64), torch.randn(37, 8, dtype=torch.float64)
+
+        def f(x, w=w, v=v):
+            sums = [torch.softmax(c * v @ x, 0).sum(0, keepdim=True) for c in (1.0, 2.0)]
+            return torch.cat([torch.tanh(w @ x), *sums])
+
+        target = make_target(raijac.Problem(f, torch.randn(8, dtype=torch.float64)))
+        block = Kernel(target, mode)(0, 1, 6, 8).detach()
+        assert float(block.abs().max()) < 1e-14
+        failures += [block_error(target, block, 0, 1, 6, 8, True) > check_rtol(torch.float64)]
+        bad = block.clone()
+        bad[0, 0, 3] = 1e-6  # small, but 1e-6 of J's scale is far above roundoff in float64
+        assert block_error(target, bad, 0, 1, 6, 8, True) > check_rtol(torch.float64)
+    assert not any(failures)
+
+
+@pytest.mark.parametrize(("dtype", "small"), [(torch.float64, 1e-8), (torch.float32, 1e-2)])
 def test_the_noise_floor_does_not_hide_a_wrong_small_block(dtype, small):
     """Columns whose J is `small` of the others' (far above roundoff): zeroed, or off by 5%,
     the block still fails its check; right, it passes."""
