@@ -235,10 +235,10 @@ class Problem:
         Jacobians (the NTK / Fisher case), and the inputs may be any tensors (token ids,
         attention masks: each travels with its samples; those the same for every sample, a
         causal mask, are named in `shared`: `kwargs={"tgt_mask": m}, shared=("tgt_mask",)`).
-        With `wrt="input"`, `argnums`
-        picks the inputs to differentiate. `outputs` picks what of the module's output to
-        differentiate (`outputs="logits"` for a Hugging Face model's `ModelOutput`).
-        `loss` and `targets` differentiate a loss of that output instead; with
+        With `wrt="input"`, `argnums` picks the inputs to differentiate. `outputs` picks
+        what of the module's output to differentiate (`outputs="logits"` for a Hugging
+        Face model's `ModelOutput`). `loss` and `targets` differentiate a loss of that
+        output instead; with
         `wrt="params", batched=True` that is per-sample gradients:
         `from_module(net, x, loss=F.cross_entropy, targets=labels, batched=True)`.
         """

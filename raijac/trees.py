@@ -381,14 +381,19 @@ def _shared_inputs(shared: Sequence[str | int], n_args: int, kwargs: dict, argnu
             raise ProblemError(f"shared names inputs by keyword (a str) or position (an int), but got {item!r}.")
         if isinstance(item, str) and item not in kwargs:
             known = ", ".join(map(repr, kwargs)) or "none"
-            raise ProblemError(f"shared names {item!r}, which is not one of the keyword arguments (kwargs: {known}).")
+            raise ProblemError(
+                f"shared names {item!r}, which is not one of the keyword arguments (kwargs: {known}); name a keyword "
+                "argument, or a positional input by its position."
+            )
         if isinstance(item, int):
             if not -n_args <= item < n_args:
-                raise ProblemError(f"shared names position {item}, but there are {n_args} positional inputs.")
+                raise ProblemError(
+                    f"shared names position {item}, but there are {n_args} positional inputs; name one of 0..{n_args - 1}."
+                )
             item %= n_args
             if item in argnums:
                 raise ProblemError(
-                    f"shared names input {item}, which is differentiated (argnums); shared inputs are not differentiated."
+                    f"shared names input {item}, which is differentiated (argnums); leave it out of shared or of argnums."
                 )
         whole.add(item)
     return whole
