@@ -217,6 +217,52 @@ def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, mode, store_path
         raijac.compute(unmasked, store_path, workers=2, resume=True)
 
 
+DECODER_SPEC = """
+import torch
+import raijac
+
+
+def problem():
+    torch.manual_seed(12)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True).double().eval()
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    tgt = torch.randn(6, 6, 16, generator=g, dtype=torch.float64)
+    memory = torch.randn(6, 5, 16, generator=g, dtype=torch.float64)
+    return raijac.Problem.from_module(
+        layer, tgt, memory, kwargs={"tgt_mask": causal}, shared=("tgt_mask",), outputs=lambda o: o[:, 2], batched=True
+    )
+"""
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_cli_computes_and_verifies_a_spec_with_a_shared_mask(tmp_path):
+    """A spec file whose problem passes a causal mask whole to each of its 6 samples: `raijac
+    compute --verify` from the CLI, and the stored J against torch.func's."""
+    from tests.test_cli import compute
+
+    spec = tmp_path / "decoder_spec.py"
+    spec.write_text(textwrap.dedent(DECODER_SPEC))
+    out = tmp_path / "d.zarr"
+    summary = compute(f"{spec}:problem", out, "--verify", "--no-progress")
+    assert summary["tiles_computed"] == summary["tiles_total"]
+    jac = raijac.open(str(out))
+    scope: dict = {}
+    exec(textwrap.dedent(DECODER_SPEC), scope)  # the spec's own objects, built again
+    problem = scope["problem"]()
+    layer, (tgt, memory) = problem.module, problem.ctx
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def at2(p, t, m):
+        return torch.func.functional_call(layer, p, (t[None], m[None]), {"tgt_mask": causal})[0, 2]
+
+    ref = torch.func.vmap(torch.func.jacrev(at2), in_dims=(None, 0, 0))(params, tgt, memory)
+    tree = jac.tree()["y"]
+    for name in params:
+        assert_close(tree[name].numpy(), ref[name].numpy())
+
+
 def _shared_weight(v: torch.Tensor, labels: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.tanh(v @ m.T) * (1 + labels[:, None])
 
