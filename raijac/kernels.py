@@ -715,9 +715,11 @@ def block_error(
     # projection, or within NOISE_ULPS of its sample's projection of the whole J (u^T J over
     # all columns; for rows, over all rows) scaled to the block's share of them, i.e. of a
     # block of typical size: roundoff between two ways of differentiating came to 60 ulps of
-    # that on a two-layer f. The floor is 1.2e-4 of a typical block in float32 (an eighth
-    # of its tolerance) and 2.2e-13 in float64, so only blocks far smaller than typical are
-    # measured against it, and an error above both bounds fails, whatever the block's size.
+    # that on a two-layer f. The error let through is 1.2e-4 of a typical block in float32
+    # (an eighth of a typical block's tolerance) and 2.2e-13 in float64; only blocks under
+    # 12% (float32) or 2e-6 (float64) of a typical block's size are measured against it
+    # (a block at 1% of typical, in float32, may be 1.2% off; wrong derivatives were 4-100%
+    # off), and an error above both bounds fails, whatever the block's size.
     # Rows need one more backward for it, paid only by a block that fails without it.
     eps = max(torch.finfo(dt).eps, torch.finfo(block.dtype).eps if block.is_floating_point() else 0.0)
     per_ulp = NOISE_ULPS * eps / block_rtol(target, block)  # the floor, as a share of the whole, per unit of it
