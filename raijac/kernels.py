@@ -711,18 +711,15 @@ def block_error(
     # NOTE: [noise floor] A block whose J is exactly zero (a transformer's key-bias columns,
     # under softmax's shift invariance) comes out as roundoff on both sides (1e-17), and two
     # roundoffs differ by 100% of themselves: explicit `fwd` on a transformer's parameters
-    # was refused. So a block passes where its error is within tolerance of its own
-    # projection, or within NOISE_ULPS of its sample's projection of the whole J (u^T J over
-    # all columns; for rows, over all rows) scaled to the block's share of them, i.e. of a
-    # block of typical size: roundoff between two ways of differentiating came to 60 ulps of
-    # that on a two-layer f. The error let through is 1.2e-4 of a typical block in float32
-    # (an eighth of a typical block's tolerance) and 2.2e-13 in float64; only blocks under
-    # 12% (float32) or 2e-6 (float64) of a typical block's size are measured against it
-    # (a block at 1% of typical, in float32, may be 1.2% off; wrong derivatives were 4-100%
-    # off), and an error above both bounds fails, whatever the block's size.
-    # Rows need one more backward for it, paid only by a block that fails without it.
+    # was refused. So where both the block's projection and the reference's are noise, at
+    # most NOISE_ULPS of its sample's projection of the whole J (u^T J over all columns;
+    # for rows, over all rows) scaled to the block's share of them, the block passes:
+    # roundoff between two ways of differentiating came to 60 ulps of that on a two-layer f.
+    # That is 1.2e-4 of a typical block in float32 and 2.2e-13 in float64, and it is no
+    # absolute tolerance: a block above it on either side is held to the relative one, so a
+    # small block (1% of typical) computed as zero, or 5% off, still fails. Rows need one
+    # more backward for it, paid only by a block that fails without it.
     eps = max(torch.finfo(dt).eps, torch.finfo(block.dtype).eps if block.is_floating_point() else 0.0)
-    per_ulp = NOISE_ULPS * eps / block_rtol(target, block)  # the floor, as a share of the whole, per unit of it
     block = block.reshape(nb, k, target.n_in) if rows else block.reshape(nb, target.n_out, k)
     if rows:
         got = torch.bmm(u[:, None, :], block.to(dt))[:, 0]
@@ -730,14 +727,14 @@ def block_error(
         if err <= block_rtol(target, block) or target.n_out == k:
             return err
         _, g = reference.projection(b0, b1, seed + 1)  # a u over all rows
-        return relative_error(got, ref, per_ulp * math.sqrt(k / target.n_out) * _finite_norms(g))
+        return relative_error(got, ref, NOISE_ULPS * eps * math.sqrt(k / target.n_out) * _finite_norms(g))
     u, g = reference.projection(b0, b1, seed)  # one u^T J serves every block of columns of these samples
     ref = g[:, s0:s1] if pick is None else g @ pick
     got = torch.bmm(u[:, None, :], block.to(dt))[:, 0]
-    return relative_error(got, ref, per_ulp * math.sqrt(k / target.n_in) * _finite_norms(g))
+    return relative_error(got, ref, NOISE_ULPS * eps * math.sqrt(k / target.n_in) * _finite_norms(g))
 
 
-NOISE_ULPS = 1000  # roundoff a block may differ by, in units of its sample's whole projection (NOTE: [noise floor])
+NOISE_ULPS = 1000  # where a block's projection is roundoff, in ulps of its sample's whole one (NOTE: [noise floor])
 
 
 def _finite_norms(g: torch.Tensor) -> torch.Tensor:
@@ -806,16 +803,19 @@ def _shared_rows_error(
     return worst
 
 
-def relative_error(got: torch.Tensor, ref: torch.Tensor, floor: torch.Tensor | None = None) -> float:
-    """max over samples (dim 0) of |got - ref| / max(|ref|, floor) (2-norms, finite entries
-    only; 0/0 is 0); `floor` per sample (NOTE: [noise floor]), or none."""
+def relative_error(got: torch.Tensor, ref: torch.Tensor, noise: torch.Tensor | None = None) -> float:
+    """max over samples (dim 0) of |got - ref| / |ref| (2-norms, finite entries only; 0/0 is
+    0); a sample where both |got| and |ref| are at most its `noise` counts 0 (NOTE: [noise floor])."""
     got, ref = got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)
-    if floor is not None:  # small vectors (projections): in float64
+    if noise is not None:  # small vectors (projections): in float64
         got, ref = got.double(), ref.double()
         diff = torch.where(torch.isfinite(got) & torch.isfinite(ref), got - ref, 0).norm(dim=1)
-        scale = torch.maximum(torch.where(torch.isfinite(ref), ref, 0).norm(dim=1), floor.to(diff).reshape(-1))
-        rel = torch.where(scale > 0, diff / scale.clamp_min(torch.finfo(torch.float64).tiny), diff * math.inf)
+        size = torch.where(torch.isfinite(ref), ref, 0).norm(dim=1)
+        rel = torch.where(size > 0, diff / size.clamp_min(torch.finfo(torch.float64).tiny), diff * math.inf)
         rel = torch.where(torch.isnan(rel), 0.0, rel)  # 0 * inf: both exactly zero
+        level = noise.to(diff).reshape(-1)
+        quiet = (size <= level) & (torch.where(torch.isfinite(got), got, 0).norm(dim=1) <= level)
+        rel = torch.where(quiet, 0.0, rel)
         return float(rel.max()) if rel.numel() else 0.0
     if got.dtype == ref.dtype and got.dtype in (torch.float32, torch.float64) and got.numel():
         # The usual case, all finite: two norms in the blocks' own dtype, no float64 copies
