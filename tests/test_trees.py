@@ -181,6 +181,20 @@ def _decoder() -> tuple[torch.nn.Module, torch.Tensor]:
     return layer, torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
 
 
+def _assert_decoder_jacobian(jac, layer: torch.nn.Module, causal: torch.Tensor, tgt: torch.Tensor, memory: torch.Tensor) -> None:
+    """The stored per-sample parameter J of position 2, by parameter name, against
+    vmap(jacrev(functional_call)) with the mask shared (in_dims=None)."""
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def at2(p, t, m):
+        return torch.func.functional_call(layer, p, (t[None], m[None]), {"tgt_mask": causal})[0, 2]
+
+    ref = torch.func.vmap(torch.func.jacrev(at2), in_dims=(None, 0, 0))(params, tgt, memory)
+    tree = jac.tree()["y"]
+    for name in params:
+        assert_close(tree[name].numpy(), ref[name].numpy())
+
+
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize(  # 6: as many samples as the mask has rows, which must not cut it
     ("batch", "mode"), [(4, "auto"), (6, "auto"), (4, "fwd"), (4, "rev-batched"), (4, "loop")]
@@ -201,15 +215,7 @@ def test_a_mask_shared_by_all_samples_goes_whole_to_each(batch, mode, store_path
 
     problem = make(causal)
     jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=8)
-    params = {n: p.detach() for n, p in layer.named_parameters()}
-
-    def last(p, t, m):
-        return torch.func.functional_call(layer, p, (t[None], m[None]), {"tgt_mask": causal})[0, 2]
-
-    ref = torch.func.vmap(torch.func.jacrev(last), in_dims=(None, 0, 0))(params, tgt, memory)
-    tree = jac.tree()["y"]
-    for name in params:
-        assert_close(tree[name].numpy(), ref[name].numpy())
+    _assert_decoder_jacobian(jac, layer, causal, tgt, memory)
     assert jac.summary["tiles_total"] > 1
     unmasked = make(torch.zeros(6, 6, dtype=torch.float64))
     assert unmasked.fingerprint() != problem.fingerprint() and not torch.equal(unmasked.y, problem.y)
@@ -250,17 +256,8 @@ def test_the_cli_computes_and_verifies_a_spec_with_a_shared_mask(tmp_path):
     scope: dict = {}
     exec(textwrap.dedent(DECODER_SPEC), scope)  # the spec's own objects, built again
     problem = scope["problem"]()
-    layer, (tgt, memory) = problem.module, problem.ctx
     causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
-    params = {n: p.detach() for n, p in layer.named_parameters()}
-
-    def at2(p, t, m):
-        return torch.func.functional_call(layer, p, (t[None], m[None]), {"tgt_mask": causal})[0, 2]
-
-    ref = torch.func.vmap(torch.func.jacrev(at2), in_dims=(None, 0, 0))(params, tgt, memory)
-    tree = jac.tree()["y"]
-    for name in params:
-        assert_close(tree[name].numpy(), ref[name].numpy())
+    _assert_decoder_jacobian(jac, problem.module, causal, *problem.ctx)
 
 
 def _shared_weight(v: torch.Tensor, labels: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
