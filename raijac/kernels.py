@@ -807,17 +807,7 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor, noise: torch.Tensor | N
     """max over samples (dim 0) of |got - ref| / |ref| (2-norms, finite entries only; 0/0 is
     0); a sample where both |got| and |ref| are at most its `noise` counts 0 (NOTE: [noise floor])."""
     got, ref = got.reshape(got.shape[0], -1), ref.reshape(ref.shape[0], -1)
-    if noise is not None:  # small vectors (projections): in float64
-        got, ref = got.double(), ref.double()
-        diff = torch.where(torch.isfinite(got) & torch.isfinite(ref), got - ref, 0).norm(dim=1)
-        size = torch.where(torch.isfinite(ref), ref, 0).norm(dim=1)
-        rel = torch.where(size > 0, diff / size.clamp_min(torch.finfo(torch.float64).tiny), diff * math.inf)
-        rel = torch.where(torch.isnan(rel), 0.0, rel)  # 0 * inf: both exactly zero
-        level = noise.to(diff).reshape(-1)
-        quiet = (size <= level) & (torch.where(torch.isfinite(got), got, 0).norm(dim=1) <= level)
-        rel = torch.where(quiet, 0.0, rel)
-        return float(rel.max()) if rel.numel() else 0.0
-    if got.dtype == ref.dtype and got.dtype in (torch.float32, torch.float64) and got.numel():
+    if noise is None and got.dtype == ref.dtype and got.dtype in (torch.float32, torch.float64) and got.numel():
         # The usual case, all finite: two norms in the blocks' own dtype, no float64 copies
         # (a float32 norm's roundoff, ~1e-7 relative, is far below the tolerances). Squares
         # below the dtype's smallest normal number flush to zero, which could hide a wrong
@@ -833,4 +823,7 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor, noise: torch.Tensor | N
     scale = torch.where(ok, ref, 0).norm(dim=1)
     rel = torch.where(scale > 0, diff / scale.clamp_min(torch.finfo(torch.float64).tiny), diff * math.inf)
     rel = torch.where(torch.isnan(rel), 0.0, rel)  # 0 * inf: both exactly zero
+    if noise is not None:  # both sides roundoff: no error to speak of (NOTE: [noise floor])
+        level = noise.to(rel).reshape(-1)
+        rel = torch.where((scale <= level) & (torch.where(ok, got, 0).norm(dim=1) <= level), 0.0, rel)
     return float(rel.max()) if rel.numel() else 0.0
