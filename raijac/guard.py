@@ -657,8 +657,8 @@ def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
 def _shared_hint(problem: Problem) -> str:
     """Where f gets inputs not differentiated sample by sample: a hint that those the same for
     every sample (a causal mask) are passed whole when named in `shared`."""
-    names = list(getattr(problem.f, "ctx_names", ()))  # a trees.Flat's per-sample inputs
-    names = [n for n in names[1 if problem.wrt == "params" else 0 :] if not n.startswith("targets")]
+    inputs = list(zip(getattr(problem.f, "ctx_names", ()), getattr(problem.f, "ctx_keys", ()), strict=True))  # a trees.Flat's
+    names = [name for name, key in inputs[1 if problem.wrt == "params" else 0 :] if key is not None]  # not x, not targets
     if not names:
         return ""
     return f" (each sample gets its own slice of {', '.join(names)}: name an input the same for every sample, a mask, in shared=)"

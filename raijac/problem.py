@@ -141,6 +141,7 @@ class Problem:
         nums = _argnums(argnums, len(args))
         self.ctx: tuple[torch.Tensor, ...] | None = None
         names: list[str] = []  # the per-sample inputs' names
+        keys: list[str | int | None] = []  # and their `shared` entries
         self.in_leaves: tuple[trees.Leaf, ...] = ()
         # As given (order kept; columns follow the inputs' order): the reader's jacrev structure.
         n = len(args)
@@ -167,13 +168,13 @@ class Problem:
             if len(flat.x_leaves) > 1 or flat.x_leaves[0].name != "args[0]":
                 self.in_leaves = flat.x_leaves
             self.ctx = flat.context()
-            names = flat.ctx_names
+            names, keys = flat.ctx_names, flat.ctx_keys
             f = flat
         if batched and x.ndim == 0:
             raise ProblemError(
                 "batched=True needs x with a leading batch dimension, but x is a scalar; pass x of shape (B, ...)."
             )
-        _check_samples(self.ctx, x.shape[0] if batched else None, names)
+        _check_samples(self.ctx, x.shape[0] if batched else None, names, keys)
         self.f = f
         self.x = x.detach()
         self.batched = bool(batched)
@@ -299,7 +300,7 @@ class Problem:
             raise ProblemError(
                 f"x has no samples (shape {tuple(ctx[0].shape)}), so there is nothing to compute; pass at least one sample."
             )
-        _check_samples(ctx, ctx[0].shape[0] if batched else None, caller.ctx_names)
+        _check_samples(ctx, ctx[0].shape[0] if batched else None, caller.ctx_names, caller.ctx_keys)
         problem = object.__new__(cls)
         problem.__dict__.update(
             f=caller,
@@ -622,7 +623,7 @@ class Problem:
     def constants(self) -> tuple[torch.Tensor, ...]:
         """The tensor inputs f gets whole that are not differentiated: an unbatched problem's
         other inputs, a batched one's `shared` ones (part of the fingerprint, as x is)."""
-        return tuple(self.f._buffers.values()) if isinstance(self.f, trees.Flat) else ()
+        return self.f.constants if isinstance(self.f, trees.Flat) else ()
 
     def fingerprint(self, *, mode: str = "auto", dtype: str | None = None) -> str:
         """Hash of everything that fixes the stored Jacobian: spec, flags, shapes, x, parameters,
@@ -727,13 +728,16 @@ def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
     return tuple(sorted({i % n_args for i in nums}))
 
 
-def _check_samples(ctx: tuple[torch.Tensor, ...] | None, batch: int | None, names: Sequence[str]) -> None:
-    """Per-sample inputs must hold as many samples as x."""
+def _check_samples(
+    ctx: tuple[torch.Tensor, ...] | None, batch: int | None, names: Sequence[str], keys: Sequence[str | int | None]
+) -> None:
+    """Per-sample inputs must hold as many samples as x; `names` and `keys` (the `shared`
+    entry that would pass each whole, None for targets) say which one does not."""
     if batch is None:
         return
-    for t, name in zip(ctx or (), names, strict=True):
+    for t, name, key in zip(ctx or (), names, keys, strict=True):
         if t.ndim == 0 or t.shape[0] != batch:
-            if name.startswith("targets"):
+            if key is None:
                 raise ProblemError(
                     f"batched=True needs the targets to hold one entry per sample, B={batch}, along their first "
                     f"dimension, but {name} has shape {tuple(t.shape)}; pass the labels of these B samples."
@@ -741,15 +745,8 @@ def _check_samples(ctx: tuple[torch.Tensor, ...] | None, batch: int | None, name
             raise ProblemError(
                 f"batched=True needs every input tensor not differentiated to hold B={batch} samples along its first "
                 f"dimension, but {name} has shape {tuple(t.shape)}; if it is the same for every sample (a mask), pass "
-                f"shared=({_input_key(name)!r},), or close over it inside f."
+                f"shared=({key!r},), or close over it inside f."
             )
-
-
-def _input_key(name: str) -> str | int:
-    """The `shared` entry naming a leaf: `kwargs['mask']` -> 'mask', `args[1]...` -> 1."""
-    head = name.split("]", 1)[0]  # kwargs['mask' / args[1
-    key = head.split("[", 1)[1]
-    return int(key) if key.isdigit() else key.strip("'\"")
 
 
 def _is_dataclass(obj: object) -> bool:

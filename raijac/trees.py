@@ -166,6 +166,7 @@ class Flat(torch.nn.Module):
         self.values: list[Any] = []  # non-tensor leaves, kept as they are
         x_names, x_shapes, self.x_parts, self.ctx_parts = [], [], [], []
         self.ctx_names: list[str] = []  # the per-sample leaves' names, for errors about their shapes
+        self.ctx_keys: list[str | int | None] = []  # and the `shared` entry that would pass each whole
         for leaf, raw, name, top in zip(leaves, names, self.names, tops, strict=True):
             if not of_params and _arg_index(raw) in argnums:
                 role = "x"
@@ -177,6 +178,7 @@ class Flat(torch.nn.Module):
                 _per_sample_shape(leaf, name, batched, shareable=top)
                 self.ctx_parts.append(leaf.detach())
                 self.ctx_names.append(name)
+                self.ctx_keys.append(top)
             elif isinstance(leaf, torch.Tensor):
                 role = "const"
                 self.register_buffer(f"const{len(self.roles)}", leaf.detach(), persistent=False)
@@ -196,6 +198,12 @@ class Flat(torch.nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["spec"] = pytree.tree_flatten(state["spec"])[1]
         self.__dict__.update(state)
+
+    @property
+    def constants(self) -> tuple[torch.Tensor, ...]:
+        """The tensor inputs every call gets whole: this module's own buffers alone (a module
+        f's buffers are its business)."""
+        return tuple(self._buffers.values())
 
     def flat_input(self) -> torch.Tensor:
         """The differentiated leaves as one flat `(B, N)` (batched) or `(N,)` tensor; dropped
@@ -254,7 +262,7 @@ class Flat(torch.nn.Module):
         else:
             parts = iter(split(x, self.x_leaves, x.shape[:-1]))
         extra = iter(ctx or ())
-        consts = iter(self._buffers.values())  # these alone: a module f's own buffers are its business
+        consts = iter(self.constants)
         leaves = []
         for role, value in zip(self.roles, self.values, strict=True):
             if role == "x":
