@@ -304,6 +304,7 @@ class Kernel:
         self.colours = colours
         self._key: tuple | None = None
         self._saved: tuple = ()
+        self._forward: tuple[tuple, Forward] | None = None  # the kept pass as the check takes it
         self._per_sample_vjp = True  # NOTE: [shared parameters]
         # A method name, not a bound method: a bound method stored on self is a reference cycle,
         # which would keep a finished run's problem (its weights) alive until the next gc pass.
@@ -311,7 +312,7 @@ class Kernel:
 
     def clear(self) -> None:
         """Drop the kept forward pass (frees its activations)."""
-        self._key, self._saved = None, ()
+        self._key, self._saved, self._forward = None, (), None
 
     def __call__(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         if not modes.get(self.mode).vmaps:
@@ -438,10 +439,24 @@ class Kernel:
             g = z.new_zeros(k, *z.shape)
         return g.reshape(k, nb, t.n_in).transpose(0, 1)
 
-    def plain_forward(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The kept plain autograd forward of samples b0:b1 (leaf z, y as (nb, n_out)), where
-        this mode made one (rev-batched, loop), for the block check to share (NOTE: [shared forward])."""
-        return self._saved if self._key == ("loop", b0, b1) else None
+    def plain_forward(self, b0: int, b1: int) -> Forward | None:
+        """The forward pass of samples b0:b1 this mode made, where it is the one the block
+        check would make (NOTE: [shared forward]): the plain autograd graph of rev-batched and
+        loop, and rev's `torch.func.vjp` of f where f is the check's own (loop_fn)."""
+        t, key = self.target, self._key
+        if self._forward is not None and self._forward[0] == key:
+            return self._forward[1]
+        nb = b1 - b0
+        if key == ("loop", b0, b1):
+            z, y = self._saved
+            forward = Forward(y, lambda c: _grad(y, z, c, (nb, t.n_in)))
+        elif key == ("rev", b0, b1) and t.block_fn is t.loop_fn:
+            out, vjp_fn = self._saved
+            forward = Forward(out.reshape(nb, t.n_out), lambda c: _func_grad(vjp_fn, out, c, (nb, t.n_in)))
+        else:
+            return None
+        self._forward = (key, forward)
+        return forward
 
     def _loop(self, b0: int, b1: int, s0: int, s1: int) -> torch.Tensor:
         t = self.target
@@ -451,10 +466,11 @@ class Kernel:
         for r in range(s0, s1):
             g = None
             if y.requires_grad:
-                if self.colours is None:
-                    picked = y[:, r].sum()
-                else:  # colour r: the sum of its rows
-                    picked = (y * (self.colours.to(y.device) == r).to(y.dtype)).sum()
+                with torch.enable_grad():  # the row picked from y joins its graph
+                    if self.colours is None:
+                        picked = y[:, r].sum()
+                    else:  # colour r: the sum of its rows
+                        picked = (y * (self.colours.to(y.device) == r).to(y.dtype)).sum()
                 (g,) = torch.autograd.grad(picked, z, retain_graph=True, allow_unused=True)
             rows.append(_zeros_or(g, z).reshape(nb, t.n_in))
         return torch.stack(rows, dim=1)
@@ -558,6 +574,15 @@ class NoReference(Exception):
     the block. Anything else raised while checking is raijac's or f's own error and surfaces."""
 
 
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass of f at a sample block, as the block check uses it: the output `y`
+    (nb, n_out) and its plain VJP, cotangent (nb, n_out) -> the gradient w.r.t. the leaf."""
+
+    y: torch.Tensor
+    vjp: Callable[[torch.Tensor], torch.Tensor]
+
+
 class Reference:
     """Plain autograd VJPs of f (no vmap, no stacking), keeping the forward graphs of the
     last `keep` sample blocks for their next checks, as `rev` keeps its forward pass."""
@@ -565,7 +590,7 @@ class Reference:
     def __init__(self, target: Target, keep: int = 1) -> None:
         self.target = target
         self.keep = keep
-        self._graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, Forward] = {}
         self._projections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
@@ -583,28 +608,30 @@ class Reference:
             self._projections[(b0, b1)] = (u, self.vjp(b0, b1, u))
         return self._projections[(b0, b1)]
 
-    def adopt(self, b0: int, b1: int, graph: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Use a kernel's plain autograd forward of samples b0:b1 (leaf z, y as (nb, n_out))
-        as this reference's graph for them.
+    def adopt(self, b0: int, b1: int, forward: Forward) -> None:
+        """Use a kernel's forward pass of samples b0:b1 as this reference's for them.
 
         NOTE: [shared forward] rev-batched and loop run f's forward as plain autograd, the
         very graph `_graph` builds (same loop_fn, same replayed draws; attention on its math
-        backend, the same function): building it again cost 10% of an odeint block. What
-        the check compares, the mode's backward against one plain backward, is unchanged;
-        and since the kernel's backward runs first, one that changes what the graph saved
-        makes the reference's differ from the block (a refusal), not agree with it.
+        backend, the same function): building it again cost 10% of an odeint block. `rev`
+        runs that same function under `torch.func.vjp`, whose VJP called once, outside
+        vmap, is plain autograd through the same graph: building it again cost 19% of a
+        ResNet-18 input block (a forward with its graph, 4 samples). What the check
+        compares, the mode's backward against one plain backward, is unchanged; and since
+        the kernel's backward runs first, one that changes what the graph saved makes the
+        reference's differ from the block (a refusal), not agree with it.
         """
         if (b0, b1) not in self._graphs:
             self._evict()
-            self._graphs[(b0, b1)] = graph
+            self._graphs[(b0, b1)] = forward
 
     def _evict(self) -> None:
         while len(self._graphs) >= self.keep:
             self._graphs.pop(next(iter(self._graphs)))
 
-    def _kept(self, key: tuple, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`build()`'s (leaf, output) with its autograd graph, kept for the last `keep` keys
-        (the oldest dropped first); NoReference where plain autograd cannot run f."""
+    def _kept(self, key: tuple, build: Callable[[], Forward]) -> Forward:
+        """`build()`'s forward pass, kept for the last `keep` keys (the oldest dropped
+        first); NoReference where plain autograd cannot run f."""
         if key not in self._graphs:
             self._evict()
             try:
@@ -614,42 +641,44 @@ class Reference:
                 raise NoReference(first_line(exc)) from exc
         return self._graphs[key]
 
-    def _graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, f(z) as (nb, n_out)) at samples b0:b1, with its autograd graph."""
+    def _graph(self, b0: int, b1: int) -> Forward:
+        """f at samples b0:b1, its output as (nb, n_out), with its autograd graph."""
+        t = self.target
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            zb, cb = self.target.block(b0, b1)
+        def build() -> Forward:
+            zb, cb = t.block(b0, b1)
             z = zb.detach().clone().requires_grad_(True)
-            return z, self.target.loop_fn(z.clone(), cb).reshape(b1 - b0, self.target.n_out)  # clone: f may work in place
+            y = t.loop_fn(z.clone(), cb).reshape(b1 - b0, t.n_out)  # clone: f may work in place
+            return Forward(y, lambda c: _grad(y, z, c, (b1 - b0, t.n_in)))
 
         return self._kept((b0, b1), build)
 
     def output(self, b0: int, b1: int) -> torch.Tensor:
-        return self._graph(b0, b1)[1]
+        return self._graph(b0, b1).y
 
     def vjp(self, b0: int, b1: int, cotangent: torch.Tensor) -> torch.Tensor:
         """cotangent (nb, n_out) -> per-sample u^T J as (nb, n_in)."""
-        z, y = self._graph(b0, b1)
-        return _grad(y, z, cotangent, (b1 - b0, self.target.n_in))
+        return self._graph(b0, b1).vjp(cotangent)
 
-    def _shared_graph(self, b0: int, b1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p, f(p) on samples b0:b1 as (nb, n_out)) at one shared parameter vector p, with
-        its autograd graph (NOTE: [shared reference])."""
+    def _shared_graph(self, b0: int, b1: int) -> Forward:
+        """f on samples b0:b1 as (nb, n_out) at one shared parameter vector p, with its
+        autograd graph; its VJP sums over the samples (NOTE: [shared reference])."""
+        t = self.target
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            _, cb = self.target.block(b0, b1)
-            p = self.target.z[b0].detach().requires_grad_(True)  # a leaf on the parameters, no copy
-            return p, self.target.shared_fn(p, cb).reshape(b1 - b0, self.target.n_out)  # (read, not written: no clone)
+        def build() -> Forward:
+            _, cb = t.block(b0, b1)
+            p = t.z[b0].detach().requires_grad_(True)  # a leaf on the parameters, no copy
+            y = t.shared_fn(p, cb).reshape(b1 - b0, t.n_out)  # (read, not written: no clone)
+            return Forward(y, lambda c: _grad(y, p, c, (t.n_in,)))
 
         return self._kept(("shared", b0, b1), build)
 
     def shared_output(self, b0: int, b1: int) -> torch.Tensor:
-        return self._shared_graph(b0, b1)[1]
+        return self._shared_graph(b0, b1).y
 
     def shared_vjp(self, b0: int, b1: int, cotangent: torch.Tensor) -> torch.Tensor:
         """cotangent (nb, n_out) -> the sum over samples b0:b1 of their u_b^T J_b, as (n_in,)."""
-        p, y = self._shared_graph(b0, b1)
-        return _grad(y, p, cotangent, (self.target.n_in,))
+        return self._shared_graph(b0, b1).vjp(cotangent)
 
 
 def _grad(y: torch.Tensor, leaf: torch.Tensor, cotangent: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -662,6 +691,17 @@ def _grad(y: torch.Tensor, leaf: torch.Tensor, cotangent: torch.Tensor, shape: t
         except (RuntimeError, NotImplementedError) as exc:
             raise NoReference(first_line(exc)) from exc
     return torch.zeros(shape, dtype=y.dtype, device=y.device) if g is None else g.reshape(shape)
+
+
+def _func_grad(vjp_fn: Callable, out: torch.Tensor, cotangent: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`torch.func.vjp`'s VJP called once outside vmap (plain autograd through its graph),
+    reshaped; raises NoReference where autograd cannot differentiate f."""
+    try:
+        with torch.no_grad():  # no graph of the VJP itself (f's parameters may require grad)
+            (g,) = vjp_fn(cotangent.reshape(out.shape))
+    except (RuntimeError, NotImplementedError) as exc:
+        raise NoReference(first_line(exc)) from exc
+    return g.reshape(shape)
 
 
 def block_error(

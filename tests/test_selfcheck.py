@@ -268,12 +268,12 @@ def test_worker_refuses_a_wrong_block_and_writes_nothing():
     assert np.all(data[:, :, 8:] == 0)  # what would have been stored without the check
 
 
-@pytest.mark.parametrize("mode", ["rev-batched", "loop"])
+@pytest.mark.parametrize("mode", ["rev", "rev-batched", "loop"])
 def test_the_check_shares_the_plain_forward_and_still_refuses_a_wrong_block(mode):
-    """NOTE: [shared forward]: rev-batched and loop make f's plain autograd forward, and the
-    worker's check differentiates that same graph instead of building it again; right blocks
-    pass (each against torch.func), a block 1% off is still refused, and so is a block of
-    other samples' rows."""
+    """NOTE: [shared forward]: rev-batched and loop make f's plain autograd forward, rev the
+    same function's under torch.func.vjp, and the worker's check differentiates that same
+    graph instead of building it again; right blocks pass (each against torch.func), a
+    block 1% off is still refused, and so is a block of other samples' rows."""
     torch.manual_seed(1)
     w = torch.randn(12, 5, dtype=torch.float64)
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -289,7 +289,19 @@ def test_the_check_shares_the_plain_forward_and_still_refuses_a_wrong_block(mode
         worker._check(kernel, _corrupt(block, 0.01), 2, 4, 0, 7)
     with pytest.raises(BlockCheckError):
         worker._check(kernel, kernel(0, 2, 0, 7).detach(), 2, 4, 0, 7)
-    assert Kernel(make_target(problem), "rev").plain_forward(0, 2) is None  # rev's forward is vmapped: nothing to share
+
+
+def test_the_check_builds_its_own_forward_where_the_mode_runs_another_function():
+    """fwd's forward pass carries tangents, and rev over per-sample parameters runs f
+    vmapped over the samples' copies, not the check's plain f: nothing is shared there."""
+    x, w = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    kernel = Kernel(make_target(raijac.Problem(lambda v: torch.tanh(v @ w.T), x, batched=True)), "fwd")
+    kernel(0, 2, 0, 3)
+    assert kernel.plain_forward(0, 2) is None
+    net = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Tanh()).double()
+    kernel = Kernel(make_target(raijac.Problem.from_module(net, x, wrt="params", batched=True)), "rev")
+    kernel(0, 2, 0, 1)  # one row of two samples: the general path, each sample's own copy of the parameters
+    assert kernel.plain_forward(0, 2) is None
 
 
 def test_compute_fails_the_wrong_tile_and_keeps_the_others(ray_session, store_path):
