@@ -24,6 +24,7 @@ import torch
 
 from raijac import store
 from raijac.errors import BlockCheckError, KernelError, ProblemError, RaijacError, StoreError, first_line
+from raijac.guard import stop_outer_grad
 from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, block_rtol, make_target, seed_axis
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, glibc, measure_cost, quick_cost, seed_bytes, warm_up
@@ -296,9 +297,9 @@ class Worker:
         rows = self.axis == "rows"
         if self._reference is None or self._reference.target is not kernel.target:
             self._reference = Reference(kernel.target)
-        graph = kernel.plain_forward(b0, b1)
-        if graph is not None:  # NOTE: [shared forward] in raijac.kernels
-            self._reference.adopt(b0, b1, graph)
+        forward = kernel.plain_forward(b0, b1)
+        if forward is not None:  # NOTE: [shared forward] in raijac.kernels
+            self._reference.adopt(b0, b1, forward)
         try:
             seed = b0 * 1_000_003 + s0
             err = block_error(kernel.target, block, b0, b1, s0, s1, rows, kernel.colours, seed, self._reference)
@@ -358,7 +359,11 @@ def load(
     device = torch.device("cuda:0" if device == "cuda" else device)
     if threads:
         torch.set_num_threads(threads)
-    problem = load_problem(source, device=device) if isinstance(source, str) else source
+    if isinstance(source, str):
+        problem = load_problem(source, device=device)
+        stop_outer_grad(problem)  # built here: this process's own (NOTE: [no outer graph] in raijac.guard)
+    else:
+        problem = source
     got = problem.fingerprint(**fingerprint_args)
     if got != fingerprint:  # NOTE: [one-thread build] in raijac.problem says how a build stays the same
         differs = differences(fingerprint_parts, fingerprint_parts_of(problem, **fingerprint_args)) if fingerprint_parts else []
@@ -496,6 +501,7 @@ class WorkerHost:
             source = ray.get(source)
         if isinstance(source, Packed):
             source = source.load()
+            stop_outer_grad(source)  # this process's own copy (NOTE: [no outer graph] in raijac.guard)
         return source
 
     def _drop(self) -> None:

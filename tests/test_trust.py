@@ -25,7 +25,7 @@ from click.testing import CliRunner
 import raijac
 from raijac.cli import cli
 from raijac.errors import ModeError, ProblemError, StoreError
-from raijac.guard import REPLAY_SEED
+from raijac.guard import REPLAY_SEED, captured_tensors, modules_of
 from raijac.kernels import Kernel, make_target
 from raijac.verify import verify
 
@@ -980,3 +980,35 @@ def test_a_sample_that_is_nan_alone_and_in_the_batch_is_independent(store_path):
     # NaN in the batch where f on the sample alone has none is still coupling.
     with pytest.raises(ProblemError, match=r"treat samples independently.*sample 1 alone in where it is NaN or inf"):
         _ = raijac.Problem(_nan_only_in_the_batch, torch.randn(3, 2), batched=True).y
+
+
+def test_a_workers_own_copy_of_an_input_problem_holds_weights_that_do_not_require_grad(ray_session):
+    """NOTE: [no outer graph]: the host's copy of an input problem stops the weights and
+    captured leaves f holds requiring grad (torch.func would record its backward for them),
+    and its blocks stay torch.func's; the caller's module, and a parameter problem, keep
+    their flags."""
+    import ray
+
+    from raijac.guard import stop_outer_grad
+    from raijac.shipping import pack
+    from raijac.worker import WorkerHost
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    scale = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    problem = raijac.Problem(lambda v: net(v) * scale, x, batched=True)
+    host = WorkerHost.__new__(WorkerHost)  # its loading alone (its __init__ tunes this process's heap)
+    copy = host._source([ray.put(pack(problem))])
+    held = [p for m in modules_of(copy) for p in m.parameters()]
+    assert len(held) == 4 and not any(p.requires_grad for p in held)
+    assert not any(t.requires_grad for t in captured_tensors(copy))
+    assert all(p.requires_grad for p in net.parameters()) and scale.requires_grad  # the caller's
+    kernel = Kernel(make_target(copy), "rev")
+    block = kernel(0, 4, 0, 3)
+    assert block.grad_fn is None
+    want = torch.func.vmap(torch.func.jacrev(lambda v: net(v) * scale))(x).detach()
+    np.testing.assert_allclose(block.numpy(), want.numpy(), rtol=1e-12, atol=1e-14)
+    params = raijac.Problem.from_module(net, x, wrt="params", batched=True)
+    stop_outer_grad(params)
+    assert all(p.requires_grad for p in net.parameters())
