@@ -232,9 +232,33 @@ def captured_tensors(problem: Problem) -> list[torch.Tensor]:
     return list(found.values())
 
 
+def held_grad_leaves(problem: Problem) -> list[torch.Tensor]:
+    """The leaf tensors an input problem's f holds that require grad (its modules'
+    parameters, captured tensors); none for a parameter problem, whose parameters f gets."""
+    if problem.wrt == "params":
+        return []
+    found = {id(p): p for module in modules_of(problem) for p in module.parameters() if p.requires_grad}
+    for t in captured_tensors(problem):
+        if t.requires_grad and t.is_leaf:
+            found.setdefault(id(t), t)
+    return list(found.values())
+
+
+@contextmanager
+def grad_stopped(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """`tensors` (leaves that require grad) not requiring grad meanwhile."""
+    for t in tensors:
+        t.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for t in tensors:
+            t.requires_grad_(True)
+
+
 def stop_outer_grad(problem: Problem) -> None:
-    """Stop the tensors f holds (its modules' parameters, captured leaves) requiring grad,
-    in a worker's own copy of an input-Jacobian problem, where nothing differentiates them.
+    """Stop the tensors f holds requiring grad, in a worker's own copy of an input problem
+    where the driver found f the same function so (`Problem.freezable`).
 
     NOTE: [no outer graph] torch.func's VJP records its backward pass for a double backward
     wherever a tensor f holds requires grad: a ResNet-18 input block (4 samples, 10 rows,
@@ -242,14 +266,12 @@ def stop_outer_grad(problem: Problem) -> None:
     a worker's copy is changed (the caller's module must keep training), and autograd stays
     enabled: under no_grad torch picks other backward kernels (an LSTM's fused mkldnn one,
     which vmap cannot batch), while weights that require no grad change no kernel choice.
+    An f may differentiate its own weights (an influence function's inner gradient): the
+    driver's second call of f, its determinism check, runs with them frozen, and only an f
+    that gives the same y so is frozen here.
     """
-    if problem.wrt == "params":  # the parameters are f's input there, not held by it
-        return
-    for module in modules_of(problem):
-        for p in module.parameters():
-            p.requires_grad_(False)
-    for t in captured_tensors(problem):
-        if t.requires_grad and t.is_leaf:
+    if problem.freezable:
+        for t in held_grad_leaves(problem):
             t.requires_grad_(False)
 
 

@@ -36,6 +36,8 @@ from raijac.guard import (
     check_parameters_are_read,
     compare_parameter_gradients,
     generator_states,
+    grad_stopped,
+    held_grad_leaves,
     module_attributes,
     modules_of,
     outputs_agree,
@@ -523,6 +525,7 @@ class Problem:
         shipped = self.__dict__.get("_checked_by_driver")
         if shipped is not None and shipped.get("y") is not None:  # NOTE: [shipped checks]
             self.__dict__["_random"] = shipped["random"]
+            self.__dict__["_freezable"] = shipped["freezable"]
             return shipped["y"]
         modules = modules_of(self)
         attributes = module_attributes(modules)
@@ -548,6 +551,7 @@ class Problem:
             )
         if shipped is not None:  # NOTE: [shipped checks] (a y too big to travel with the verdict)
             self.__dict__["_random"] = shipped["random"]
+            self.__dict__["_freezable"] = shipped["freezable"]
             return y.detach()
         memo = None
         if self.__dict__.get("_reuse_checks"):  # NOTE: [checked before]
@@ -556,9 +560,10 @@ class Problem:
             if kept is not None:
                 self.__dict__["_random"] = drew
                 self.__dict__["_reverse_wrong"] = kept.get("reverse_wrong")
+                self.__dict__["_freezable"] = kept.get("freezable", False)
                 return y.detach()
         with torch.no_grad(), replaying(self.x.device):
-            again = self._evaluate()
+            again, freezable = self._evaluate_again(y)
         check_not_changed_in_place(versions, y, again)
         if not outputs_agree(y, again):
             cause = (
@@ -586,9 +591,32 @@ class Problem:
         if self.wrt == "params":
             check_parameters_are_read(self)  # NOTE: [own backward] in raijac.guard
         wrong = self.__dict__["_reverse_wrong"] = reverse_mode_error(self)  # NOTE: [adjoint test] in raijac.guard
+        self.__dict__["_freezable"] = freezable
         if memo is not None:
-            memo_put(self, CHECKS, memo, passed=True, reverse_wrong=wrong)
+            memo_put(self, CHECKS, memo, passed=True, reverse_wrong=wrong, freezable=freezable)
         return y.detach()
+
+    def _evaluate_again(self, y: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """f a second time (the determinism check), first with the tensors it holds that
+        require grad frozen: (its output, whether f is the same function so, and workers
+        may hold them frozen: NOTE: [no outer graph] in raijac.guard)."""
+        held = held_grad_leaves(self)
+        if held:
+            try:
+                with grad_stopped(held):
+                    again = self._evaluate()
+                if outputs_agree(y, again):
+                    return again, True
+            except Exception:  # f differentiates them itself: it needs them to require grad
+                pass
+        return self._evaluate(), not held
+
+    @property
+    def freezable(self) -> bool:
+        """Whether f gives the same y with the tensors it holds not requiring grad, found
+        while evaluating `y` (NOTE: [no outer graph] in raijac.guard)."""
+        self.y  # noqa: B018 - evaluates f and runs its checks
+        return bool(self.__dict__.get("_freezable", False))
 
     @property
     def reverse_mode_error(self) -> WrongReverse | None:
@@ -681,6 +709,7 @@ class Problem:
         state = self.__dict__.copy()
         state.pop("y", None)  # evaluated where it is used (a worker gets the driver's with its verdict: __reduce_ex__)
         state.pop("_random", None)  # found again with y
+        state.pop("_freezable", None)  # likewise
         state.pop("_frozen", None)  # set again by __setstate__
         state.pop("_checked_by_driver", None)
         return state
@@ -701,6 +730,7 @@ class Problem:
             small = y.numel() * y.element_size() <= SHIPPED_Y_BYTES
             state["_checked_by_driver"] = {
                 "random": bool(self.__dict__.get("_random", False)),
+                "freezable": bool(self.__dict__.get("_freezable", False)),
                 "y": y.detach() if small and y.device.type == "cpu" else None,
             }
         return (_unpickle_problem, (type(self), state))

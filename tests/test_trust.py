@@ -1012,3 +1012,32 @@ def test_a_workers_own_copy_of_an_input_problem_holds_weights_that_do_not_requir
     params = raijac.Problem.from_module(net, x, wrt="params", batched=True)
     stop_outer_grad(params)
     assert all(p.requires_grad for p in net.parameters())
+
+
+def _inner_gradient(model: torch.nn.Module):
+    """An influence function's inner step: f(x) is the gradient of a loss w.r.t. the model's
+    own weight, so f needs that weight to require grad."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad((torch.tanh(model(x)) ** 2).sum(), model.weight, create_graph=True)
+        return g.reshape(-1)
+
+    return f
+
+
+def test_an_f_that_differentiates_its_own_weights_keeps_them_requiring_grad_on_the_workers(ray_session, store_path):
+    """NOTE: [no outer graph]: the driver's second call of f runs with the weights frozen,
+    where this f raises, so the workers leave them requiring grad (they refused every
+    block before), and J is plain autograd's (torch.func cannot run this f)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    f = _inner_gradient(model)
+    x = torch.randn(4, dtype=torch.float64)
+    problem = raijac.Problem(f, x)
+    assert not problem.freezable
+    assert raijac.Problem(lambda v: model(v), x).freezable
+    jac = raijac.compute(problem, store_path, workers=2)
+    want = torch.autograd.functional.jacobian(f, x).numpy()  # torch.func cannot run autograd.grad inside
+    np.testing.assert_allclose(jac.numpy(), want, rtol=1e-10, atol=1e-12)
+    assert all(p.requires_grad for p in model.parameters())
