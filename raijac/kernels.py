@@ -466,11 +466,10 @@ class Kernel:
         for r in range(s0, s1):
             g = None
             if y.requires_grad:
-                with torch.enable_grad():  # the row picked from y joins its graph
-                    if self.colours is None:
-                        picked = y[:, r].sum()
-                    else:  # colour r: the sum of its rows
-                        picked = (y * (self.colours.to(y.device) == r).to(y.dtype)).sum()
+                if self.colours is None:
+                    picked = y[:, r].sum()
+                else:  # colour r: the sum of its rows
+                    picked = (y * (self.colours.to(y.device) == r).to(y.dtype)).sum()
                 (g,) = torch.autograd.grad(picked, z, retain_graph=True, allow_unused=True)
             rows.append(_zeros_or(g, z).reshape(nb, t.n_in))
         return torch.stack(rows, dim=1)
