@@ -692,19 +692,38 @@ def _check_gradient_stays(problem: Problem, picks: list[int]) -> None:
             if bool(reached.any()):
                 raise ProblemError(
                     f"batched=True needs f to treat samples independently, but output sample {s} depends on other "
-                    f"input samples (sample {rows[int(reached.nonzero()[0])]}; batch norm in training mode, a mean over "
-                    "the batch, or a shift along it?); call module.eval(), or pass batched=False."
+                    f"input samples (sample {rows[int(reached.nonzero()[0])]}; {_coupling_causes(problem)}); call "
+                    "module.eval(), or pass batched=False."
                 )
+
+
+def _sliced_inputs(problem: Problem) -> list[tuple[str, object]]:
+    """(name, shared= key) of the inputs f gets sample by sample that are not differentiated
+    (nor targets)."""
+    inputs = list(zip(getattr(problem.f, "ctx_names", ()), getattr(problem.f, "ctx_keys", ()), strict=True))  # a trees.Flat's
+    return [(name, key) for name, key in inputs[1 if problem.wrt == "params" else 0 :] if key is not None]  # not x, not targets
 
 
 def _shared_hint(problem: Problem) -> str:
     """Where f gets inputs not differentiated sample by sample: a hint that those the same for
     every sample (a causal mask) are passed whole when named in `shared`."""
-    inputs = list(zip(getattr(problem.f, "ctx_names", ()), getattr(problem.f, "ctx_keys", ()), strict=True))  # a trees.Flat's
-    names = [name for name, key in inputs[1 if problem.wrt == "params" else 0 :] if key is not None]  # not x, not targets
+    names = [name for name, _ in _sliced_inputs(problem)]
     if not names:
         return ""
     return f" (each sample gets its own slice of {', '.join(names)}: name an input the same for every sample, a mask, in shared=)"
+
+
+def _coupling_causes(problem: Problem) -> str:
+    """What makes samples depend on each other, for the refusal: f's own batch rules, or an
+    input the same for every sample (a (B, B) causal mask, B its size) cut into samples."""
+    sliced = _sliced_inputs(problem)
+    if not sliced:
+        return "batch norm in training mode, a mean over the batch, or a shift along it?"
+    names = " or ".join(name for name, _ in sliced)
+    return (
+        f"batch norm in training mode, a mean over the batch, a shift along it, or {names} the same for every sample "
+        f"but cut into samples? pass that whole with shared=({sliced[0][1]!r},)"
+    )
 
 
 def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[int]) -> None:
@@ -717,7 +736,7 @@ def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[in
     one_at_a_time = problem.wrt == "params"
     for s in picks:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), plain_attention():  # as y was (NOTE: [y on the path differentiated] in problem)
                 alone = problem._one_sample(s)
         except Exception as exc:
             if not one_at_a_time:
@@ -748,8 +767,8 @@ def _compare_one_sample_passes(problem: Problem, y: torch.Tensor, picks: list[in
         if differs is not None:
             raise ProblemError(
                 f"batched=True needs f to treat samples independently, but output sample {s} of the whole batch "
-                f"differs from f on sample {s} alone {differs} (batch norm in training mode, or a mean over the "
-                "batch?); call module.eval(), or pass batched=False."
+                f"differs from f on sample {s} alone {differs} ({_coupling_causes(problem)}); call module.eval(), or "
+                "pass batched=False."
             )
 
 

@@ -208,7 +208,7 @@ def _make_target(problem: Problem, device: torch.device | str, *, trusted: bool)
 def _check_replay_on(problem: Problem, x: torch.Tensor, device: torch.device) -> None:
     """A random f replayed on another device draws from that device's generator: refuse
     unless it still gives the stored y (its random numbers come from the CPU, say)."""
-    with torch.no_grad():
+    with torch.no_grad(), plain_attention():  # as y was (NOTE: [y on the path differentiated] in problem)
         y = problem.call(x, None if problem.params is None else problem.params.to(device))
     if not outputs_agree(y.cpu(), problem.y.cpu()):
         raise ProblemError(

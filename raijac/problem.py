@@ -41,6 +41,7 @@ from raijac.guard import (
     module_attributes,
     modules_of,
     outputs_agree,
+    plain_attention,
     replaying,
     restore_tensor_attributes,
     reverse_mode_error,
@@ -519,6 +520,12 @@ class Problem:
     # the second line there: each compares its block with plain autograd of f on its samples
     # evaluated together, which a coupling of those samples or a second draw of random
     # numbers makes disagree.
+    # NOTE: [y on the path differentiated] In eval mode under no_grad, nn.MultiheadAttention and
+    # torch's transformer layers take an inference fast path, which returns 0 at key-padded
+    # positions where their autograd path returns values: a TransformerEncoder's stored y was
+    # 2.1 away from the function its J differentiates, and verify, evaluating f the same way,
+    # passed. So y, and each no-grad call of f compared with it, runs with attention on its
+    # differentiable path (`plain_attention`), as the modes do.
     @cached_property
     def y(self) -> torch.Tensor:
         """`f(x)`, checked: one floating-point tensor, per-sample when batched, the same on every call."""
@@ -530,7 +537,7 @@ class Problem:
         modules = modules_of(self)
         attributes = module_attributes(modules)
         versions = tensor_versions(modules)  # NOTE: [changed in place] in raijac.guard
-        with torch.no_grad(), replaying(self.x.device):
+        with torch.no_grad(), replaying(self.x.device), plain_attention():
             before = generator_states(self.x.device)
             y = self._evaluate()
             drew = not same_states(before, generator_states(self.x.device))
@@ -562,7 +569,7 @@ class Problem:
                 self.__dict__["_reverse_wrong"] = kept.get("reverse_wrong")
                 self.__dict__["_freezable"] = kept.get("freezable", False)
                 return y.detach()
-        with torch.no_grad(), replaying(self.x.device):
+        with torch.no_grad(), replaying(self.x.device), plain_attention():  # NOTE: [y on the path differentiated]
             again, freezable = self._evaluate_again(y)
         check_not_changed_in_place(versions, y, again)
         if not outputs_agree(y, again):

@@ -936,6 +936,24 @@ def test_a_shared_tensor_passed_as_a_batched_argument_is_named():
     assert torch.equal(whole.y, torch.tanh(x @ w.T))
 
 
+def test_a_causal_mask_cut_into_as_many_samples_as_it_has_rows_is_named():
+    """A (6, 6) causal mask passed positionally with B=6 samples is cut into rows, one per
+    sample, which reads as samples coupled: the refusal names the mask and `shared`, not
+    only batch norm; passed whole, the problem is accepted."""
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) / 3
+    causal = torch.full((6, 6), float("-inf")).triu(1)
+
+    def attend(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.softmax((x @ w) @ x.transpose(-1, -2) / 8**0.5 + mask, -1) @ x
+
+    x = torch.randn(6, 6, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(
+        ProblemError, match=r"or args\[1\] the same for every sample but cut into samples\? pass that whole with shared=\(1,\)"
+    ):
+        raijac.Problem(attend, x, causal, batched=True).y  # noqa: B018
+    assert raijac.Problem(attend, x, causal, batched=True, shared=(1,)).y.shape == (6, 6, 8)
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_a_sample_whose_gradient_is_nan_is_no_coupling(store_path):
     """sqrt of a zero sample's squared norm: the independence check's backward gives that
@@ -1041,3 +1059,29 @@ def test_an_f_that_differentiates_its_own_weights_keeps_them_requiring_grad_on_t
     want = torch.autograd.functional.jacobian(f, x).numpy()  # torch.func cannot run autograd.grad inside
     np.testing.assert_allclose(jac.numpy(), want, rtol=1e-10, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_y_is_f_on_the_path_its_jacobian_differentiates(ray_session, store_path):
+    """NOTE: [y on the path differentiated]: an nn.TransformerEncoder in eval mode given a key
+    padding mask returns 0 at padded positions under no_grad (torch's fast path) and values on
+    its autograd path; the stored y is the autograd path's, J torch.func's, and verify agrees."""
+    from raijac.verify import verify
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(4, 6, 16)
+    pad = torch.zeros(4, 6, dtype=torch.bool)
+    pad[1, 4:], pad[3, 2:] = True, True
+    with torch.no_grad():
+        fast = enc(x, src_key_padding_mask=pad)
+    differentiated = enc(x, src_key_padding_mask=pad).detach()
+    assert float((fast - differentiated).abs().max()) > 0.1  # torch's two paths differ: the case
+    problem = raijac.Problem.from_module(enc, x, kwargs=dict(src_key_padding_mask=pad), wrt="input", batched=True)
+    jac = raijac.compute(problem, store_path, workers=2)
+    np.testing.assert_allclose(jac.y, differentiated.numpy(), rtol=1e-5, atol=1e-5)
+    want = torch.stack(
+        [torch.func.jacrev(lambda v, b=b: enc(v[None], src_key_padding_mask=pad[b : b + 1])[0])(x[b]) for b in range(4)]
+    )
+    np.testing.assert_allclose(jac.numpy(), want.detach().reshape(jac.shape).numpy(), rtol=1e-4, atol=1e-6)
+    assert verify(store_path, problem=problem).ok
