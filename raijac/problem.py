@@ -92,7 +92,8 @@ class Problem:
         *args: f's inputs. The ones named by `argnums` are differentiated: tensors or
             pytrees of them, whose entries are J's columns one after the other. With one
             input this is `Problem(f, x)`.
-        argnums: which of `args` to differentiate (an int or a tuple), as in torch.func.
+        argnums: which of `args` to differentiate (an int or a tuple), as in torch.func, or
+            keys of `kwargs` (`argnums="inputs_embeds"`: a Hugging Face model's embeddings).
         has_aux: f returns `(output, aux)`; aux is not differentiated.
         outputs: a key or index (or a list of them) choosing what of f's output to
             differentiate (`outputs="logits"`).
@@ -126,7 +127,7 @@ class Problem:
         self,
         f: Callable[..., object],
         *args: object,
-        argnums: int | tuple[int, ...] = 0,
+        argnums: int | str | tuple[int | str, ...] = 0,
         has_aux: bool = False,
         outputs: trees.Select = None,
         kwargs: dict[str, object] | None = None,
@@ -139,16 +140,19 @@ class Problem:
     ) -> None:
         if not callable(f):
             raise ProblemError(f"f must be callable, but got {type(f).__name__}; pass the function itself.")
-        if not args:
-            raise ProblemError("Problem needs the point to differentiate at: Problem(f, x) or Problem(f, *args, argnums=...).")
-        nums = _argnums(argnums, len(args))
+        named = (argnums,) if isinstance(argnums, str) else argnums if isinstance(argnums, tuple | list) else ()
+        if not args and not any(isinstance(i, str) for i in named):
+            raise ProblemError(
+                "Problem needs the point to differentiate at: Problem(f, x), Problem(f, *args, argnums=...), or a keyword "
+                "input named in argnums (Problem(f, kwargs={'inputs_embeds': e}, argnums='inputs_embeds'))."
+            )
+        nums = _argnums(argnums, len(args), kwargs)
         self.ctx: tuple[torch.Tensor, ...] | None = None
         names: list[str] = []  # the per-sample inputs' names
         keys: list[str | int | None] = []  # and their `shared` entries
         self.in_leaves: tuple[trees.Leaf, ...] = ()
         # As given (order kept; columns follow the inputs' order): the reader's jacrev structure.
-        n = len(args)
-        self.argnums: int | tuple[int, ...] = argnums % n if isinstance(argnums, int) else tuple(i % n for i in argnums)  # type: ignore[union-attr]
+        self.argnums: int | str | tuple[int | str, ...] = _normal_argnums(argnums, len(args))
         plain = not (has_aux or outputs is not None or kwargs or loss is not None or targets is not None or shared)
         if len(args) == 1 and nums == (0,) and isinstance(args[0], torch.Tensor) and plain:
             x = args[0]
@@ -228,7 +232,7 @@ class Problem:
         loss: Callable[..., torch.Tensor] | None = None,
         targets: object = None,
         wrt: Wrt = "params",
-        argnums: int | tuple[int, ...] = 0,
+        argnums: int | str | tuple[int | str, ...] = 0,
         batched: bool = False,
         shared: Sequence[str | int] = (),
     ) -> Problem:
@@ -239,7 +243,8 @@ class Problem:
         Jacobians (the NTK / Fisher case), and the inputs may be any tensors (token ids,
         attention masks: each travels with its samples; those the same for every sample, a
         causal mask, are named in `shared`: `kwargs={"tgt_mask": m}, shared=("tgt_mask",)`).
-        With `wrt="input"`, `argnums` picks the inputs to differentiate. `outputs` picks
+        With `wrt="input"`, `argnums` picks the inputs to differentiate (positions of `args`
+        or keys of `kwargs`: `kwargs={"inputs_embeds": e}, argnums="inputs_embeds"`). `outputs` picks
         what of the module's output to differentiate (`outputs="logits"` for a Hugging
         Face model's `ModelOutput`). `loss` and `targets` differentiate a loss of that
         output instead; with
@@ -756,13 +761,29 @@ def _unpickle_problem(cls: type, state: dict) -> Problem:
     return problem
 
 
-def _argnums(argnums: object, n_args: int) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums) if isinstance(argnums, tuple | list) else None
-    if not nums or any(not isinstance(i, int) or not -n_args <= i < n_args for i in nums):
+def _argnums(argnums: object, n_args: int, kwargs: dict | None) -> tuple[int | str, ...]:
+    """The differentiated inputs: positions of `args` (as in torch.func) and keys of `kwargs`."""
+    nums = (argnums,) if isinstance(argnums, int | str) else tuple(argnums) if isinstance(argnums, tuple | list) else None
+    keys = set(kwargs or ())
+
+    def known(i: object) -> bool:
+        if isinstance(i, str):
+            return i in keys
+        return isinstance(i, int) and not isinstance(i, bool) and -n_args <= i < n_args
+
+    if not nums or not all(known(i) for i in nums):
+        named = f"the {n_args} positional inputs" + (f" or the keyword inputs {', '.join(map(repr, keys))}" if keys else "")
         raise ProblemError(
-            f"argnums={argnums!r} must name inputs among the {n_args} given (an int or a tuple of ints, as in torch.func)."
+            f"argnums={argnums!r} must name inputs among {named} (an int or keyword, or a tuple of them; torch.func takes ints)."
         )
-    return tuple(sorted({i % n_args for i in nums}))
+    return tuple(dict.fromkeys(i % n_args if isinstance(i, int) else i for i in nums))
+
+
+def _normal_argnums(argnums: int | str | Sequence[int | str], n_args: int) -> int | str | tuple[int | str, ...]:
+    """argnums as given, positions made non-negative (the reader's jacrev structure follows it)."""
+    if isinstance(argnums, int | str):
+        return argnums % n_args if isinstance(argnums, int) else argnums
+    return tuple(i % n_args if isinstance(i, int) else i for i in argnums)
 
 
 def _check_samples(
@@ -796,8 +817,8 @@ def _check_input(x: object, name: str) -> None:
     if not x.is_complex() and not x.is_floating_point():
         raise ProblemError(
             f"raijac differentiates floating-point inputs, but {name} has dtype {x.dtype}, which has no derivative "
-            "(token ids? differentiate the parameters with from_module(..., wrt='params'), or pass the embeddings, "
-            f"e.g. inputs_embeds=); pass {name}.float() if it holds real values."
+            "(token ids? differentiate the parameters with from_module(..., wrt='params'), or the embeddings: "
+            f"kwargs={{'inputs_embeds': e}}, argnums='inputs_embeds'); pass {name}.float() if it holds real values."
         )
     if x.is_complex():
         raise ProblemError(

@@ -137,7 +137,7 @@ class Flat(torch.nn.Module):
         self,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        argnums: tuple[int, ...],
+        argnums: tuple[int | str, ...],
         *,
         kwargs: dict[str, Any] | None = None,
         has_aux: bool = False,
@@ -168,7 +168,7 @@ class Flat(torch.nn.Module):
         self.ctx_names: list[str] = []  # the per-sample leaves' names, for errors about their shapes
         self.ctx_keys: list[str | int | None] = []  # and the `shared` entry that would pass each whole
         for leaf, raw, name, top in zip(leaves, names, self.names, tops, strict=True):
-            if not of_params and _arg_index(raw) in argnums:
+            if not of_params and (_arg_index(raw) in argnums or (isinstance(top, str) and top in argnums)):
                 role = "x"
                 x_names.append(name)
                 x_shapes.append(_per_sample_shape(leaf, name, batched))
@@ -379,7 +379,7 @@ def _describe(tree: Any, prefix: str) -> str:
     )
 
 
-def _shared_inputs(shared: Sequence[str | int], n_args: int, kwargs: dict, argnums: tuple[int, ...]) -> set[str | int]:
+def _shared_inputs(shared: Sequence[str | int], n_args: int, kwargs: dict, argnums: tuple[int | str, ...]) -> set[str | int]:
     """The inputs every sample gets whole: keyword names and positions of `args`, checked."""
     if isinstance(shared, str | int):
         shared = (shared,)
@@ -399,10 +399,10 @@ def _shared_inputs(shared: Sequence[str | int], n_args: int, kwargs: dict, argnu
                     f"shared names position {item}, but there are {n_args} positional inputs; name one of 0..{n_args - 1}."
                 )
             item %= n_args
-            if item in argnums:
-                raise ProblemError(
-                    f"shared names input {item}, which is differentiated (argnums); leave it out of shared or of argnums."
-                )
+        if item in argnums:
+            raise ProblemError(
+                f"shared names input {item!r}, which is differentiated (argnums); leave it out of shared or of argnums."
+            )
         whole.add(item)
     return whole
 

@@ -143,25 +143,29 @@ def jacrev_structure(jac: Jacobian) -> Any:
     ins = _leaves(jac.meta.get("inputs"), "args[0]", jac.input_shape)
     argnums = jac.meta.get("argnums")
     if argnums is None:  # a store from before argnums was recorded: the inputs it holds, in order
-        found = sorted({k for k in (_arg_of(i[0]) for i in ins) if k is not None}) or [0]
+        found = sorted({k for k in (_arg_of(i[0]) for i in ins) if k is not None}, key=lambda k: (isinstance(k, str), k)) or [0]
         argnums = found[0] if len(found) == 1 else found
 
     def inputs(out: tuple[str, tuple[int, ...], int]) -> Any:
-        def arg(k: int) -> Any:
-            prefix = f"args[{k}]"
+        def arg(k: int | str) -> Any:
+            prefix = f"kwargs[{k!r}]" if isinstance(k, str) else f"args[{k}]"
             mine = [(_path(i[0], prefix), LeafBlock(jac, out, i)) for i in ins if _arg_of(i[0]) == k]
             if not mine:
                 raise ReadError(f"the store records no differentiated input {prefix}; use Jacobian.tree() instead.")
             return _nest(mine)
 
-        return tuple(arg(k) for k in argnums) if isinstance(argnums, list | tuple) else arg(int(argnums))
+        return tuple(arg(k) for k in argnums) if isinstance(argnums, list | tuple) else arg(argnums)
 
     return _nest([(_path(o[0], "y"), inputs(o)) for o in outs])
 
 
-def _arg_of(name: str) -> int | None:
+def _arg_of(name: str) -> int | str | None:
+    """The input a leaf name belongs to: its position (`args[1]...`) or keyword (`kwargs['e']...`)."""
     m = re.match(r"args\[(\d+)\]", name)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    m = re.match(r"kwargs\['([^']*)'\]", name)
+    return m.group(1) if m else None
 
 
 def _leaves(stored: list[dict] | None, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], int]]:

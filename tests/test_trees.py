@@ -88,6 +88,52 @@ def test_unflatten_is_what_jacrev_returns(argnums, batched, store_path):
     assert _same_structure(jac.unflatten(), ref) == 3 * (len(argnums) if isinstance(argnums, tuple) else 1)
 
 
+class _ByKeyword(torch.nn.Module):
+    """A Hugging Face-style model: every input by keyword, the embeddings one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.mix, self.head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 5)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, scale=None) -> dict:
+        h = self.tok(input_ids) if inputs_embeds is None else inputs_embeds
+        h = torch.tanh(self.mix(h)) * attention_mask[..., None]
+        return {"logits": self.head(h) * (1.0 if scale is None else scale[..., None, None]), "hidden": h}
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev-batched"])
+def test_a_keyword_input_is_differentiated_by_name(mode, store_path):
+    """argnums names a keyword input (a Hugging Face model's inputs_embeds, wrt='input', no
+    wrapper): the per-sample J w.r.t. it is torch.func's, the mask travels with its samples,
+    and unflatten gives its block; two keywords give a tuple, as argnums=(0, 1) does."""
+    torch.manual_seed(4)
+    model = _ByKeyword().double().eval()
+    e = torch.randn(3, 4, 8, dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.float64)
+    mask[0, 3] = 0
+    problem = raijac.Problem.from_module(
+        model, kwargs={"inputs_embeds": e, "attention_mask": mask}, outputs="logits", wrt="input", argnums="inputs_embeds",
+        batched=True,
+    )  # fmt: skip
+    jac = raijac.compute(problem, store_path, mode=mode, workers=2, block_size=4)
+    logits = lambda eb, mb: model(inputs_embeds=eb[None], attention_mask=mb[None])["logits"][0]  # noqa: E731
+    want = torch.func.vmap(torch.func.jacrev(logits))(e, mask).detach()
+    assert_close(jac.numpy(), want.reshape(3, 20, 32).numpy())
+    assert _same_structure(jac.unflatten(), want) == 1
+    scale = torch.rand(3, dtype=torch.float64) + 0.5
+    both = raijac.Problem.from_module(
+        model, kwargs={"inputs_embeds": e, "attention_mask": mask, "scale": scale}, outputs="logits", wrt="input",
+        argnums=("scale", "inputs_embeds"), batched=True,
+    )  # fmt: skip
+    jac = raijac.compute(both, store_path, mode=mode, workers=2, overwrite=True)
+    ref = torch.func.vmap(
+        torch.func.jacrev(lambda sb, eb, mb: model(inputs_embeds=eb[None], attention_mask=mb[None], scale=sb[None])["logits"][0],
+                          argnums=(0, 1))
+    )(scale, e, mask)  # fmt: skip
+    assert _same_structure(jac.unflatten(), tuple(r.detach() for r in ref)) == 2
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_unflatten_of_a_nested_input(store_path):
     a = torch.randn(3, generator=G, dtype=torch.float64)
@@ -345,6 +391,18 @@ def test_structure_changes_the_fingerprint():
         (
             lambda: raijac.Problem(lambda a, b: a, torch.ones(2), torch.ones(2), shared=2),
             r"shared names position 2, but there are 2",
+        ),
+        (
+            lambda: raijac.Problem(lambda a, e=None: a, torch.ones(2), kwargs={"e": torch.ones(2)}, argnums="f"),
+            r"argnums='f' must name inputs among the 1 positional inputs or the keyword inputs 'e'",
+        ),
+        (
+            lambda: raijac.Problem(lambda e=None: e, kwargs={"e": torch.ones(4, 2)}, argnums="e", shared="e", batched=True),
+            r"shared names input 'e', which is differentiated",
+        ),
+        (
+            lambda: raijac.Problem(lambda e=None: e, kwargs={"e": torch.ones(2)}),
+            r"needs the point to differentiate at.*argnums='inputs_embeds'",
         ),
         (
             lambda: raijac.Problem(lambda a, b: a * b, torch.ones(4, 2), torch.ones(()), batched=True),
