@@ -71,7 +71,14 @@ def _keeps_caller_state(run: Any) -> Any:
     def wrapper(problem_or_spec: Problem | str, *args: Any, **kwargs: Any) -> Any:
         problem = _problem(problem_or_spec)
         with keep_caller_state(problem):
-            return run(problem, *args, **kwargs)
+            try:
+                return run(problem, *args, **kwargs)
+            except (ModeError, KernelError, WorkerError) as exc:
+                try:
+                    problem.recheck()  # f's checks, taken on trust from an earlier run, may say why
+                except ProblemError as found:
+                    raise found from exc
+                raise
 
     return wrapper
 

@@ -570,6 +570,7 @@ class Problem:
             memo = (tuple(y.shape[1:] if self.batched else y.shape), str(y.dtype), drew)
             kept = memo_get(self, CHECKS, memo)
             if kept is not None:
+                self.__dict__["_checks_kept"] = True  # taken on trust: `recheck` runs them where a run fails
                 self.__dict__["_random"] = drew
                 self.__dict__["_reverse_wrong"] = kept.get("reverse_wrong")
                 self.__dict__["_freezable"] = kept.get("freezable", False)
@@ -636,6 +637,17 @@ class Problem:
         (NOTE: [adjoint test] in raijac.guard); None where it agrees with forward mode."""
         self.y  # noqa: B018 - evaluates f and runs its checks
         return self.__dict__.get("_reverse_wrong")
+
+    def recheck(self) -> None:
+        """Run f's own checks again, on a fresh copy, where this problem took them from an
+        earlier run (NOTE: [checked before]); raises what they find. A run that then finds no
+        mode agreeing with plain autograd calls it: an f changed since (a flag that couples
+        the samples) is named as such, not as every mode's wrong numbers."""
+        if not self.__dict__.get("_checks_kept"):
+            return
+        fresh = self.replace()
+        fresh.__dict__.pop("_reuse_checks", None)
+        fresh.y  # noqa: B018 - evaluates f and runs its checks
 
     def reuse_checks(self) -> None:
         """Let `y` skip the checks this f passed in an earlier run of this process
@@ -722,6 +734,7 @@ class Problem:
         state.pop("y", None)  # evaluated where it is used (a worker gets the driver's with its verdict: __reduce_ex__)
         state.pop("_random", None)  # found again with y
         state.pop("_freezable", None)  # likewise
+        state.pop("_checks_kept", None)  # likewise
         state.pop("_frozen", None)  # set again by __setstate__
         state.pop("_checked_by_driver", None)
         return state

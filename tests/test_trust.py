@@ -1085,3 +1085,30 @@ def test_y_is_f_on_the_path_its_jacobian_differentiates(ray_session, store_path)
     )
     np.testing.assert_allclose(jac.numpy(), want.detach().reshape(jac.shape).numpy(), rtol=1e-4, atol=1e-6)
     assert verify(store_path, problem=problem).ok
+
+
+class _Toggled(torch.nn.Module):
+    """A module whose plain attribute switches on a mean over the batch (a coupling of samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.couple = torch.nn.Linear(6, 5).double(), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return torch.tanh(h - h.mean(0, keepdim=True) if self.couple else h)
+
+
+@pytest.mark.parametrize("mode", ["auto", "loop"])
+def test_a_run_that_took_fs_checks_on_trust_names_what_changed(ray_session, store_path, mode):
+    """NOTE: [checked before]: a second run of the same module object skips f's own checks;
+    coupled since by a flag the memo cannot see, every mode then disagrees with plain
+    autograd. The run checks f again and names the coupling, not every mode's numbers."""
+    net = _Toggled()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    raijac.compute(raijac.Problem.from_module(net, x, wrt="input", batched=True), store_path, workers=2)
+    net.couple = True
+    with pytest.raises(ProblemError, match=r"batched=True needs f to treat samples independently.*a mean over the batch"):
+        raijac.compute(
+            raijac.Problem.from_module(net, x, wrt="input", batched=True), store_path, workers=2, overwrite=True, mode=mode
+        )
