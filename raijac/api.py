@@ -428,7 +428,10 @@ def compute(
     fp_args = ready.fingerprint_args
     fingerprint = problem.fingerprint(**fp_args)
     parts = record.fingerprint_parts(problem, **fp_args)
-    worker_ids = dict(fingerprint=fingerprint, fingerprint_args=fp_args, fingerprint_parts=parts)  # what workers check
+    # What workers check; one that builds the problem from its spec also compares f(x) (NOTE: [built apart] in worker).
+    worker_ids = dict(fingerprint=fingerprint, fingerprint_args=fp_args, fingerprint_parts=parts)
+    if problem.spec:
+        worker_ids["y_sketch"] = record.y_sketch(problem.y)
     named = record.spec_meta(problem)  # before Ray is joined (record.spec_meta)
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")

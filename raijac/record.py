@@ -263,17 +263,41 @@ def check_resumable(meta: dict, out: str, fingerprint: str, parts: dict, problem
             "overwrite=True (--overwrite) / a new out."
         )
     stored_y = store.open_group(out)["y"][...]
-    y = to_numpy(problem.y)
+    if not same_y(stored_y, to_numpy(problem.y)):
+        raise StoreError(
+            f"resume=True (--resume) refused: f(x) differs from the y stored in {out}, so f changed since the run "
+            "started; use overwrite=True (--overwrite) or a new out."
+        )
+
+
+def same_y(a: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two evaluations of f(x) (another run's, another process's) are the same function's."""
     # float64 runs agree to ~1e-15 across processes: a 1e-5 tolerance let an f whose weights
     # moved by 2e-7 resume, mixing two Jacobians in one store.
     # The absolute floor comes from the finite entries: an inf in y made it inf, so any y passed.
     finite = np.abs(y[np.isfinite(y)])
     rtol, atol = (1e-10, 1e-10 * float(finite.max(initial=0.0))) if y.dtype == np.float64 else (1e-5, 1e-6)
-    if stored_y.shape != y.shape or not np.allclose(stored_y, y, rtol=rtol, atol=atol, equal_nan=True):
-        raise StoreError(
-            f"resume=True (--resume) refused: f(x) differs from the y stored in {out}, so f changed since the run "
-            "started; use overwrite=True (--overwrite) or a new out."
-        )
+    return a.shape == y.shape and bool(np.allclose(a, y, rtol=rtol, atol=atol, equal_nan=True))
+
+
+Y_SKETCH = 512  # entries of y a worker that builds the problem itself compares (NOTE: [built apart])
+
+
+def y_sketch(y: torch.Tensor) -> dict[str, Any]:
+    """Evenly spaced entries of y (all of a small one) and y's shape: what a worker that
+    built the problem from its spec compares its own f(x) with (NOTE: [built apart])."""
+    flat = to_numpy(y).reshape(-1)
+    picks = np.unique(np.linspace(0, flat.size - 1, num=min(flat.size, Y_SKETCH)).astype(np.int64))
+    # Plain bytes: a worker host compares its calls' arguments with ==, which arrays do not answer.
+    return {"shape": list(y.shape), "dtype": str(flat.dtype), "picks": picks.tobytes(), "values": flat[picks].tobytes()}
+
+
+def sketch_agrees(sketch: dict[str, Any], y: torch.Tensor) -> bool:
+    flat = to_numpy(y).reshape(-1)
+    if list(y.shape) != sketch["shape"] or str(flat.dtype) != sketch["dtype"]:
+        return False
+    picks = np.frombuffer(sketch["picks"], dtype=np.int64)
+    return same_y(flat[picks], np.frombuffer(sketch["values"], dtype=flat.dtype))
 
 
 def arrays(problem: Problem) -> dict[str, tuple[np.ndarray, bool]]:

@@ -29,7 +29,7 @@ from raijac.kernels import Kernel, NoReference, Reference, Target, block_error, 
 from raijac.planner import WorkerCost
 from raijac.probe import _proc_status, _reset_peak_rss, default_budget, glibc, measure_cost, quick_cost, seed_bytes, warm_up
 from raijac.problem import Problem, load_problem
-from raijac.record import differences
+from raijac.record import differences, sketch_agrees
 from raijac.record import fingerprint_parts as fingerprint_parts_of
 from raijac.shipping import Packed
 
@@ -49,6 +49,7 @@ class Worker:
         fingerprint: str,
         fingerprint_args: dict[str, Any],
         fingerprint_parts: dict[str, str | None] | None = None,
+        y_sketch: dict[str, Any] | None = None,
         mode: str,
         dtype: str,
         device: str = "cpu",
@@ -65,6 +66,7 @@ class Worker:
         self.fingerprint = fingerprint
         self.fingerprint_args = fingerprint_args
         self.fingerprint_parts = fingerprint_parts
+        self.y_sketch = y_sketch
         self.mode = mode
         self.dtype = TORCH_DTYPES[dtype]
         self.device = torch.device("cuda:0" if device == "cuda" else device)
@@ -105,6 +107,7 @@ class Worker:
                     fingerprint=self.fingerprint,
                     fingerprint_args=self.fingerprint_args,
                     fingerprint_parts=self.fingerprint_parts,
+                    y_sketch=self.y_sketch,
                     device=self.device,
                     threads=self.threads,
                 )
@@ -352,10 +355,20 @@ def load(
     fingerprint: str,
     fingerprint_args: dict[str, Any],
     fingerprint_parts: dict[str, str | None] | None = None,
+    y_sketch: dict[str, Any] | None = None,
     device: torch.device | str,
     threads: int | None,
 ) -> tuple[Problem, Target]:
-    """Build a worker's problem, check it is the driver's, and put it on the device."""
+    """Build a worker's problem, check it is the driver's, and put it on the device.
+
+    NOTE: [built apart] A worker given a spec builds the problem itself. The fingerprint
+    covers x, the parameters of a parameter Jacobian and f's other inputs, not what f holds:
+    a spec that drew an input Jacobian's module weights unseeded gave every worker its own
+    weights, and a J whose rows came from two functions, none of them y's, was stored
+    without an error. Such a worker evaluates f(x) anyway (its own checks), so it compares
+    that with the driver's y at evenly spaced entries (`y_sketch`) and refuses to differ.
+    A worker given the driver's pickled problem holds the same f and needs no such check.
+    """
     device = torch.device("cuda:0" if device == "cuda" else device)
     if threads:
         torch.set_num_threads(threads)
@@ -372,6 +385,12 @@ def load(
             f"the problem built on worker {name} differs from the driver's {what}; building the spec must be "
             "deterministic, the same tensors in every process: seed every generator it draws from, and read only "
             "files every node has the same copy of."
+        )
+    if y_sketch is not None and not sketch_agrees(y_sketch, problem.y):  # NOTE: [built apart]
+        raise ProblemError(
+            f"the problem built on worker {name} gives another f(x) than the driver's (the same x), so building the spec "
+            "draws f's weights or constants differently in each process; seed every generator it draws from, module "
+            "weights included (torch.manual_seed before building the model), or load them from a file."
         )
     return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 

@@ -540,6 +540,33 @@ BAD_SPECS = {
         [],
         ["differs from the driver's", "deterministic", "seed"],
     ),
+    "weights-drawn-apart": (
+        """
+        import os
+
+        def problem():  # x is seeded, the weights are not: every worker holds another f than the driver
+            torch.manual_seed(os.getpid())
+            net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+            x = torch.randn(6, generator=torch.Generator().manual_seed(0))
+            return raijac.Problem.from_module(net, x, wrt="input")
+        """,
+        "problem",
+        [],
+        ["gives another f(x) than the driver's", "seed", "weights"],
+    ),
+    "captured-drawn-apart": (
+        """
+        import os
+
+        def problem():  # a constant f closes over, drawn unseeded
+            w = torch.randn(5, 6, generator=torch.Generator().manual_seed(os.getpid()))
+            x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+            return raijac.Problem(lambda v: torch.tanh(v @ w.T), x, batched=True)
+        """,
+        "problem",
+        [],
+        ["gives another f(x) than the driver's", "seed"],
+    ),
     "rev-repeat-not-batch-aware": (None, "problem", ["--mode", "rev-repeat"], ["rev-repeat"]),
     "fwd-repeat-not-batch-aware": (None, "problem", ["--mode", "fwd-repeat"], ["fwd-repeat"]),
     "budget-unparseable": (None, "problem", ["--memory-budget", "lots"], ["'lots'", "512MB"]),
