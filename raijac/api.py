@@ -624,9 +624,32 @@ def compute(
         workers=[w.__dict__ for w in the_plan.workers],
         runs=[*meta.get("runs", []), summary.run_record()],
     )
+    if done and colouring is not None:
+        _probe_sparse(group, out, problem)
     result = Jacobian.written(out, meta, ledger.done, allow_partial=not done)
     result.summary = summary.to_dict()
     return result
+
+
+def _probe_sparse(group: Any, out: str, problem: Problem) -> None:
+    """Check a finished sparse store's J against one fresh JVP and VJP of f (`raijac verify`
+    with one probe); refuse it, marked incomplete, where they differ.
+
+    NOTE: [sparse probe] A pattern that misses a non-zero sharing a colour with a pattern
+    entry cannot show in the compressed product (decompress's stray check): its value is
+    added into that entry, and a periodic stencil given a tridiagonal pattern was stored
+    1e-4 off in float64 without an error. A random probe of the whole J sees it; it cost
+    0.03 s of a 4 s run on a 300 x 300 grid, 0.3 s of 3 s at 10^6 unknowns.
+    """
+    from raijac.verify import verify  # verify reads stores: imported here, as the CLI does
+
+    report = verify(out, problem=problem, probes=1)
+    if not report.ok:
+        store.update_meta(group, complete=False)
+        raise ProblemError(
+            f"the stored J fails a random probe against f: {report.verdict().removeprefix('FAILED: ')} The computed "
+            f"tiles are kept in {out}, marked incomplete."
+        )
 
 
 def _stage(out: str, problem: Problem, existing: dict | None) -> contextlib.AbstractContextManager:

@@ -251,16 +251,23 @@ def test_a_pattern_missing_nonzeros_is_refused_when_the_compressed_product_shows
     assert not stored.complete and stored.tiles_done == stored.n_tiles  # the tiles are kept
 
 
-def test_verify_catches_a_wrong_pattern_the_run_could_not_see(store_path):
+def test_a_wrong_pattern_the_compressed_product_cannot_show_is_refused(store_path):
+    """NOTE: [sparse probe]: a diagonal pattern for a stencil: every missing entry hides in the
+    diagonal's slot (one colour), so decompress's stray check sees nothing. The run's closing
+    probe refuses the store, marked incomplete, naming the pattern; verify, given such a store
+    (an older raijac's, marked complete), says the same; the right pattern passes both."""
     x = torch.randn(40, dtype=torch.float64)
-    diagonal = sp.identity(40, format="csr")  # one colour: every missing entry hides in the diagonal's slot
-    jac = raijac.compute(raijac.Problem(stencil, x, sparsity=diagonal), store_path)
-    assert jac.complete
+    diagonal = sp.identity(40, format="csr")
+    with pytest.raises(ProblemError, match=r"fails a random probe.*the sparsity pattern misses non-zeros.*marked incomplete"):
+        raijac.compute(raijac.Problem(stencil, x, sparsity=diagonal), store_path)
+    g = zarr.open_group(store_path, mode="r+")
+    assert g.attrs["raijac"]["complete"] is False
+    g.attrs["raijac"] = {**dict(g.attrs["raijac"]), "complete": True}
     report = verify(store_path, problem=raijac.Problem(stencil, x, sparsity=diagonal))
     assert not report.ok
     assert "the sparsity pattern misses non-zeros" in report.verdict()
     good = raijac.Problem(stencil, x, sparsity=_band(40, [-1, 0, 1]))
-    raijac.compute(good, store_path, overwrite=True)
+    assert raijac.compute(good, store_path, overwrite=True).complete
     assert verify(store_path, problem=good).ok
 
 
