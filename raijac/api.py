@@ -232,7 +232,8 @@ def prepare(
     budgets = parse_budgets(memory_budget)
     _check_block_size(block_size)
     if resumed is not None:  # a resumed run keeps the options it was started with unless told otherwise
-        mode = resumed.get("requested_mode", mode) if mode == "auto" else mode
+        # The mode the store runs in, named (as `inspect` shows it), is the one its requested mode chose.
+        mode = resumed.get("requested_mode", mode) if mode in ("auto", resumed.get("mode")) else mode
         dtype = resumed.get("dtype") if dtype is None else dtype
     store_dtype = _store_dtype(problem, dtype)  # evaluates f(x) and validates it
     wrong = problem.reverse_mode_error  # NOTE: [adjoint test] in raijac.guard

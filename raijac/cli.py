@@ -22,6 +22,21 @@ from raijac.modes import CHOICES
 DTYPE_CHOICES = ["float16", "float32", "float64"]
 
 
+def _interrupted(out: str | None) -> str:
+    """What a Ctrl-C left: resumable tiles at `out`, a finished store, or nothing."""
+    from raijac import store
+
+    try:
+        meta = store.read_meta(out) if out else None
+    except Exception:
+        meta = None
+    if meta is None:
+        return "interrupted before any tile was written: nothing to resume."
+    if meta.get("complete"):
+        return f"interrupted: {out} holds a complete store; nothing to resume."
+    return f"interrupted: finished tiles are recorded in {out}; rerun with --resume to continue."
+
+
 def _errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn raijac's errors into one line and exit 1; `--debug` re-raises them."""
 
@@ -37,7 +52,7 @@ def _errors(command: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished tiles are recorded; rerun with --resume to continue.", err=True)
+            click.echo(_interrupted(kwargs.get("out") if command.__name__ == "compute" else None), err=True)
             sys.exit(130)
         except Exception as exc:  # a bug or an environment problem: still one line unless --debug
             if debug:

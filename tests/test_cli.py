@@ -689,6 +689,19 @@ def test_resume_takes_the_stored_mode_and_dtype(ray_session, plain_run, tmp_path
     np.testing.assert_allclose(got, reference(plain_run.spec), rtol=RTOL, atol=ATOL)
 
 
+def test_resume_accepts_the_mode_auto_chose_by_name(ray_session, plain_run, existing):
+    """`inspect` shows the mode a store runs in: resuming an auto store with that --mode is
+    the same run (it was refused: "stored auto, this run rev")."""
+    group = zarr.open_group(str(existing), mode="r+")
+    meta = dict(group.attrs["raijac"])
+    assert meta["requested_mode"] == "auto"
+    group["tiles"][0] = 0
+    group.attrs["raijac"] = {**meta, "complete": False}
+    s = compute(plain_run.spec, existing, "--resume", "--mode", meta["mode"])
+    assert (s["mode"], s["requested_mode"], s["tiles_computed"]) == (meta["mode"], "auto", 1)
+    np.testing.assert_allclose(stored(existing), reference(plain_run.spec), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("kind", ["folder", "file", "zarr-group", "missing"])
 def test_inspect_refuses_what_is_not_a_store(tmp_path, kind):
     path = tmp_path / "thing"
@@ -828,3 +841,15 @@ def test_console_script_example_cold(tmp_path):
     assert summary["complete"] is True
     assert summary["tiles_computed"] == summary["tiles_total"]
     assert_matches(out, str(REPO / "examples" / "mlp.py") + ":problem")
+
+
+def test_a_ctrl_c_says_what_it_left(existing, tmp_path):
+    """Ctrl-C in `compute`: before any store, nothing to resume; in a store with tiles left,
+    rerun with --resume; a complete store, nothing to resume (it used to say --resume always)."""
+    from raijac.cli import _interrupted
+
+    assert _interrupted(str(tmp_path / "none.zarr")) == "interrupted before any tile was written: nothing to resume."
+    assert "holds a complete store; nothing to resume" in _interrupted(str(existing))
+    group = zarr.open_group(existing, mode="r+")
+    group.attrs["raijac"] = {**dict(group.attrs["raijac"]), "complete": False}
+    assert "finished tiles are recorded" in _interrupted(str(existing)) and "--resume" in _interrupted(str(existing))
