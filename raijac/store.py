@@ -147,6 +147,10 @@ def check_out(path: str, *, resume: bool, overwrite: bool) -> dict | None:
     """Decide, before any work, whether `path` may be written; returns the meta to resume from."""
     if resume and overwrite:
         raise StoreError("--resume and --overwrite contradict each other; pass one of them.")
+    if "::" in path and not is_url(path):
+        raise StoreError(
+            f"{path} holds '::', which zarr reads as chained URLs (it would write elsewhere); choose an --out without '::'."
+        )
     if not exists(path):
         _check_writable(path)
         return None

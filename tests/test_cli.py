@@ -853,3 +853,11 @@ def test_a_ctrl_c_says_what_it_left(existing, tmp_path):
     group = zarr.open_group(existing, mode="r+")
     group.attrs["raijac"] = {**dict(group.attrs["raijac"]), "complete": False}
     assert "finished tiles are recorded" in _interrupted(str(existing)) and "--resume" in _interrupted(str(existing))
+
+
+def test_an_out_path_with_a_double_colon_is_one_line(plain_run, tmp_path):
+    """zarr reads '::' as chained URLs: such an --out failed with a bare FileNotFoundError on a
+    truncated path; it is refused before any work, and nothing is written."""
+    result = invoke("compute", plain_run.spec, "--out", tmp_path / "x::1.zarr", "--workers", 2)
+    assert_one_line_error(result, "'::'", "chained URLs", "--out")
+    assert os.listdir(tmp_path) == []
