@@ -432,7 +432,7 @@ def compute(
     # What workers check; one that builds the problem from its spec also compares f(x) (NOTE: [built apart] in worker).
     worker_ids = dict(fingerprint=fingerprint, fingerprint_args=fp_args, fingerprint_parts=parts)
     if problem.spec:
-        worker_ids["y_sketch"] = record.y_sketch(problem.y)
+        worker_ids["y_sketch"] = record.y_sketch(problem)
     named = record.spec_meta(problem)  # before Ray is joined (record.spec_meta)
     if dense and pattern is None:
         raise ProblemError("dense=True (--dense) applies to sparse problems only; a dense problem always stores jacobian.")

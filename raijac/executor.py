@@ -340,6 +340,8 @@ class RayExecutor:
             return self._measured(measure, while_probing)
         except KernelError:  # the actors are sound; the caller may go on in another mode
             raise
+        except ProblemError:  # a worker refused the problem it built (NOTE: [built apart] in worker): sound too
+            raise
         except BaseException:
             self.discard()
             raise

@@ -577,6 +577,7 @@ class Problem:
                 return y.detach()
         with torch.no_grad(), replaying(self.x.device), plain_attention():  # NOTE: [y on the path differentiated]
             again, freezable = self._evaluate_again(y)
+        freezable = freezable and self._frozen_vjp_agrees()
         check_not_changed_in_place(versions, y, again)
         if not outputs_agree(y, again):
             cause = (
@@ -623,6 +624,42 @@ class Problem:
             except Exception:  # f differentiates them itself: it needs them to require grad
                 pass
         return self._evaluate(), not held
+
+    def _frozen_vjp_agrees(self) -> bool:
+        """Whether one VJP of f w.r.t. x (sample 0 of a batched problem) is the same with the
+        tensors f holds frozen: an f whose derivative, not value, depends on their flag (a
+        frozen backbone run under `set_grad_enabled(any(p.requires_grad ...))`) gave the same
+        y frozen and a J of zeros (NOTE: [no outer graph] in raijac.guard)."""
+        held = held_grad_leaves(self)
+        if not held:
+            return True
+        x = self.x[:1] if self.batched else self.x
+        ctx = None if self.ctx is None else tuple(c[:1] for c in self.ctx) if self.batched else self.ctx
+        try:
+            with_grad = self._vjp_at(x, ctx)
+            with grad_stopped(held):
+                frozen = self._vjp_at(x, ctx)
+        except Exception:  # f needs them to require grad, or has no plain backward: keep them as they are
+            return False
+        return outputs_agree(with_grad, frozen)
+
+    def probe_vjp(self) -> torch.Tensor:
+        """u^T J w.r.t. x, flattened, for one fixed random u: one plain backward of f at x. A
+        worker that built the problem from its spec compares it with the driver's (NOTE:
+        [built apart] in raijac.worker): it sees weights drawn apart where y does not (y = 0
+        at x = 0 for any weights)."""
+        return self._vjp_at(self.x, self.ctx)
+
+    def _vjp_at(self, x: torch.Tensor, ctx: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        z = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), replaying(z.device), plain_attention():
+            out = self._forward(z, self.params, ctx)
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return torch.zeros(z.numel(), dtype=z.dtype, device=z.device)
+            gen = torch.Generator().manual_seed(PROBE_SEED)
+            u = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+            (g,) = torch.autograd.grad(out, z, u, allow_unused=True)
+        return (torch.zeros_like(z) if g is None else g).detach().reshape(-1)
 
     @property
     def freezable(self) -> bool:
@@ -765,6 +802,7 @@ class Problem:
         self.__dict__["_frozen"] = True
 
 
+PROBE_SEED = 1234  # the cotangent of `Problem.probe_vjp`, the same in every process
 SHIPPED_Y_BYTES = 64 << 20  # a larger y is evaluated again where it is unpickled (NOTE: [shipped checks])
 
 

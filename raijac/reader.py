@@ -80,7 +80,9 @@ class Jacobian:
     def to_scipy(self, sample: int | None = None):
         """The sparse Jacobian as a `scipy.sparse.csr_array` (one sample's for batched stores).
 
-        Dense stores convert too (zeros dropped), for code that takes either.
+        Dense stores convert too (zeros dropped), for code that takes either. A float16 store
+        comes back as float32: scipy's sparse arrays do not compute in float16 (`toarray`
+        refused them).
         """
         import scipy.sparse as sp
 
@@ -90,11 +92,12 @@ class Jacobian:
             raise ReadError(f"sample={sample} applies to batched stores only; {self.path} is not batched.")
         b = None if sample is None else _select(sample, self.shape[0], "batch")[0]
         m, n = self.shape[-2:]
+        wide = np.float32 if self.dtype == np.float16 else self.dtype
         if not self.sparse:
-            return sp.csr_array(self.array[b] if b is not None else self.array[...])
+            return sp.csr_array((self.array[b] if b is not None else self.array[...]).astype(wide, copy=False))
         view: SparseView = self.array
         values = view.values[b] if b is not None else view.values[...]
-        return sp.csr_array((values, view.cols_all(), view.row_ptr()), shape=(m, n))
+        return sp.csr_array((values.astype(wide, copy=False), view.cols_all(), view.row_ptr()), shape=(m, n))
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import torch
 
 from raijac import store
 from raijac.errors import ProblemError, StoreError
-from raijac.guard import REPLAY_SEED
+from raijac.guard import REPLAY_SEED, outputs_agree
 from raijac.kernels import check_rtol
 from raijac.planner import Plan
 from raijac.problem import Problem
@@ -283,21 +283,44 @@ def same_y(a: np.ndarray, y: np.ndarray) -> bool:
 Y_SKETCH = 512  # entries of y a worker that builds the problem itself compares (NOTE: [built apart])
 
 
-def y_sketch(y: torch.Tensor) -> dict[str, Any]:
-    """Evenly spaced entries of y (all of a small one) and y's shape: what a worker that
-    built the problem from its spec compares its own f(x) with (NOTE: [built apart])."""
-    flat = to_numpy(y).reshape(-1)
+def y_sketch(problem: Problem) -> dict[str, Any]:
+    """Evenly spaced entries of y and, for an input Jacobian, of one fixed VJP of f (all of
+    small ones): what a worker that built the problem from its spec compares its own with
+    (NOTE: [built apart] in raijac.worker)."""
+    sketch = {"y": _picked(problem.y)}
+    if problem.wrt == "input":
+        try:
+            sketch["vjp"] = _picked(problem.probe_vjp())
+        except Exception:  # f has no plain backward (a jvp-only Function): its y alone is compared
+            pass
+    return sketch
+
+
+def _picked(t: torch.Tensor) -> dict[str, Any]:
+    flat = to_numpy(t).reshape(-1)
     picks = np.unique(np.linspace(0, flat.size - 1, num=min(flat.size, Y_SKETCH)).astype(np.int64))
     # Plain bytes: a worker host compares its calls' arguments with ==, which arrays do not answer.
-    return {"shape": list(y.shape), "dtype": str(flat.dtype), "picks": picks.tobytes(), "values": flat[picks].tobytes()}
+    return {"shape": list(t.shape), "dtype": str(flat.dtype), "picks": picks.tobytes(), "values": flat[picks].tobytes()}
 
 
-def sketch_agrees(sketch: dict[str, Any], y: torch.Tensor) -> bool:
-    flat = to_numpy(y).reshape(-1)
-    if list(y.shape) != sketch["shape"] or str(flat.dtype) != sketch["dtype"]:
+def _unpicked(picked: dict[str, Any], t: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """(t's entries at the picks, the sketch's), or None where shape or dtype differ."""
+    flat = to_numpy(t).reshape(-1)
+    if list(t.shape) != picked["shape"] or str(flat.dtype) != picked["dtype"]:
+        return None
+    return flat[np.frombuffer(picked["picks"], dtype=np.int64)], np.frombuffer(picked["values"], dtype=flat.dtype)
+
+
+def sketch_agrees(sketch: dict[str, Any], problem: Problem) -> bool:
+    """Whether this process's problem gives the sketch's y (the same to rounding) and VJP (the
+    same to another thread count's rounding: `outputs_agree`)."""
+    ys = _unpicked(sketch["y"], problem.y)
+    if ys is None or not same_y(*ys):
         return False
-    picks = np.frombuffer(sketch["picks"], dtype=np.int64)
-    return same_y(flat[picks], np.frombuffer(sketch["values"], dtype=flat.dtype))
+    if "vjp" not in sketch:
+        return True
+    gs = _unpicked(sketch["vjp"], problem.probe_vjp())
+    return gs is not None and outputs_agree(torch.from_numpy(gs[0].copy()), torch.from_numpy(gs[1].copy()))
 
 
 def arrays(problem: Problem) -> dict[str, tuple[np.ndarray, bool]]:

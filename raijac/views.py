@@ -164,8 +164,8 @@ def _arg_of(name: str) -> int | str | None:
     m = re.match(r"args\[(\d+)\]", name)
     if m:
         return int(m.group(1))
-    m = re.match(r"kwargs\['([^']*)'\]", name)
-    return m.group(1) if m else None
+    m = re.match(r"""kwargs\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""", name)  # the key's repr, as pytree writes it
+    return ast.literal_eval(m.group(1)) if m else None
 
 
 def _leaves(stored: list[dict] | None, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], int]]:

@@ -366,7 +366,9 @@ def load(
     a spec that drew an input Jacobian's module weights unseeded gave every worker its own
     weights, and a J whose rows came from two functions, none of them y's, was stored
     without an error. Such a worker evaluates f(x) anyway (its own checks), so it compares
-    that with the driver's y at evenly spaced entries (`y_sketch`) and refuses to differ.
+    that with the driver's y at evenly spaced entries (`y_sketch`), and for an input
+    Jacobian one fixed VJP of f too (y = tanh(W x) is 0 at x = 0 whatever W), and refuses
+    to differ.
     A worker given the driver's pickled problem holds the same f and needs no such check.
     """
     device = torch.device("cuda:0" if device == "cuda" else device)
@@ -386,9 +388,9 @@ def load(
             "deterministic, the same tensors in every process: seed every generator it draws from, and read only "
             "files every node has the same copy of."
         )
-    if y_sketch is not None and not sketch_agrees(y_sketch, problem.y):  # NOTE: [built apart]
+    if y_sketch is not None and not sketch_agrees(y_sketch, problem):  # NOTE: [built apart]
         raise ProblemError(
-            f"the problem built on worker {name} gives another f(x) than the driver's (the same x), so building the spec "
+            f"the problem built on worker {name} gives another f(x) or derivative than the driver's (the same x), so building the spec "
             "draws f's weights or constants differently in each process; seed every generator it draws from, module "
             "weights included (torch.manual_seed before building the model), or load them from a file."
         )

@@ -552,7 +552,20 @@ BAD_SPECS = {
         """,
         "problem",
         [],
-        ["gives another f(x) than the driver's", "seed", "weights"],
+        ["gives another f(x) or derivative than the driver's", "seed", "weights"],
+    ),
+    "weights-drawn-apart-at-zero": (
+        """
+        import os
+
+        def problem():  # y = tanh(W 0) = 0 whatever W: only a derivative shows the weights drawn apart
+            torch.manual_seed(os.getpid())
+            net = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Tanh())
+            return raijac.Problem.from_module(net, torch.zeros(6), wrt="input")
+        """,
+        "problem",
+        [],
+        ["gives another f(x) or derivative than the driver's", "seed"],
     ),
     "captured-drawn-apart": (
         """
@@ -565,7 +578,7 @@ BAD_SPECS = {
         """,
         "problem",
         [],
-        ["gives another f(x) than the driver's", "seed"],
+        ["gives another f(x) or derivative than the driver's", "seed"],
     ),
     "rev-repeat-not-batch-aware": (None, "problem", ["--mode", "rev-repeat"], ["rev-repeat"]),
     "fwd-repeat-not-batch-aware": (None, "problem", ["--mode", "fwd-repeat"], ["fwd-repeat"]),

@@ -413,3 +413,13 @@ def test_resume_of_a_sparse_store_cut_off_while_being_created_is_refused(store_p
     with pytest.raises(StoreError, match="interrupted while it was being created"):
         raijac.compute(problem, store_path, resume=True)
     np.testing.assert_array_equal(zarr.open_group(store_path)["values"][...], before)
+
+
+def test_a_float16_sparse_store_reads_into_scipy_as_float32(store_path):
+    """scipy's sparse arrays do not compute in float16 (`toarray` raised "Output dtype not
+    compatible with inputs"): to_scipy gives float32, equal to the stored values."""
+    x = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    jac = raijac.compute(raijac.Problem(stencil, x, sparsity=_band(30, [-1, 0, 1])), store_path, dtype="float16")
+    got = jac.to_scipy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got.toarray(), _reference(stencil, x), rtol=2e-3, atol=2e-3)

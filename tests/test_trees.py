@@ -135,6 +135,21 @@ def test_a_keyword_input_is_differentiated_by_name(mode, store_path):
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_a_keyword_with_quotes_and_brackets_in_its_name_reads_back(store_path):
+    """pytree writes a key by its repr (kwargs["it's"]): unflatten finds such inputs by name."""
+    m, n = torch.randn(3, dtype=torch.float64, generator=G), torch.randn(2, dtype=torch.float64, generator=G)
+
+    def f(x, **kw):
+        return torch.cat([x * kw["it's"].sum(), torch.sin(kw["a]b"])])
+
+    x = torch.randn(3, dtype=torch.float64, generator=G)
+    problem = raijac.Problem(f, x, kwargs={"it's": m, "a]b": n}, argnums=("it's", "a]b"))
+    jac = raijac.compute(problem, store_path, workers=2)
+    ref = torch.func.jacrev(lambda a, b: f(x, **{"it's": a, "a]b": b}), argnums=(0, 1))(m, n)
+    assert _same_structure(jac.unflatten(), ref) == 2
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_unflatten_of_a_nested_input(store_path):
     a = torch.randn(3, generator=G, dtype=torch.float64)
     point = {"a": a, "b": [a.cos(), a]}

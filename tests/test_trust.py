@@ -1061,6 +1061,36 @@ def test_an_f_that_differentiates_its_own_weights_keeps_them_requiring_grad_on_t
     assert all(p.requires_grad for p in model.parameters())
 
 
+class _FrozenBackbone(torch.nn.Module):
+    """The frozen-backbone idiom: the backbone runs without a graph when none of its weights
+    train, so with them frozen y is the same and dy/dx through the backbone is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).double()
+        self.head = torch.nn.Linear(6, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trains = any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
+            h = self.backbone(x)
+        return self.head(h)
+
+
+def test_an_f_whose_derivative_hangs_on_its_weights_flags_keeps_them_requiring_grad(ray_session, store_path):
+    """NOTE: [no outer graph]: the same y with the weights frozen is not enough (a frozen
+    backbone gives J 0 through itself then): one VJP of f, frozen and not, must agree too
+    before workers freeze them; J is plain autograd's."""
+    torch.manual_seed(0)
+    net = _FrozenBackbone()
+    x = torch.randn(4, dtype=torch.float64)
+    problem = raijac.Problem.from_module(net, x, wrt="input")
+    assert not problem.freezable
+    jac = raijac.compute(problem, store_path, workers=2)
+    want = torch.autograd.functional.jacobian(net, x)
+    np.testing.assert_allclose(jac.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_y_is_f_on_the_path_its_jacobian_differentiates(ray_session, store_path):
     """NOTE: [y on the path differentiated]: an nn.TransformerEncoder in eval mode given a key
     padding mask returns 0 at padded positions under no_grad (torch's fast path) and values on
