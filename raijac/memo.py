@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from raijac import trees
-from raijac.guard import modules_of
+from raijac.guard import captured_tensors, modules_of
 
 if TYPE_CHECKING:
     from raijac.problem import Problem
@@ -74,6 +74,10 @@ def memo_key(problem: Problem, requested: str, out: tuple | None = None) -> tupl
     # Every module f uses, wherever raijac sees it (a module as f, in f's closure): switched
     # to training mode it is another function (batch statistics, dropout).
     parts.append(tuple(tuple(m.training for m in module.modules()) for module in modules_of(problem)))
+    # And which tensors f holds require grad: workers freeze them only where f is the same
+    # function so (`Problem.freezable`), which a frozen backbone unfrozen since is not.
+    parts.append(tuple(tuple(p.requires_grad for p in module.parameters()) for module in modules_of(problem)))
+    parts.append(tuple(t.requires_grad for t in captured_tensors(problem)))
     return anchor, tuple(parts)
 
 

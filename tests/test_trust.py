@@ -1142,3 +1142,27 @@ def test_a_run_that_took_fs_checks_on_trust_names_what_changed(ray_session, stor
         raijac.compute(
             raijac.Problem.from_module(net, x, wrt="input", batched=True), store_path, workers=2, overwrite=True, mode=mode
         )
+
+
+def test_which_tensors_f_holds_require_grad_is_part_of_the_memo_key():
+    """NOTE: [no outer graph]: workers freeze the tensors f holds only where f is the same
+    function frozen (`Problem.freezable`, kept in the memo with f's checks). Freezing or
+    unfreezing a weight since may change that, so the memo's key holds the flags, of module
+    parameters and of captured tensors alike."""
+    from raijac.memo import memo_key
+
+    torch.manual_seed(0)
+    net = _FrozenBackbone()
+    scale = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, dtype=torch.float64)
+
+    def key() -> tuple:
+        return memo_key(raijac.Problem(lambda v: net(v) * scale, x), "auto")[1]
+
+    first = key()
+    assert key() == first
+    net.backbone[0].weight.requires_grad_(False)
+    second = key()
+    assert second != first
+    scale.requires_grad_(False)
+    assert key() != second
