@@ -65,6 +65,14 @@ def plain_attention() -> Iterator[None]:
 
 
 @contextmanager
+def evaluating(device: torch.device | str) -> Iterator[None]:
+    """f evaluated as the modes run it, without a graph: its one generator state replayed, and
+    attention on its differentiable path (NOTE: [y on the path differentiated] in problem)."""
+    with torch.no_grad(), replaying(device), plain_attention():
+        yield
+
+
+@contextmanager
 def replaying(device: torch.device | str) -> Iterator[None]:
     """Run the body from the generator state REPLAY_SEED (CPU, and `device` when it is a GPU),
     then give the caller's state back."""
@@ -266,9 +274,10 @@ def stop_outer_grad(problem: Problem) -> None:
     a worker's copy is changed (the caller's module must keep training), and autograd stays
     enabled: under no_grad torch picks other backward kernels (an LSTM's fused mkldnn one,
     which vmap cannot batch), while weights that require no grad change no kernel choice.
-    An f may differentiate its own weights (an influence function's inner gradient): the
-    driver's second call of f, its determinism check, runs with them frozen, and only an f
-    that gives the same y so is frozen here.
+    An f may differentiate its own weights (an influence function's inner gradient), or run
+    a frozen backbone without a graph: the driver's second call of f, its determinism check,
+    runs with them frozen, one VJP of f runs both ways, and only an f that gives the same y
+    and VJP so is frozen here.
     """
     if problem.freezable:
         for t in held_grad_leaves(problem):
@@ -462,7 +471,7 @@ def reverse_mode_error(problem: Problem) -> WrongReverse | None:
     h = torch.finfo(z.dtype).eps ** (1 / 3) * max(1.0, float(z.abs().max())) / float(v.abs().max())
     near = h / 8  # one-sided differences this close: a kink (|x| at 0) shows as their jump
     try:
-        with torch.no_grad(), replaying(z.device), plain_attention():
+        with evaluating(z.device):
             up, down, mid = (g(z + t * v).to(wide) for t in (h, -h, 0.0))
             right, left = g(z + near * v).to(wide), g(z - near * v).to(wide)
     except Exception:  # f is not defined there (a Cholesky factor of a matrix no longer positive): no verdict
@@ -481,7 +490,7 @@ def reverse_mode_error(problem: Problem) -> WrongReverse | None:
         "formula of one of f's torch ops), which every mode but fwd and the block check use"
     )
     try:  # mode fwd vmaps f's forward mode: does vmap batch it?
-        with torch.no_grad(), replaying(z.device), plain_attention():
+        with evaluating(z.device):
             torch.func.vmap(lambda t: torch.func.jvp(g, (z,), (t,))[1])(torch.stack([v, v]))
     except Exception as exc:
         return WrongReverse(

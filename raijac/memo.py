@@ -73,10 +73,11 @@ def memo_key(problem: Problem, requested: str, out: tuple | None = None) -> tupl
     parts += [*out, problem.spec]
     # Every module f uses, wherever raijac sees it (a module as f, in f's closure): switched
     # to training mode it is another function (batch statistics, dropout).
-    parts.append(tuple(tuple(m.training for m in module.modules()) for module in modules_of(problem)))
+    modules = modules_of(problem)
+    parts.append(tuple(tuple(m.training for m in module.modules()) for module in modules))
     # And which tensors f holds require grad: workers freeze them only where f is the same
     # function so (`Problem.freezable`), which a frozen backbone unfrozen since is not.
-    parts.append(tuple(tuple(p.requires_grad for p in module.parameters()) for module in modules_of(problem)))
+    parts.append(tuple(tuple(p.requires_grad for p in module.parameters()) for module in modules))
     parts.append(tuple(t.requires_grad for t in captured_tensors(problem)))
     return anchor, tuple(parts)
 

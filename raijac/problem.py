@@ -35,6 +35,7 @@ from raijac.guard import (
     check_not_changed_in_place,
     check_parameters_are_read,
     compare_parameter_gradients,
+    evaluating,
     generator_states,
     grad_stopped,
     held_grad_leaves,
@@ -453,8 +454,12 @@ class Problem:
 
     def _one_sample(self, s: int) -> torch.Tensor:
         """f on sample s alone (its per-sample inputs with it)."""
-        ctx = None if self.ctx is None else tuple(c[s : s + 1] for c in self.ctx)
-        return self._forward(None if self.wrt == "params" else self.x[s : s + 1], self.params, ctx)
+        x, ctx = self._sample(s)
+        return self._forward(None if self.wrt == "params" else x, self.params, ctx)
+
+    def _sample(self, s: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Sample s of x and of the per-sample inputs, each keeping its batch dimension."""
+        return self.x[s : s + 1], None if self.ctx is None else tuple(c[s : s + 1] for c in self.ctx)
 
     def unflatten_params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The flat parameter vector as a `{name: tensor}` dict (views, no copies).
@@ -542,7 +547,7 @@ class Problem:
         modules = modules_of(self)
         attributes = module_attributes(modules)
         versions = tensor_versions(modules)  # NOTE: [changed in place] in raijac.guard
-        with torch.no_grad(), replaying(self.x.device), plain_attention():
+        with evaluating(self.x.device):
             before = generator_states(self.x.device)
             y = self._evaluate()
             drew = not same_states(before, generator_states(self.x.device))
@@ -575,7 +580,7 @@ class Problem:
                 self.__dict__["_reverse_wrong"] = kept.get("reverse_wrong")
                 self.__dict__["_freezable"] = kept.get("freezable", False)
                 return y.detach()
-        with torch.no_grad(), replaying(self.x.device), plain_attention():  # NOTE: [y on the path differentiated]
+        with evaluating(self.x.device):
             again, freezable = self._evaluate_again(y)
         freezable = freezable and self._frozen_vjp_agrees()
         check_not_changed_in_place(versions, y, again)
@@ -633,8 +638,7 @@ class Problem:
         held = held_grad_leaves(self)
         if not held:
             return True
-        x = self.x[:1] if self.batched else self.x
-        ctx = None if self.ctx is None else tuple(c[:1] for c in self.ctx) if self.batched else self.ctx
+        x, ctx = self._sample(0) if self.batched else (self.x, self.ctx)
         try:
             with_grad = self._vjp_at(x, ctx)
             with grad_stopped(held):

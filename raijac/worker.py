@@ -374,11 +374,7 @@ def load(
     device = torch.device("cuda:0" if device == "cuda" else device)
     if threads:
         torch.set_num_threads(threads)
-    if isinstance(source, str):
-        problem = load_problem(source, device=device)
-        stop_outer_grad(problem)  # built here: this process's own (NOTE: [no outer graph] in raijac.guard)
-    else:
-        problem = source
+    problem = load_problem(source, device=device) if isinstance(source, str) else source
     got = problem.fingerprint(**fingerprint_args)
     if got != fingerprint:  # NOTE: [one-thread build] in raijac.problem says how a build stays the same
         differs = differences(fingerprint_parts, fingerprint_parts_of(problem, **fingerprint_args)) if fingerprint_parts else []
@@ -394,6 +390,8 @@ def load(
             "draws f's weights or constants differently in each process; seed every generator it draws from, module "
             "weights included (torch.manual_seed before building the model), or load them from a file."
         )
+    if isinstance(source, str):  # built here, checked the driver's: this process's own (NOTE: [no outer graph] in guard)
+        stop_outer_grad(problem)
     return problem, make_target(problem, device, trusted=True)  # the driver checked a traced chain (api.compute)
 
 
